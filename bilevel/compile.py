@@ -1,0 +1,239 @@
+"""Compile a validated spec into a Problem: resolve user code, load data, build variables on the
+device, and check by a dry run that every objective can be called and returns a scalar."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.data import DataStream
+from bilevel.problem import Level, ModuleBinding, Problem
+from bilevel.refs import RefError, resolve_ref
+from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.level import LevelSpec, ModuleVariable, TensorVariable
+from bilevel.spec.load import LoadedSpec
+from bilevel.spec.problem import BilevelSpec, level_graph
+
+__all__ = ["compile_spec", "resolve_device"]
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Compiler:
+    def __init__(self, loaded: LoadedSpec, device: torch.device, dtype: torch.dtype):
+        self.loaded = loaded
+        self.device = device
+        self.dtype = dtype
+        self.issues: list[SpecIssue] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.issues.append(self.loaded.issue(path, message))
+
+    def ref(self, ref: str, path: str, want_callable: bool = True) -> Any:
+        try:
+            obj = resolve_ref(ref, self.loaded.base_dir)
+        except RefError as exc:
+            self.fail(path, str(exc))
+            return None
+        if want_callable and not callable(obj):
+            self.fail(path, f"{ref!r} is a {type(obj).__name__}, expected a callable")
+            return None
+        return obj
+
+    def bind(self, fn: Callable[..., Any], n_args: int, kwargs: dict[str, Any], path: str, what: str) -> Any:
+        """Check that fn accepts n_args positional arguments plus kwargs, and bind the kwargs."""
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            return functools.partial(fn, **kwargs) if kwargs else fn
+        try:
+            signature.bind(*([None] * n_args), **kwargs)
+        except TypeError as exc:
+            extra = f", **{{{', '.join(kwargs)}}}" if kwargs else ""
+            self.fail(path, f"{fn.__qualname__}{signature} does not match the expected signature {what}{extra}: {exc}")
+            return None
+        return functools.partial(fn, **kwargs) if kwargs else fn
+
+    # --- variables -------------------------------------------------------------------------
+    def tensor(self, var: TensorVariable, path: str) -> Tensor | None:
+        shape = tuple(var.shape)
+        kw = {"device": self.device, "dtype": self.dtype}
+        init = var.init
+        if isinstance(init, (int, float)):
+            return torch.full(shape, float(init), **kw)
+        if init == "zeros":
+            return torch.zeros(shape, **kw)
+        if init == "ones":
+            return torch.ones(shape, **kw)
+        if init == "normal":
+            return var.init_scale * torch.randn(shape, **kw)
+        if init == "uniform":
+            return var.init_scale * (2 * torch.rand(shape, **kw) - 1)
+        fn = self.ref(init, f"{path}.init")
+        if fn is None:
+            return None
+        try:
+            value = torch.as_tensor(fn(), **kw)
+        except Exception as exc:  # user code
+            self.fail(f"{path}.init", f"calling {init} raised {type(exc).__name__}: {exc}")
+            return None
+        if tuple(value.shape) != shape:
+            self.fail(f"{path}.init", f"{init} returned shape {list(value.shape)}, expected {list(shape)}")
+            return None
+        return value
+
+    def level(self, name: str, spec: LevelSpec, seed: int) -> Level | None:
+        base = f"levels.{name}"
+        n_before = len(self.issues)
+        init: list[Tensor] = []
+        names: list[str] = []
+        tensors: dict[str, int] = {}
+        modules: dict[str, ModuleBinding] = {}
+        sets = []
+        for vname, var in spec.variables.items():
+            path = f"{base}.variables.{vname}"
+            if isinstance(var, TensorVariable):
+                value = self.tensor(var, path)
+                if value is None:
+                    continue
+                tensors[vname] = len(init)
+                names.append(vname)
+                init.append(value)
+                sets.append(var.set)
+            else:
+                assert isinstance(var, ModuleVariable)
+                factory = self.ref(var.factory, f"{path}.factory")
+                if factory is None:
+                    continue
+                try:
+                    module = factory(**var.kwargs)
+                except Exception as exc:  # user code
+                    self.fail(f"{path}.factory", f"calling {var.factory} raised {type(exc).__name__}: {exc}")
+                    continue
+                if not isinstance(module, torch.nn.Module):
+                    self.fail(f"{path}.factory", f"{var.factory} returned {type(module).__name__}, expected an nn.Module")
+                    continue
+                module = module.to(device=self.device, dtype=self.dtype)
+                pnames = tuple(n for n, _ in module.named_parameters())
+                modules[vname] = ModuleBinding(module, pnames, len(init))
+                for pname, param in module.named_parameters():
+                    names.append(f"{vname}.{pname}")
+                    init.append(param.detach().clone())
+                    sets.append(None)
+        objective = self.ref(spec.objective, f"{base}.objective")
+        if objective is not None:
+            objective = self.bind(objective, 3, spec.objective_kwargs, f"{base}.objective", "f(upper, lower, batch)")
+        data = None
+        if spec.data is not None:
+            data = self.data(spec, f"{base}.data", seed)
+        if len(self.issues) > n_before:
+            return None
+        return Level(
+            name=name,
+            param_names=tuple(names),
+            init=tuple(init),
+            objective=objective,
+            tensors=tensors,
+            modules=modules,
+            data=data,
+            solver=spec.solver,
+            assumptions=spec.assumptions,
+            sets=tuple(sets),
+        )
+
+    def data(self, spec: LevelSpec, path: str, seed: int) -> DataStream | None:
+        assert spec.data is not None
+        source = self.ref(spec.data.source, f"{path}.source")
+        if source is None:
+            return None
+        try:
+            raw = source(**spec.data.kwargs)
+        except Exception as exc:  # user code
+            self.fail(f"{path}.source", f"calling {spec.data.source} raised {type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
+            self.fail(f"{path}.source", f"{spec.data.source} returned {type(raw).__name__}, expected a non-empty mapping name -> Tensor")
+            return None
+        sizes = {k: v.shape[0] if v.dim() else None for k, v in raw.items()}
+        if None in sizes.values() or len(set(sizes.values())) != 1:
+            self.fail(f"{path}.source", f"all tensors need the same first dimension (got {sizes})")
+            return None
+        moved = {
+            k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in raw.items()
+        }
+        return DataStream(moved, spec.data.batch_size, seed)
+
+    # --- dry run ---------------------------------------------------------------------------
+    def dry_run(self, problem: Problem) -> None:
+        upper, lower = problem.upper, problem.lower
+        for level in (upper, lower):
+            batch = None if level.data is None else level.data.full
+            if level.data is not None and level.data.batch_size is not None:
+                batch = {k: v[: level.data.batch_size] for k, v in level.data.full.items()}
+            path = f"levels.{level.name}.objective"
+            try:
+                value = level.objective(upper.view(upper.init), lower.view(lower.init), batch)
+            except Exception as exc:  # user code
+                self.fail(path, f"evaluating at the initial variables raised {type(exc).__name__}: {exc}"
+                          f" (check the shapes under levels.{level.name}.variables and the data)")
+                continue
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                got = type(value).__name__ if not isinstance(value, Tensor) else f"a Tensor of shape {list(value.shape)}"
+                self.fail(path, f"the objective returned {got}, expected a scalar Tensor")
+            elif not value.is_floating_point():
+                self.fail(path, f"the objective returned a {value.dtype} tensor, expected a floating-point scalar")
+
+
+def compile_spec(
+    loaded: LoadedSpec | BilevelSpec,
+    device: str | torch.device | None = None,
+) -> Problem:
+    """Build the Problem a spec describes, on ``device`` (default: the spec's run.device).
+
+    Raises SpecError with one issue per problem found (missing callables, wrong signatures,
+    data of the wrong form, shapes that make an objective fail at the initial point)."""
+    if isinstance(loaded, BilevelSpec):
+        loaded = LoadedSpec(loaded)
+    spec = loaded.spec
+    dev = resolve_device(str(device) if device is not None else spec.run.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise loaded.error("run.device", "cuda was requested but no CUDA device is available (use cpu or auto)")
+    compiler = _Compiler(loaded, dev, _DTYPES[spec.run.dtype])
+    graph = level_graph(spec.levels)
+    if len(graph) != 2:
+        raise loaded.error("levels", f"{len(graph)} levels declared; the engines in this release solve"
+                           " two-level problems (an upper level and one lower level)")
+    torch.manual_seed(spec.run.seed)
+    levels: dict[str, Level] = {}
+    for offset, (name, level_spec) in enumerate(spec.levels.items()):
+        level = compiler.level(name, level_spec, spec.run.seed + 1000 * (offset + 1))
+        if level is not None:
+            levels[name] = level
+    report = None
+    if spec.report is not None:
+        report = compiler.ref(spec.report, "report")
+        if report is not None:
+            report = compiler.bind(report, 2, spec.report_kwargs, "report", "f(upper, lower)")
+    if compiler.issues:
+        raise SpecError(compiler.issues)
+    problem = Problem(spec.name, levels, graph, dev, compiler.dtype, report)
+    lower_name = problem.lower.name
+    if problem.lower.solver is None:
+        raise loaded.error(f"levels.{lower_name}.solver", "a lower level needs an inner solver (name, lr, steps)")
+    compiler.dry_run(problem)
+    if compiler.issues:
+        raise SpecError(compiler.issues)
+    return problem
+

@@ -1,0 +1,108 @@
+"""The engine interface: explicit state, declared capabilities, stats a user can trust."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from torch import Tensor
+
+from bilevel.problem import Params, Problem
+
+__all__ = ["Capabilities", "Engine", "EngineState", "Hypergrad", "Stats"]
+
+Convexity = Literal["strongly_convex", "convex", "nonconvex", "unknown"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine assumes and what it costs; the planner reads only this."""
+
+    summary: str
+    """One line: what the engine computes."""
+    needs_hvp: bool
+    """Uses Hessian-vector products of the lower objective."""
+    lower_convexity: tuple[Convexity, ...]
+    """Lower-level convexity classes under which the engine's hypergradient is justified."""
+    memory: Literal["constant", "horizon"]
+    """constant: O(size of y) independent of the inner horizon; horizon: grows with the steps it differentiates."""
+    exact_when_converged: bool = False
+    """Gives the exact hypergradient when the inner problem (and linear solve) converge."""
+    first_order: bool = False
+    """Needs only first derivatives."""
+    handles_constraints: bool = False
+    """Accepts lower-level functional constraints."""
+    handles_coupled_constraints: bool = False
+    """Accepts lower-level constraints that involve the upper variables."""
+    handles_discrete: bool = False
+    """Accepts discrete or non-differentiable upper variables."""
+    handles_architecture: bool = False
+    """Accepts architecture-mixture upper variables."""
+    unbounded_smoothness: bool = False
+    """Designed for upper levels whose smoothness is unbounded (RNNs)."""
+
+
+@dataclass
+class EngineState:
+    """Carried between hypergradient calls: the warm-started lower solution, the inner optimizer's
+    state, and engine-specific tensors (e.g. the previous linear-system solution)."""
+
+    lower: Params
+    inner_state: Params
+    extra: dict[str, Params] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lower": list(self.lower), "inner_state": list(self.inner_state), "extra": {k: list(v) for k, v in self.extra.items()}}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "EngineState":
+        return cls(tuple(state["lower"]), tuple(state["inner_state"]), {k: tuple(v) for k, v in state["extra"].items()})
+
+
+@dataclass
+class Stats:
+    """What a user needs to trust a hypergradient. Tensors stay on the device until logged."""
+
+    inner_residual: Tensor
+    """||grad_y G(x, y)|| at the returned lower solution."""
+    linear_residual: Tensor | None
+    """||H v - b|| / ||b|| of the linear solve (None for engines without one)."""
+    hvp_count: int
+    """Hessian-vector products (for unrolled: second-order products done by the backward pass)."""
+    inner_steps: int
+    """Inner optimizer steps taken for this hypergradient."""
+    time_s: float
+    """Host time spent in the call (on CUDA: launch time unless the caller synchronizes)."""
+
+    def as_floats(self) -> dict[str, float | int | None]:
+        return {
+            "inner_residual": float(self.inner_residual),
+            "linear_residual": None if self.linear_residual is None else float(self.linear_residual),
+            "hvp_count": self.hvp_count,
+            "inner_steps": self.inner_steps,
+            "time_s": self.time_s,
+        }
+
+
+@dataclass
+class Hypergrad:
+    """One hypergradient: dF/dx for each upper tensor, the upper loss, the new state, stats."""
+
+    grad: Params
+    upper_loss: Tensor
+    state: EngineState
+    stats: Stats
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A hypergradient engine. Engines are stateless objects built from their Config;
+    everything that changes between calls lives in EngineState."""
+
+    kind: ClassVar[str]
+    Config: ClassVar[type]
+    capabilities: ClassVar[Capabilities]
+
+    def init(self, problem: Problem, x: Params) -> EngineState: ...
+
+    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad: ...

@@ -1,0 +1,56 @@
+"""The inner loop shared by every engine: k steps of the lower level's optimizer on G(x, .)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bilevel.linalg.hvp import grad_and_value
+from bilevel.linalg.tree import tree_norm
+from bilevel.optim import InnerOptimizer
+from bilevel.problem import Params, Problem
+
+__all__ = ["inner_residual", "inner_step", "solve_lower"]
+
+
+def inner_step(
+    problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params, batch: Any, create_graph: bool
+) -> tuple[Params, Params]:
+    """One optimizer step on G(x, .). With create_graph the step is differentiable in (x, y, state)."""
+    grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph)
+    new_y, new_state = optimizer.step(y, grads, state)
+    return problem.lower.project(new_y), new_state
+
+
+def solve_lower(
+    problem: Problem,
+    optimizer: InnerOptimizer,
+    x: Params,
+    y: Params,
+    state: Params,
+    steps: int = 0,
+    batches: Sequence[Any] | None = None,
+) -> tuple[Params, Params]:
+    """Optimizer steps from y without building a graph (x is treated as a constant): one per
+    entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data."""
+    x = tuple(p.detach() for p in x)
+    for index in range(steps if batches is None else len(batches)):
+        batch = problem.lower.batch() if batches is None else batches[index]
+        leaves = tuple(p.detach().requires_grad_(True) for p in y)
+        with torch.enable_grad():
+            grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), leaves)
+        with torch.no_grad():
+            y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state)
+            y = problem.lower.project(y)
+    return tuple(p.detach() for p in y), tuple(s.detach() for s in state)
+
+
+def inner_residual(problem: Problem, x: Params, y: Params, batch: Any) -> torch.Tensor:
+    """||grad_y G(x, y)||, detached."""
+    leaves = tuple(p.detach().requires_grad_(True) for p in y)
+    xs = tuple(p.detach() for p in x)
+    with torch.enable_grad():
+        grads, _ = grad_and_value(lambda yy: problem.lower_objective(xs, yy, batch), leaves)
+    return tree_norm(grads).detach()

@@ -1,0 +1,34 @@
+"""Direct solve for small lower levels: H is assembled from one batched HVP over the basis
+(n products in a single vectorized backward) and factorized."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from bilevel.linalg.result import SolveResult
+
+__all__ = ["direct"]
+
+
+def direct(
+    hvp_batched: Callable[[Tensor], Tensor],
+    b: Sequence[Tensor],
+    ridge: float = 0.0,
+) -> SolveResult:
+    """Solve (H + ridge I) v = b exactly; ``hvp_batched`` maps (k, n) vectors to their products."""
+    b = tuple(b)
+    flat_b = torch.cat([u.reshape(-1) for u in b])
+    n = flat_b.numel()
+    eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
+    hessian = hvp_batched(eye)
+    hessian = 0.5 * (hessian + hessian.T) + ridge * eye
+    flat_v = torch.linalg.solve(hessian, flat_b)
+    residual = torch.linalg.vector_norm(hessian @ flat_v - flat_b) / torch.clamp(
+        torch.linalg.vector_norm(flat_b), min=torch.finfo(flat_b.dtype).tiny
+    )
+    parts = torch.split(flat_v, [u.numel() for u in b])
+    solution = tuple(part.reshape(u.shape) for part, u in zip(parts, b))
+    return SolveResult(solution, residual, n)

@@ -1,0 +1,86 @@
+"""The one Hessian-vector product and mixed VJP of the lower objective, shared by every engine.
+
+For G(x, y) with gradient g(x, y) = grad_y G:
+
+    H v      = grad^2_yy G v      = d/dy <g, v>
+    J^T v    = (grad^2_xy G)^T v  = d/dx <g, v>
+
+``reverse`` mode builds the graph of g once (one backward with create_graph) and then each
+product is one more backward through it (double backward; Pearlmutter 1994). ``forward`` mode
+computes H v as a forward-mode JVP of torch.func.grad (forward-over-reverse), which does not keep
+the graph of g alive between products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["Linearization", "grad_and_value"]
+
+Params = tuple[Tensor, ...]
+
+
+def grad_and_value(
+    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False
+) -> tuple[Params, Tensor]:
+    """(grad fn(params), fn(params)) with unused inputs getting zero gradients."""
+    value = fn(tuple(params))
+    grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)), value
+
+
+class Linearization:
+    """Second-order information of G at (x, y), through products only (never a dense Hessian).
+
+    ``objective(x, y)`` must be G on a fixed batch. ``x`` and ``y`` are tuples of leaves."""
+
+    def __init__(
+        self,
+        objective: Callable[[Params, Params], Tensor],
+        x: Sequence[Tensor],
+        y: Sequence[Tensor],
+        mode: Literal["reverse", "forward"] = "reverse",
+    ):
+        self.objective = objective
+        self.mode = mode
+        self.x = tuple(p.detach().requires_grad_(True) for p in x)
+        self.y = tuple(p.detach().requires_grad_(True) for p in y)
+        self.grad_y, self.value = grad_and_value(lambda yy: objective(self.x, yy), self.y, create_graph=True)
+
+    def hvp(self, v: Sequence[Tensor]) -> Params:
+        """grad^2_yy G v."""
+        if self.mode == "forward":
+            return self._hvp_forward(tuple(v))
+        out = torch.autograd.grad(self.grad_y, self.y, tuple(v), retain_graph=True, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out))
+
+    def _hvp_forward(self, v: Params) -> Params:
+        x = tuple(p.detach() for p in self.x)
+        y = tuple(p.detach() for p in self.y)
+
+        def grad_y(yy: Params) -> Params:
+            return torch.func.grad(lambda t: self.objective(x, t))(yy)
+
+        _, tangent = torch.func.jvp(grad_y, (y,), (v,))
+        return tuple(tangent)
+
+    def vjp_x(self, v: Sequence[Tensor], retain_graph: bool = False) -> Params:
+        """(grad^2_xy G)^T v, i.e. d/dx <grad_y G, v>."""
+        out = torch.autograd.grad(self.grad_y, self.x, tuple(v), retain_graph=retain_graph, allow_unused=True)
+        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out))
+
+    def hvp_batched(self, basis: Tensor) -> Tensor:
+        """Rows H e_i for a batch of flat vectors ``basis`` (k, n): assembles H for a direct solve."""
+        shapes = [p.shape for p in self.y]
+        sizes = [p.numel() for p in self.y]
+        parts = torch.split(basis, sizes, dim=1)
+        vs = tuple(part.reshape(basis.shape[0], *shape) for part, shape in zip(parts, shapes))
+        out = torch.autograd.grad(self.grad_y, self.y, vs, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        rows = [
+            torch.zeros(basis.shape[0], n, dtype=basis.dtype, device=basis.device) if g is None else g.reshape(basis.shape[0], -1)
+            for g, n in zip(out, sizes)
+        ]
+        return torch.cat(rows, dim=1)

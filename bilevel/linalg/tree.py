@@ -1,0 +1,45 @@
+"""Arithmetic on tuples of tensors (the flat variables of a level), fused with torch._foreach ops."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["tree_add", "tree_axpy", "tree_dot", "tree_norm", "tree_scale", "tree_sub", "tree_zeros_like"]
+
+Tree = Sequence[Tensor]
+
+
+def tree_dot(a: Tree, b: Tree) -> Tensor:
+    """sum_i <a_i, b_i> as a 0-d tensor (stays on the device)."""
+    return sum((torch.vdot(u.reshape(-1), v.reshape(-1)) for u, v in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device))
+
+
+def tree_norm(a: Tree) -> Tensor:
+    """Euclidean norm of the concatenation of a's tensors, as a 0-d tensor."""
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u) for u in a]))
+
+
+def tree_axpy(alpha: Tensor | float, x: Tree, y: Tree) -> tuple[Tensor, ...]:
+    """y + alpha * x."""
+    if isinstance(alpha, Tensor):
+        return tuple(torch._foreach_add(list(y), torch._foreach_mul(list(x), alpha)))
+    return tuple(torch._foreach_add(list(y), list(x), alpha=alpha))
+
+
+def tree_add(a: Tree, b: Tree) -> tuple[Tensor, ...]:
+    return tuple(torch._foreach_add(list(a), list(b)))
+
+
+def tree_sub(a: Tree, b: Tree) -> tuple[Tensor, ...]:
+    return tuple(torch._foreach_sub(list(a), list(b)))
+
+
+def tree_scale(alpha: Tensor | float, a: Tree) -> tuple[Tensor, ...]:
+    return tuple(torch._foreach_mul(list(a), alpha))
+
+
+def tree_zeros_like(a: Tree) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(u) for u in a)

@@ -1,0 +1,62 @@
+"""Functional first-order optimizers for inner solves: pure functions of (params, grads, state),
+so the same code runs without a graph (implicit engine) and is differentiated through
+(unrolled engine).
+
+    sgd:       y <- y - lr g
+    momentum:  m <- mu m + g;  y <- y - lr m                       (heavy ball, Polyak 1964)
+    adam:      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+               y <- y - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (Kingma & Ba 2015)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from bilevel.spec.level import OptimizerSpec
+
+__all__ = ["InnerOptimizer"]
+
+Tree = tuple[Tensor, ...]
+
+
+class InnerOptimizer:
+    """Optimizer state is a flat tuple of tensors (empty for sgd) so it can be checkpointed,
+    carried across warm starts, and differentiated through."""
+
+    def __init__(self, spec: OptimizerSpec):
+        self.spec = spec
+
+    def init(self, params: Sequence[Tensor]) -> Tree:
+        name = self.spec.name
+        if name == "sgd":
+            return ()
+        if name == "momentum":
+            return tuple(torch.zeros_like(p) for p in params)
+        zeros = tuple(torch.zeros_like(p) for p in params)
+        count = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
+        return (*zeros, *tuple(torch.zeros_like(p) for p in params), count)
+
+    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Tree) -> tuple[Tree, Tree]:
+        """One update; returns (new params, new state). No in-place ops on inputs."""
+        spec = self.spec
+        params, grads = list(params), list(grads)
+        if spec.name == "sgd":
+            return tuple(torch._foreach_add(params, grads, alpha=-spec.lr)), ()
+        if spec.name == "momentum":
+            velocity = torch._foreach_add(torch._foreach_mul(list(state), spec.momentum), grads)
+            return tuple(torch._foreach_add(params, velocity, alpha=-spec.lr)), tuple(velocity)
+        n = len(params)
+        b1, b2 = spec.betas
+        m, v, count = list(state[:n]), list(state[n : 2 * n]), state[2 * n]
+        count = count + 1
+        m = torch._foreach_add(torch._foreach_mul(m, b1), grads, alpha=1 - b1)
+        v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(grads, grads), alpha=1 - b2)
+        correction1 = 1 - b1**count
+        correction2 = 1 - b2**count
+        denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
+        update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
+        new = torch._foreach_add(params, torch._foreach_mul(update, spec.lr), alpha=-1)
+        return tuple(new), (*m, *v, count)

@@ -1,0 +1,168 @@
+"""The compiled problem: what engines see.
+
+Engines work on flat tuples of tensors, ``x`` for the upper level and ``y`` for the lower level.
+A :class:`Level` knows how to present such a tuple to user code as a :class:`VariableView`
+(tensors by name, modules as functional callables) and how to evaluate its objective."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from bilevel.data import DataStream
+from bilevel.spec.constraints import BoxSet
+from bilevel.spec.level import Assumptions, OptimizerSpec
+
+__all__ = ["Level", "ModuleBinding", "Params", "Problem", "VariableView"]
+
+Params = tuple[Tensor, ...]
+"""A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
+
+
+@dataclass(frozen=True)
+class ModuleBinding:
+    """A module variable: the module and the slice of the flat parameters that belong to it."""
+
+    module: nn.Module
+    param_names: tuple[str, ...]  # the module's own parameter names
+    start: int  # index of the first of its tensors in the level's flat tuple
+
+
+class _FunctionalModule:
+    __slots__ = ("_module", "_params")
+
+    def __init__(self, module: nn.Module, params: dict[str, Tensor]):
+        self._module = module
+        self._params = params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self._module, self._params, args, kwargs)
+
+    @property
+    def params(self) -> dict[str, Tensor]:
+        """The current parameters by the module's own names."""
+        return self._params
+
+
+class VariableView(Mapping[str, Any]):
+    """Read-only access by name to the current values of some levels' variables.
+
+    A tensor variable is a Tensor; a module variable is a callable running the module
+    functionally on the current parameters (``view["net"](x)``)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: dict[str, Any]):
+        self._items = items
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"no variable {name!r}; available: {', '.join(sorted(self._items))}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"VariableView({', '.join(self._items)})"
+
+
+@dataclass
+class Level:
+    """A compiled level: flat parameters, their presentation to user code, objective, data, solver."""
+
+    name: str
+    param_names: tuple[str, ...]
+    init: Params
+    objective: Callable[[VariableView, VariableView, Any], Tensor]
+    tensors: dict[str, int] = field(default_factory=dict)  # tensor variable -> index in the flat tuple
+    modules: dict[str, ModuleBinding] = field(default_factory=dict)
+    data: DataStream | None = None
+    solver: OptimizerSpec | None = None
+    assumptions: Assumptions = field(default_factory=Assumptions)
+    sets: tuple[BoxSet | None, ...] = ()
+    constraints: tuple[Any, ...] = ()
+
+    def items(self, params: Sequence[Tensor]) -> dict[str, Any]:
+        """Name -> what user code sees, for this level's variables at ``params``."""
+        out: dict[str, Any] = {name: params[i] for name, i in self.tensors.items()}
+        for name, binding in self.modules.items():
+            values = params[binding.start : binding.start + len(binding.param_names)]
+            out[name] = _FunctionalModule(binding.module, dict(zip(binding.param_names, values)))
+        return out
+
+    def view(self, params: Sequence[Tensor]) -> VariableView:
+        return VariableView(self.items(params))
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.init)
+
+    def batch(self) -> Any:
+        return None if self.data is None else self.data.next()
+
+    def project(self, params: Params) -> Params:
+        """Projection onto the declared simple sets (identity where none is declared)."""
+        if not any(s is not None for s in self.sets):
+            return params
+        return tuple(p if s is None else p.clamp(s.low, s.high) for p, s in zip(params, self.sets))
+
+    def variables(self, params: Sequence[Tensor]) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Name -> tensor (or module parameter dict) for outputs and checkpoints."""
+        out: dict[str, Tensor | dict[str, Tensor]] = {name: params[i] for name, i in self.tensors.items()}
+        for name, binding in self.modules.items():
+            values = params[binding.start : binding.start + len(binding.param_names)]
+            out[name] = dict(zip(binding.param_names, values))
+        return out
+
+
+@dataclass
+class Problem:
+    """A compiled bilevel problem on a device and dtype.
+
+    ``upper`` is the top level (variables x, objective F); ``lower`` its child (variables y,
+    objective G). Both objectives are called as f(upper_view, lower_view, batch)."""
+
+    name: str
+    levels: dict[str, Level]
+    graph: nx.DiGraph
+    device: torch.device
+    dtype: torch.dtype
+    report: Callable[..., Mapping[str, Any]] | None = None
+
+    @property
+    def upper(self) -> Level:
+        return self.levels[next(n for n in self.graph if self.graph.in_degree(n) == 0)]
+
+    @property
+    def lower(self) -> Level:
+        (child,) = self.graph.successors(self.upper.name)
+        return self.levels[child]
+
+    def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
+        """F(x, y) on an upper batch."""
+        return self.upper.objective(self.upper.view(x), self.lower.view(y), batch)
+
+    def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
+        """G(x, y) on a lower batch."""
+        return self.lower.objective(self.upper.view(x), self.lower.view(y), batch)
+
+    def fresh(self, params: Params, requires_grad: bool = False) -> Params:
+        """Detached copies of ``params`` (leaves; requiring grad when asked)."""
+        return tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)

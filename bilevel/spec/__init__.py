@@ -1,0 +1,48 @@
+"""Pydantic v2 models of a bilevel problem spec, their loading from YAML/JSON, and the JSON Schema."""
+
+from __future__ import annotations
+
+from bilevel.spec.constraints import BoxSet, ConstraintSpec
+from bilevel.spec.engine import AutoEngine, EngineSpec, ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.level import (
+    Assumptions,
+    DataSpec,
+    LevelSpec,
+    ModuleVariable,
+    OptimizerSpec,
+    TensorVariable,
+    Variable,
+)
+from bilevel.spec.load import LoadedSpec, apply_overrides, load_spec, spec_from_data
+from bilevel.spec.problem import BilevelSpec, level_graph
+from bilevel.spec.run import BudgetSpec, RunSpec
+from bilevel.spec.schema import spec_schema
+
+__all__ = [
+    "Assumptions",
+    "AutoEngine",
+    "BilevelSpec",
+    "BoxSet",
+    "BudgetSpec",
+    "ConstraintSpec",
+    "DataSpec",
+    "EngineSpec",
+    "ImplicitConfig",
+    "LevelSpec",
+    "LinearSolverSpec",
+    "LoadedSpec",
+    "ModuleVariable",
+    "OptimizerSpec",
+    "RunSpec",
+    "SpecError",
+    "SpecIssue",
+    "TensorVariable",
+    "UnrolledConfig",
+    "Variable",
+    "apply_overrides",
+    "level_graph",
+    "load_spec",
+    "spec_from_data",
+    "spec_schema",
+]

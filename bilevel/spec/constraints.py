@@ -1,0 +1,44 @@
+"""Constraints: functional constraints of a level and simple sets for variables."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, model_validator
+
+from bilevel.spec._base import SpecModel
+
+__all__ = ["BoxSet", "ConstraintSpec"]
+
+
+class ConstraintSpec(SpecModel):
+    """A functional constraint c(upper, lower, batch) <= 0 (inequality) or == 0 (equality).
+
+    The constraint function follows the objective signature and returns a Tensor of values.
+    ``coupled`` declares that it depends on the upper variables too (the case LV-HBA targets)."""
+
+    fn: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")]
+    """Reference to the constraint function, "module:attr" or "file.py:attr"."""
+    kind: Literal["inequality", "equality"] = "inequality"
+    """inequality: feasible where fn <= 0; equality: feasible where fn == 0."""
+    coupled: bool = False
+    """Whether the constraint involves the upper level's variables."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments bound to fn."""
+
+
+class BoxSet(SpecModel):
+    """The box {v : low <= v <= high}, elementwise; either bound may be omitted."""
+
+    kind: Literal["box"] = "box"
+    """Discriminator: a box."""
+    low: float | None = None
+    """Lower bound (None: unbounded below)."""
+    high: float | None = None
+    """Upper bound (None: unbounded above)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BoxSet":
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"box low ({self.low}) must not exceed high ({self.high})")
+        return self

@@ -1,0 +1,141 @@
+"""One level of a bilevel problem: its variables, objective, data, inner solver and declared facts."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, field_validator
+
+from bilevel.spec._base import SpecModel
+from bilevel.spec.constraints import BoxSet, ConstraintSpec
+
+__all__ = [
+    "Assumptions",
+    "DataSpec",
+    "LevelSpec",
+    "ModuleVariable",
+    "OptimizerSpec",
+    "TensorVariable",
+    "Variable",
+]
+
+CallableRef = Annotated[
+    str,
+    Field(
+        pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$",
+        description='Reference to user code: "package.module:attr" or "path/to/file.py:attr" '
+        "(relative to the spec file).",
+    ),
+]
+
+
+class TensorVariable(SpecModel):
+    """A tensor-valued variable, created on the run's device and dtype."""
+
+    kind: Literal["tensor"] = "tensor"
+    """Discriminator: a plain tensor."""
+    shape: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    """Shape of the tensor; [] is a scalar."""
+    init: Union[float, Literal["zeros", "ones", "normal", "uniform"], CallableRef] = 0.0
+    """Initial value: a constant, a named initializer (normal and uniform are scaled by init_scale),
+    or a reference to a function returning a tensor of the declared shape."""
+    init_scale: float = 1.0
+    """Standard deviation of "normal" / half-width of "uniform"."""
+    set: BoxSet | None = None
+    """Simple set the variable is projected onto after each update (None: unconstrained)."""
+
+
+class ModuleVariable(SpecModel):
+    """A torch.nn.Module built by a factory; its parameters are the variable.
+
+    Objectives receive a callable that runs the module functionally on the current parameters,
+    so ``lower["net"](x)`` works whatever engine is running."""
+
+    kind: Literal["module"] = "module"
+    """Discriminator: a module built by a factory."""
+    factory: CallableRef
+    """Callable returning an nn.Module, e.g. "torch.nn:Linear"."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the factory."""
+
+
+def _variable_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("kind", "tensor")
+    return getattr(value, "kind", None)
+
+
+Variable = Annotated[
+    Union[Annotated[TensorVariable, Tag("tensor")], Annotated[ModuleVariable, Tag("module")]],
+    Discriminator(_variable_kind),
+]
+
+
+class DataSpec(SpecModel):
+    """Where a level's minibatches come from."""
+
+    source: CallableRef
+    """Callable returning a mapping name -> Tensor (equal first dimensions), e.g. {"x": X, "y": Y}."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to the source."""
+    batch_size: Annotated[int, Field(ge=1)] | None = None
+    """Examples per minibatch; None uses the whole data set as one (deterministic) batch."""
+
+
+class OptimizerSpec(SpecModel):
+    """A first-order optimizer: the lower level's inner solver or the upper level's outer optimizer."""
+
+    name: Literal["sgd", "momentum", "adam"] = "sgd"
+    """sgd: y <- y - lr g; momentum: heavy ball m <- mu m + g, y <- y - lr m; adam: Kingma & Ba 2015."""
+    lr: Annotated[float, Field(gt=0)] = 0.1
+    """Step size."""
+    steps: Annotated[int, Field(ge=0)] = 100
+    """Inner solver: steps per lower solve. Ignored for the outer optimizer (see run.steps)."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Heavy-ball coefficient (momentum only)."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    """Adam's moment decay rates."""
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    """Adam's denominator floor."""
+    warm_start: bool = True
+    """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
+
+
+class Assumptions(SpecModel):
+    """Facts the user declares about a level; the planner reads them to pick an engine."""
+
+    convexity: Literal["strongly_convex", "convex", "nonconvex", "unknown"] = "unknown"
+    """Convexity of this level's objective in its own variables (for a lower level)."""
+    smoothness: Literal["bounded", "unbounded", "unknown"] = "unknown"
+    """Lipschitz smoothness of the objective: unbounded for e.g. RNN/LSTM upper levels."""
+
+
+class LevelSpec(SpecModel):
+    """A level: variables optimized against an objective, possibly given the levels above it."""
+
+    variables: dict[str, Variable]
+    """Named variables of this level (names are unique across the whole problem)."""
+    objective: CallableRef
+    """f(upper, lower, batch) -> scalar Tensor (see docs/concepts.md for what upper/lower hold)."""
+    objective_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments bound to the objective."""
+    parent: str | None = None
+    """Name of the level this one is solved under (None for the top level)."""
+    data: DataSpec | None = None
+    """The level's data source (None: the objective receives batch=None)."""
+    solver: OptimizerSpec | None = None
+    """Inner solver of a lower level, or outer optimizer of the top level."""
+    assumptions: Assumptions = Field(default_factory=Assumptions)
+    """Declared facts about this level."""
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    """Constraints on this level's variables (feasible where <= 0 / == 0)."""
+
+    @field_validator("variables")
+    @classmethod
+    def _non_empty(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("a level needs at least one variable")
+        for name in value:
+            if not name.isidentifier():
+                raise ValueError(f"variable name {name!r} must be a Python identifier")
+        return value

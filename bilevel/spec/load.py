@@ -1,0 +1,169 @@
+"""Load specs from YAML/JSON files (safe YAML only) and turn validation errors into SpecIssues."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.problem import BilevelSpec
+
+__all__ = ["LoadedSpec", "apply_overrides", "load_spec", "spec_from_data"]
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    """A validated spec with where it came from: the file (for messages) and the directory that
+    relative "file.py:attr" references are resolved against."""
+
+    spec: BilevelSpec
+    file: str = "<python>"
+    base_dir: Path = field(default_factory=Path.cwd)
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict)
+
+    def issue(self, path: str, message: str) -> SpecIssue:
+        """A SpecIssue at a dotted path of this spec, with its line number when known."""
+        return SpecIssue(self.file, path, message, self.lines.get(tuple(path.split("."))))
+
+    def error(self, path: str, message: str) -> SpecError:
+        return SpecError([self.issue(path, message)])
+
+
+def _yaml_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    out[prefix] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _yaml_lines(value, (*prefix, str(key.value)), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, value in enumerate(node.value):
+            _yaml_lines(value, (*prefix, str(index)), out)
+
+
+def _read(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+    file = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError.single(file, "", f"cannot read the spec file: {exc.strerror or exc}") from None
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if node is not None:
+                _yaml_lines(node, (), lines)
+    except json.JSONDecodeError as exc:
+        raise SpecError([SpecIssue(file, "", f"invalid JSON: {exc.msg}", exc.lineno)]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([SpecIssue(file, "", f"invalid YAML: {problem}", line)]) from None
+    if not isinstance(data, dict):
+        raise SpecError.single(file, "", f"expected a mapping at the top level, got {type(data).__name__}")
+    return data, lines
+
+
+# union members chosen when "kind" is omitted
+_DEFAULT_TAG = {"tensor": "tensor"}
+
+
+def _strip_union_tags(loc: tuple[Any, ...], data: Any) -> list[str]:
+    """Pydantic inserts the discriminator's value into the location of tagged-union errors;
+    drop those so the path is the one the user wrote."""
+    parts: list[str] = []
+    node = data
+    for item in loc:
+        key = str(item)
+        if isinstance(node, dict):
+            if item in node:
+                node = node[item]
+            elif node.get("kind", _DEFAULT_TAG.get(item)) == item:
+                continue
+            else:
+                node = None
+        elif isinstance(node, list) and isinstance(item, int) and 0 <= item < len(node):
+            node = node[item]
+        else:
+            node = None
+        parts.append(key)
+    return parts
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown field (check the spelling; `bilevel schema` lists the fields)"
+    if kind == "missing":
+        return "required field is missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if kind == "string_pattern_mismatch" and ":" in str(error.get("ctx", {}).get("pattern", "")):
+        message = 'expected a reference "package.module:attr" or "path/to/file.py:attr"'
+    if kind == "union_tag_invalid":
+        message = f"unknown kind; expected one of {error.get('ctx', {}).get('expected_tags', '')}"
+    if kind not in ("value_error", "assertion_error") and "input" in error:
+        shown = repr(error["input"])
+        if len(shown) <= 60 and not isinstance(error["input"], dict):
+            message += f" (got {shown})"
+    return message
+
+
+def spec_from_data(
+    data: Any,
+    file: str = "<python>",
+    base_dir: Path | None = None,
+    lines: dict[tuple[str, ...], int] | None = None,
+) -> LoadedSpec:
+    """Validate plain data (as parsed from YAML/JSON) into a LoadedSpec, or raise SpecError."""
+    lines = lines or {}
+    try:
+        spec = BilevelSpec.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for error in exc.errors():
+            parts = _strip_union_tags(error["loc"], data)
+            line = None
+            for cut in range(len(parts), -1, -1):
+                line = lines.get(tuple(parts[:cut]))
+                if line is not None:
+                    break
+            issues.append(SpecIssue(file, ".".join(parts), _describe(error), line))
+        raise SpecError(issues) from None
+    return LoadedSpec(spec, file, base_dir or Path.cwd(), lines)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<override>") -> dict[str, Any]:
+    """Apply "dotted.path=value" overrides (values parsed as YAML) to spec data, returning a copy."""
+    data = json.loads(json.dumps(data))
+    for override in overrides:
+        if "=" not in override:
+            raise SpecError.single(file, override, "expected an override of the form dotted.path=value")
+        path, raw = override.split("=", 1)
+        keys = path.strip().split(".")
+        node = data
+        for key in keys[:-1]:
+            if not isinstance(node, dict):
+                raise SpecError.single(file, path, f"cannot descend into {key!r}: not a mapping")
+            node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise SpecError.single(file, path, "cannot set a field on a value that is not a mapping")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
+    """Load and validate a spec file (.yaml, .yml or .json), raising SpecError on any problem."""
+    path = Path(path)
+    data, lines = _read(path)
+    if overrides:
+        data = apply_overrides(data, overrides, str(path))
+    return spec_from_data(data, str(path), path.resolve().parent, lines)

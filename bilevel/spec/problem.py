@@ -1,0 +1,78 @@
+"""The whole problem spec: levels forming a graph, the engine, run settings and a report hook."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import networkx as nx
+from pydantic import Field, field_validator
+
+from bilevel.spec._base import SpecModel
+from bilevel.spec.engine import AutoEngine, EngineSpec
+from bilevel.spec.level import LevelSpec
+from bilevel.spec.run import RunSpec
+
+__all__ = ["BilevelSpec", "level_graph"]
+
+
+class BilevelSpec(SpecModel):
+    """A bilevel (or multilevel) problem.
+
+    Levels form a tree through ``parent``: the top level has no parent, every other level is
+    solved given the levels above it. Two levels is the common case."""
+
+    name: str = "bilevel-problem"
+    """A short name, used in outputs."""
+    levels: dict[str, LevelSpec]
+    """Levels by name."""
+    engine: EngineSpec = Field(default_factory=AutoEngine)
+    """Hypergradient engine: {kind: auto} lets the planner choose."""
+    run: RunSpec = Field(default_factory=RunSpec)
+    """Run settings."""
+    report: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
+    """Optional f(upper, lower) -> dict of numbers evaluated at the end of a run (test accuracy, ...)."""
+    report_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the report function."""
+
+    @field_validator("levels")
+    @classmethod
+    def _valid_graph(cls, levels: dict[str, LevelSpec]) -> dict[str, LevelSpec]:
+        level_graph(levels)  # raises ValueError with a readable message
+        seen: dict[str, str] = {}
+        for lname, level in levels.items():
+            for vname in level.variables:
+                if vname in seen:
+                    raise ValueError(
+                        f"variable {vname!r} is declared in both levels {seen[vname]!r} and {lname!r};"
+                        " variable names must be unique"
+                    )
+                seen[vname] = lname
+        return levels
+
+
+def level_graph(levels: dict[str, LevelSpec]) -> nx.DiGraph:
+    """The level graph (edge parent -> child), checked to be a rooted tree of at least two levels."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(levels)
+    for name, level in levels.items():
+        if level.parent is None:
+            continue
+        if level.parent not in levels:
+            raise ValueError(
+                f"level {name!r} has parent {level.parent!r}, which is not a level"
+                f" (levels: {', '.join(sorted(levels))})"
+            )
+        graph.add_edge(level.parent, name)
+    if len(graph) < 2:
+        raise ValueError("a bilevel problem needs at least two levels (an upper and a lower)")
+    cycles = list(nx.simple_cycles(graph))
+    if cycles:
+        cycle = cycles[0]
+        raise ValueError("levels form a cycle: " + " -> ".join([*cycle, cycle[0]]))
+    roots = [n for n in graph if graph.in_degree(n) == 0]
+    if len(roots) != 1 or not nx.is_weakly_connected(graph):
+        raise ValueError(
+            "levels must form one connected tree with a single top level; top levels found: "
+            + ", ".join(sorted(roots))
+        )
+    return graph

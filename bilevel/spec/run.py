@@ -1,0 +1,39 @@
+"""Run settings: device, precision, seed, outer steps, outputs and budget."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from bilevel.spec._base import SpecModel
+
+__all__ = ["BudgetSpec", "RunSpec"]
+
+
+class BudgetSpec(SpecModel):
+    """Resources the planner may assume."""
+
+    memory_mb: Annotated[float, Field(gt=0)] | None = None
+    """Memory available for one hypergradient (MiB); None: the device's free memory, or 4096 on CPU."""
+
+
+class RunSpec(SpecModel):
+    """How the outer loop runs and where it writes."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when available, else cpu."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Floating-point precision of variables and data."""
+    seed: int = 0
+    """Seed for initialization, data sampling and anything random in the problem."""
+    steps: Annotated[int, Field(ge=0)] = 100
+    """Outer (upper-level) steps."""
+    out: str = "runs/latest"
+    """Output directory (relative to the working directory)."""
+    checkpoint_every: Annotated[int, Field(ge=1)] | None = 10
+    """Write an atomic checkpoint every N outer steps (None: only at the end)."""
+    log_every: Annotated[int, Field(ge=1)] = 1
+    """Append a metrics.jsonl record every N outer steps."""
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    """Resources the planner may assume."""
