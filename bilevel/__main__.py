@@ -1,0 +1,5 @@
+"""python -m bilevel: the command line."""
+
+from bilevel.cli import main
+
+main()

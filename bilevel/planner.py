@@ -1,0 +1,201 @@
+"""The planner: from what a spec declares to an engine configuration, with reasons.
+
+Rules read engine capabilities (``bilevel.engines.registry``), never engine classes, so an engine
+that registers itself is considered without changes here. An explicit engine always wins; the
+planner then only warns where the engine's assumptions contradict the declared facts, and
+refuses where it cannot work at all (e.g. declared constraints it cannot handle)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from bilevel.engines.registry import engine_capabilities
+from bilevel.problem import Problem
+from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec.errors import SpecError
+from bilevel.spec.load import LoadedSpec
+
+__all__ = ["Plan", "ProblemFacts", "make_plan"]
+
+DEFAULT_CPU_MEMORY_MB = 4096.0
+
+
+@dataclass(frozen=True)
+class ProblemFacts:
+    """What the planner knows: declared assumptions, sizes and the memory budget."""
+
+    lower_level: str
+    lower_convexity: str
+    upper_smoothness: str
+    constraints: int
+    coupled_constraints: int
+    n_upper: int
+    n_lower: int
+    inner_steps: int
+    lower_batch_numel: int
+    bytes_per_scalar: int
+    memory_mb: float
+    device: str
+
+    @classmethod
+    def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
+        spec = loaded.spec
+        upper, lower = problem.upper, problem.lower
+        lower_spec = spec.levels[lower.name]
+        upper_spec = spec.levels[upper.name]
+        batch_numel = 0
+        if lower.data is not None:
+            size = lower.data.batch_size or lower.data.size
+            batch_numel = sum(v[0].numel() * size for v in lower.data.full.values())
+        budget = spec.run.budget.memory_mb
+        if budget is None:
+            if problem.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(problem.device)
+                budget = 0.8 * free / 2**20
+            else:
+                budget = DEFAULT_CPU_MEMORY_MB
+        return cls(
+            lower_level=lower.name,
+            lower_convexity=lower_spec.assumptions.convexity,
+            upper_smoothness=upper_spec.assumptions.smoothness,
+            constraints=len(lower_spec.constraints),
+            coupled_constraints=sum(c.coupled for c in lower_spec.constraints),
+            n_upper=upper.numel,
+            n_lower=lower.numel,
+            inner_steps=lower.solver.steps if lower.solver else 0,
+            lower_batch_numel=batch_numel,
+            bytes_per_scalar=torch.finfo(problem.dtype).bits // 8,
+            memory_mb=float(budget),
+            device=str(problem.device),
+        )
+
+    def unrolled_memory_mb(self, stored_steps: int) -> float:
+        """Rough graph memory of differentiating through ``stored_steps`` inner steps: each keeps
+        the iterate, its gradient and optimizer buffers (~4 copies of y) and activations at least
+        the size of the lower batch."""
+        per_step = self.bytes_per_scalar * (4 * self.n_lower + self.lower_batch_numel)
+        return stored_steps * per_step / 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen engine configuration and why."""
+
+    engine: Any
+    reasons: list[str]
+    warnings: list[str] = field(default_factory=list)
+    facts: ProblemFacts | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine.kind,
+            "config": self.engine.model_dump(mode="json"),
+            "reasons": self.reasons,
+            "warnings": self.warnings,
+            "facts": None if self.facts is None else asdict(self.facts),
+        }
+
+
+def _check_hard_requirements(kind: str, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    caps = engine_capabilities()[kind]
+    path = f"levels.{facts.lower_level}.constraints"
+    if facts.constraints and not caps.handles_constraints:
+        raise loaded.error(path, f"the {kind} engine cannot handle lower-level constraints ({facts.constraints} declared);"
+                           f" engines that can: {', '.join(_engines_handling_constraints()) or 'none in this release'}")
+    if facts.coupled_constraints and not caps.handles_coupled_constraints:
+        raise loaded.error(path, f"the {kind} engine cannot handle constraints coupling both levels")
+
+
+def _engines_handling_constraints() -> list[str]:
+    return [k for k, c in engine_capabilities().items() if c.handles_constraints]
+
+
+def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
+    kind = requested.kind
+    caps = engine_capabilities()
+    if kind not in caps:
+        raise loaded.error("engine.kind", f"no engine {kind!r} is registered; available: {', '.join(caps)}")
+    _check_hard_requirements(kind, facts, loaded)
+    warnings = []
+    if facts.lower_convexity not in caps[kind].lower_convexity:
+        warnings.append(
+            f"the {kind} engine assumes a lower level that is {' or '.join(caps[kind].lower_convexity)}, but"
+            f" levels.{facts.lower_level}.assumptions.convexity = {facts.lower_convexity}: its hypergradient may be wrong"
+        )
+    return Plan(requested, [f"engine {kind!r} requested explicitly in the spec or on the command line"], warnings, facts)
+
+
+def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None) -> Plan:
+    """Choose an engine for ``problem``; ``requested`` (or the spec's engine) overrides unless auto."""
+    facts = ProblemFacts.of(loaded, problem)
+    requested = requested if requested is not None else loaded.spec.engine
+    if not isinstance(requested, AutoEngine):
+        return _explicit(requested, facts, loaded)
+
+    caps = engine_capabilities()
+    if facts.constraints:
+        able = _engines_handling_constraints()
+        if not able:
+            raise loaded.error(f"levels.{facts.lower_level}.constraints",
+                               "no engine in this release handles lower-level constraints; remove them or express them"
+                               " through the variables' sets (box) and a penalty in the objective")
+    reasons: list[str] = []
+    convexity = facts.lower_convexity
+    lower = f"levels.{facts.lower_level}"
+    exact = [k for k, c in caps.items() if convexity in c.lower_convexity and c.exact_when_converged and c.memory == "constant"]
+    if convexity == "strongly_convex" and "implicit" in exact:
+        reasons.append(
+            f"{lower}.assumptions.convexity = strongly_convex: the lower solution is unique and the implicit"
+            " function theorem applies, so the implicit engine gives the exact hypergradient once the inner"
+            f" solve converges, with memory independent of the {facts.inner_steps} inner steps"
+        )
+        default_cg = LinearSolverSpec()
+        if facts.n_lower <= default_cg.maxiter:
+            solver = LinearSolverSpec(method="direct")
+            reasons.append(
+                f"the lower level has {facts.n_lower} scalars (<= {default_cg.maxiter} CG iterations): assembling H"
+                " from one batched HVP and solving directly is exact and no dearer than CG"
+            )
+        else:
+            solver = default_cg
+            reasons.append(
+                f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
+                f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
+            )
+        return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)
+
+    if "unrolled" not in caps:
+        raise loaded.error(f"{lower}.assumptions.convexity", f"no registered engine accepts a {convexity} lower level")
+    reasons.append(
+        f"{lower}.assumptions.convexity = {convexity}: the implicit function theorem needs a strongly convex"
+        " lower level, so the hypergradient is taken through the inner optimizer itself (unrolled), which is"
+        " the exact derivative of what the inner solver computes"
+    )
+    steps = facts.inner_steps
+    full = facts.unrolled_memory_mb(steps)
+    config = UnrolledConfig()
+    if full <= facts.memory_mb:
+        reasons.append(f"storing all {steps} inner steps needs about {full:.0f} MiB, within the {facts.memory_mb:.0f} MiB budget")
+    else:
+        every = max(1, int(math.ceil(math.sqrt(steps))))
+        stored = math.ceil(steps / every) + every
+        ckpt = facts.unrolled_memory_mb(stored)
+        if ckpt <= facts.memory_mb:
+            config = UnrolledConfig(checkpoint_every=every)
+            reasons.append(
+                f"storing all {steps} inner steps needs about {full:.0f} MiB, over the {facts.memory_mb:.0f} MiB budget:"
+                f" checkpointing every {every} steps keeps about {ckpt:.0f} MiB at the cost of one extra forward pass"
+            )
+        else:
+            per_step = facts.unrolled_memory_mb(1)
+            keep = max(1, int(facts.memory_mb // max(per_step, 1e-9)))
+            config = UnrolledConfig(truncate=min(keep, steps))
+            reasons.append(
+                f"even checkpointed, {steps} inner steps exceed the {facts.memory_mb:.0f} MiB budget: differentiating"
+                f" through the last {config.truncate} steps only (truncated, biased)"
+            )
+    return Plan(config, reasons, [], facts)

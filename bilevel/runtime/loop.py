@@ -1,0 +1,261 @@
+"""The outer loop: hypergradient, outer optimizer step, metrics, checkpoints, NaN guard, resume.
+
+Per outer step k (x_k the upper variables):
+    g_k = engine.hypergrad(problem, x_k, state_k)      (lower solve warm-started from state_k)
+    x_{k+1} = Proj(outer_optimizer.step(x_k, g_k))
+One host synchronization per outer step reads the loss and gradient norm (for the NaN guard,
+the progress bar and metrics); nothing inside the inner loop or the linear solve synchronizes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bilevel.compile import compile_spec
+from bilevel.engines import build_engine
+from bilevel.engines.base import EngineState
+from bilevel.engines.inner import solve_lower
+from bilevel.linalg.tree import tree_norm
+from bilevel.optim import InnerOptimizer
+from bilevel.planner import Plan, make_plan
+from bilevel.problem import Params, Problem
+from bilevel.runtime.callbacks import MetricsWriter, Progress
+from bilevel.runtime.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from bilevel.spec.level import OptimizerSpec
+from bilevel.spec.load import LoadedSpec
+
+__all__ = ["DivergenceError", "RunResult", "build_outer_optimizer", "hypergrad_at_init", "run", "to_nested"]
+
+
+class DivergenceError(RuntimeError):
+    """The upper loss or the hypergradient became NaN/inf; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the result.json contents, its directory and the final variables."""
+
+    result: dict[str, Any]
+    out: Path
+    x: Params = field(repr=False)
+    y: Params = field(repr=False)
+
+
+def build_outer_optimizer(spec: OptimizerSpec | None, params: Params) -> torch.optim.Optimizer:
+    """torch.optim optimizer over the upper leaves, from the top level's ``solver``."""
+    spec = spec or OptimizerSpec()
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr)
+    if spec.name == "momentum":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def to_nested(value: Any) -> Any:
+    """Tensors (or dicts of them) as nested Python lists for JSON."""
+    if isinstance(value, dict):
+        return {k: to_nested(v) for k, v in value.items()}
+    return value.detach().cpu().tolist()
+
+
+def _fingerprint(loaded: LoadedSpec) -> str:
+    data = loaded.spec.model_dump(mode="json")
+    for key in ("steps", "out", "checkpoint_every", "log_every"):
+        data["run"].pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prepare(loaded: LoadedSpec, engine: Any, device: str | None) -> tuple[Problem, Plan, Any]:
+    problem = compile_spec(loaded, device)
+    plan = make_plan(loaded, problem, engine)
+    return problem, plan, build_engine(plan.engine)
+
+
+def hypergrad_at_init(loaded: LoadedSpec, engine: Any = None, device: str | None = None) -> dict[str, Any]:
+    """The hypergradient at the upper variables' initial values, after the lower solve the spec
+    declares (what `bilevel hypergrad` prints)."""
+    problem, plan, eng = _prepare(loaded, engine, device)
+    x = problem.fresh(problem.upper.init)
+    result = eng.hypergrad(problem, x, eng.init(problem, x), problem.upper.batch())
+    return {
+        "engine": plan.engine.kind,
+        "upper_loss": float(result.upper_loss),
+        "hypergradient": to_nested(problem.upper.variables(result.grad)),
+        "stats": result.stats.as_floats(),
+        "plan_reasons": plan.reasons,
+        "device": str(problem.device),
+    }
+
+
+def run(
+    loaded: LoadedSpec,
+    engine: Any = None,
+    device: str | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Any = None,
+) -> RunResult:
+    """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json."""
+    spec = loaded.spec
+    problem, plan, eng = _prepare(loaded, engine, device)
+    out_dir = Path(out if out is not None else spec.run.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda message: None)
+    for warning in plan.warnings:
+        say(f"warning: {warning}")
+
+    upper = problem.upper
+    x = problem.fresh(upper.init, requires_grad=True)
+    optimizer = build_outer_optimizer(spec.levels[upper.name].solver, x)
+    state = eng.init(problem, x)
+    start_step = 0
+    fingerprint = _fingerprint(loaded)
+
+    checkpoint = load_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        say(f"no checkpoint in {out_dir}; starting from the beginning")
+    if checkpoint is not None:
+        if checkpoint["fingerprint"] != fingerprint:
+            raise loaded.error("", f"the checkpoint in {out_dir} was written for a different spec; use another --out or drop --resume")
+        with torch.no_grad():
+            for p, saved in zip(x, checkpoint["x"]):
+                p.copy_(saved.to(p.device, p.dtype))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = EngineState.from_state_dict(_to_device(checkpoint["engine_state"], problem.device))
+        for name, level in problem.levels.items():
+            if level.data is not None and name in checkpoint["data"]:
+                level.data.load_state_dict(checkpoint["data"][name])
+        torch.set_rng_state(checkpoint["rng"])
+        start_step = int(checkpoint["step"])
+        say(f"resuming from step {start_step} ({out_dir / 'checkpoint.pt'})")
+
+    def snapshot(step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "fingerprint": fingerprint,
+            "x": [p.detach().cpu() for p in x],
+            "optimizer": optimizer.state_dict(),
+            "engine_state": _to_device(state.state_dict(), torch.device("cpu")),
+            "data": {n: lvl.data.state_dict() for n, lvl in problem.levels.items() if lvl.data is not None},
+            "rng": torch.get_rng_state(),
+        }
+
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", start_step if checkpoint is not None else None)
+    bar = Progress(spec.run.steps, start_step, progress, f"{spec.name} [{plan.engine.kind}]")
+    began = time.perf_counter()
+    last_checkpoint: Path | None = out_dir / "checkpoint.pt" if checkpoint is not None else None
+    last_stats: dict[str, Any] = {}
+    try:
+        for step in range(start_step, spec.run.steps):
+            result = eng.hypergrad(problem, x, state, upper.batch())
+            loss, grad_norm = torch.stack([result.upper_loss.reshape(()), tree_norm(result.grad)]).tolist()
+            if not (_finite(loss) and _finite(grad_norm)):
+                message = (
+                    f"step {step + 1}: the {'upper loss' if not _finite(loss) else 'hypergradient'} is not finite"
+                    f" (loss={loss}, |hypergrad|={grad_norm}); stopped. Lower the outer or inner learning rate."
+                )
+                if last_checkpoint is not None:
+                    message += f" The last good checkpoint is {last_checkpoint} (resume with --resume)."
+                _write_result(out_dir, _result_base(loaded, problem, plan, x, step, began) | {"status": "diverged", "message": message})
+                raise DivergenceError(message, step + 1, last_checkpoint)
+            for p, g in zip(x, result.grad):
+                p.grad = g
+            optimizer.step()
+            with torch.no_grad():
+                for p, projected in zip(x, upper.project(tuple(p.detach() for p in x))):
+                    p.copy_(projected)
+            state = result.state
+            last_stats = result.stats.as_floats()
+            if (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps:
+                metrics.write({"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
+                               "elapsed_s": time.perf_counter() - began})
+            bar.update(step + 1, loss, grad_norm)
+            every = spec.run.checkpoint_every
+            if every is not None and (step + 1) % every == 0:
+                last_checkpoint = save_checkpoint(out_dir, snapshot(step + 1))
+    finally:
+        bar.close()
+        metrics.close()
+
+    save_checkpoint(out_dir, snapshot(spec.run.steps))
+    wall = time.perf_counter() - began
+    y, final_loss = _final_evaluation(problem, x, state)
+    result_json = _result_base(loaded, problem, plan, x, spec.run.steps, began) | {
+        "status": "completed",
+        "final_upper_loss": final_loss,
+        "last_stats": last_stats,
+        "wall_time_s": wall,
+    }
+    if problem.report is not None:
+        result_json["report"] = _jsonable(problem.report(upper.view(tuple(p.detach() for p in x)), problem.lower.view(y)))
+    _write_result(out_dir, result_json)
+    return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
+
+
+def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[Params, float]:
+    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data."""
+    lower = problem.lower
+    optimizer = InnerOptimizer(lower.solver)
+    y0 = state.lower if lower.solver.warm_start else problem.fresh(lower.init)
+    y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
+    batch = None if problem.upper.data is None else problem.upper.data.full
+    with torch.no_grad():
+        loss = problem.upper_objective(tuple(p.detach() for p in x), y, batch)
+    return y, float(loss)
+
+
+def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, steps: int, began: float) -> dict[str, Any]:
+    return {
+        "name": loaded.spec.name,
+        "spec": loaded.file,
+        "engine": plan.engine.kind,
+        "engine_config": plan.engine.model_dump(mode="json"),
+        "plan_reasons": plan.reasons,
+        "plan_warnings": plan.warnings,
+        "steps": steps,
+        "device": str(problem.device),
+        "dtype": str(problem.dtype).removeprefix("torch."),
+        "torch_version": torch.__version__,
+        "wall_time_s": time.perf_counter() - began,
+        "upper_variables": to_nested(problem.upper.variables(x)),
+    }
+
+
+def _write_result(out_dir: Path, result: dict[str, Any]) -> None:
+    atomic_write_json(out_dir / "result.json", result)
+
+
+def _finite(value: float) -> bool:
+    return value == value and value not in (float("inf"), float("-inf"))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return value
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
