@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from bilevel.compile import compile_spec
 from bilevel.engines import Capabilities, EngineState, Hypergrad, Stats, build_engine, engine_capabilities, engine_kinds
+from bilevel.planner import Plan, make_plan
 from bilevel.problem import Problem, VariableView
+from bilevel.runtime.loop import DivergenceError, RunResult, hypergrad_at_init, run
 from bilevel.spec import BilevelSpec, LoadedSpec, SpecError, load_spec, spec_from_data
 
 __version__ = "0.1.0"
@@ -15,10 +17,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BilevelSpec",
     "Capabilities",
+    "DivergenceError",
     "EngineState",
     "Hypergrad",
     "LoadedSpec",
+    "Plan",
     "Problem",
+    "RunResult",
     "SpecError",
     "Stats",
     "VariableView",
@@ -26,6 +31,9 @@ __all__ = [
     "compile_spec",
     "engine_capabilities",
     "engine_kinds",
+    "hypergrad_at_init",
     "load_spec",
+    "make_plan",
+    "run",
     "spec_from_data",
 ]

@@ -29,6 +29,7 @@ from bilevel.runtime.callbacks import MetricsWriter, Progress
 from bilevel.runtime.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from bilevel.spec.level import OptimizerSpec
 from bilevel.spec.load import LoadedSpec
+from bilevel.spec.problem import BilevelSpec
 
 __all__ = ["DivergenceError", "RunResult", "build_outer_optimizer", "hypergrad_at_init", "run", "to_nested"]
 
@@ -76,15 +77,20 @@ def _fingerprint(loaded: LoadedSpec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _as_loaded(spec: LoadedSpec | BilevelSpec) -> LoadedSpec:
+    return spec if isinstance(spec, LoadedSpec) else LoadedSpec(spec)
+
+
 def _prepare(loaded: LoadedSpec, engine: Any, device: str | None) -> tuple[Problem, Plan, Any]:
     problem = compile_spec(loaded, device)
     plan = make_plan(loaded, problem, engine)
     return problem, plan, build_engine(plan.engine)
 
 
-def hypergrad_at_init(loaded: LoadedSpec, engine: Any = None, device: str | None = None) -> dict[str, Any]:
+def hypergrad_at_init(loaded: LoadedSpec | BilevelSpec, engine: Any = None, device: str | None = None) -> dict[str, Any]:
     """The hypergradient at the upper variables' initial values, after the lower solve the spec
     declares (what `bilevel hypergrad` prints)."""
+    loaded = _as_loaded(loaded)
     problem, plan, eng = _prepare(loaded, engine, device)
     x = problem.fresh(problem.upper.init)
     result = eng.hypergrad(problem, x, eng.init(problem, x), problem.upper.batch())
@@ -99,7 +105,7 @@ def hypergrad_at_init(loaded: LoadedSpec, engine: Any = None, device: str | None
 
 
 def run(
-    loaded: LoadedSpec,
+    loaded: LoadedSpec | BilevelSpec,
     engine: Any = None,
     device: str | None = None,
     out: str | Path | None = None,
@@ -107,7 +113,10 @@ def run(
     progress: bool = True,
     log: Any = None,
 ) -> RunResult:
-    """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json."""
+    """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json.
+
+    ``engine`` (an engine config such as ImplicitConfig()) overrides the spec and the planner."""
+    loaded = _as_loaded(loaded)
     spec = loaded.spec
     problem, plan, eng = _prepare(loaded, engine, device)
     out_dir = Path(out if out is not None else spec.run.out)
