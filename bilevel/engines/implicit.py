@@ -18,7 +18,7 @@ import time
 from typing import Any, ClassVar
 
 from bilevel.engines.base import Capabilities, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import solve_lower
+from bilevel.engines.inner import lower_start, start_state, solve_lower
 from bilevel.engines.registry import register
 from bilevel.linalg.hvp import Linearization, grad_and_value
 from bilevel.linalg.solve import make_linear_solver
@@ -48,16 +48,14 @@ class ImplicitEngine:
         self.config = config or ImplicitConfig()
 
     def init(self, problem: Problem, x: Params) -> EngineState:
-        lower = problem.lower
-        y = problem.fresh(lower.init)
-        return EngineState(y, InnerOptimizer(lower.solver).init(y))
+        return start_state(problem)
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
         lower = problem.lower
         solver_spec = lower.solver
         optimizer = InnerOptimizer(solver_spec)
-        y0 = state.lower if solver_spec.warm_start else problem.fresh(lower.init)
+        y0 = lower_start(problem, state)
         y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
 
         lower_batch = lower.batch()

@@ -12,7 +12,20 @@ from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 
-__all__ = ["inner_residual", "inner_step", "solve_lower"]
+__all__ = ["inner_residual", "inner_step", "lower_start", "solve_lower", "start_state"]
+
+
+def start_state(problem: Problem) -> "EngineState":
+    """The state every engine starts from: the lower level's initial values, fresh optimizer state."""
+    from bilevel.engines.base import EngineState
+
+    y = problem.fresh(problem.lower.init)
+    return EngineState(y, InnerOptimizer(problem.lower.solver).init(y))
+
+
+def lower_start(problem: Problem, state: "EngineState") -> Params:
+    """Where the next lower solve starts: the previous solution (warm start) or the initial values."""
+    return state.lower if problem.lower.solver.warm_start else problem.fresh(problem.lower.init)
 
 
 def inner_step(

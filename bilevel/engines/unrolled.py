@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from bilevel.engines.base import Capabilities, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import inner_residual, inner_step, solve_lower
+from bilevel.engines.inner import lower_start, start_state, inner_residual, inner_step, solve_lower
 from bilevel.engines.registry import register
 from bilevel.linalg.tree import tree_add
 from bilevel.optim import InnerOptimizer
@@ -59,9 +59,7 @@ class UnrolledEngine:
         self.config = config or UnrolledConfig()
 
     def init(self, problem: Problem, x: Params) -> EngineState:
-        lower = problem.lower
-        y = problem.fresh(lower.init)
-        return EngineState(y, InnerOptimizer(lower.solver).init(y))
+        return start_state(problem)
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
@@ -70,7 +68,7 @@ class UnrolledEngine:
         optimizer = InnerOptimizer(solver_spec)
         steps = solver_spec.steps
         differentiated = min(self.config.truncate or steps, steps)
-        y0 = state.lower if solver_spec.warm_start else problem.fresh(lower.init)
+        y0 = lower_start(problem, state)
 
         # steps before the truncation window: no graph
         y, opt_state = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), steps - differentiated)

@@ -20,7 +20,7 @@ import torch
 from bilevel.compile import compile_spec
 from bilevel.engines import build_engine
 from bilevel.engines.base import EngineState
-from bilevel.engines.inner import solve_lower
+from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.planner import Plan, make_plan
@@ -217,7 +217,7 @@ def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[
     """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data."""
     lower = problem.lower
     optimizer = InnerOptimizer(lower.solver)
-    y0 = state.lower if lower.solver.warm_start else problem.fresh(lower.init)
+    y0 = lower_start(problem, state)
     y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
     batch = None if problem.upper.data is None else problem.upper.data.full
     with torch.no_grad():
