@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bilevel.data import DataStream
-from bilevel.problem import Level, ModuleBinding, Problem
+from bilevel.problem import Constraint, Level, ModuleBinding, Problem
 from bilevel.refs import RefError, resolve_ref
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.level import LevelSpec, ModuleVariable, TensorVariable
@@ -138,6 +138,14 @@ class _Compiler:
         data = None
         if spec.data is not None:
             data = self.data(spec, f"{base}.data", seed)
+        constraints = []
+        for index, cspec in enumerate(spec.constraints):
+            path = f"{base}.constraints.{index}"
+            fn = self.ref(cspec.fn, f"{path}.fn")
+            if fn is not None:
+                fn = self.bind(fn, 3, cspec.kwargs, f"{path}.fn", "c(upper, lower, batch)")
+            if fn is not None:
+                constraints.append(Constraint(fn, cspec.kind, cspec.coupled, cspec.affine, path))
         if len(self.issues) > n_before:
             return None
         return Level(
@@ -151,6 +159,7 @@ class _Compiler:
             solver=spec.solver,
             assumptions=spec.assumptions,
             sets=tuple(sets),
+            constraints=tuple(constraints),
         )
 
     def data(self, spec: LevelSpec, path: str, seed: int) -> DataStream | None:
@@ -194,6 +203,31 @@ class _Compiler:
                 self.fail(path, f"the objective returned {got}, expected a scalar Tensor")
             elif not value.is_floating_point():
                 self.fail(path, f"the objective returned a {value.dtype} tensor, expected a floating-point scalar")
+        self.check_constraints(problem)
+
+    def check_constraints(self, problem: Problem) -> None:
+        """Each constraint returns a float tensor of its declared shape and holds at the start."""
+        upper, lower = problem.upper, problem.lower
+        specs = self.loaded.spec.levels[lower.name].constraints
+        batch = None if lower.data is None else lower.data.full
+        for constraint, cspec in zip(lower.constraints, specs):
+            path = f"{constraint.path}.fn"
+            try:
+                value = constraint.fn(upper.view(upper.init), lower.view(lower.init), batch)
+            except Exception as exc:  # user code
+                self.fail(path, f"evaluating at the initial variables raised {type(exc).__name__}: {exc}")
+                continue
+            if not isinstance(value, Tensor) or not value.is_floating_point():
+                self.fail(path, f"the constraint returned {type(value).__name__}, expected a floating-point Tensor")
+                continue
+            if cspec.shape is not None and list(value.shape) != list(cspec.shape):
+                self.fail(f"{constraint.path}.shape", f"the constraint returned shape {list(value.shape)}, declared {cspec.shape}")
+                continue
+            violation = value.abs() if constraint.is_equality else value.clamp_min(0)
+            worst = float(violation.max()) if violation.numel() else 0.0
+            if not worst <= 1e-6 * max(1.0, float(value.abs().max())):
+                self.fail(path, f"infeasible at the initial variables (largest violation {worst:.3g}); engines start"
+                          " from a feasible point: change the variables' init so that the constraint holds")
 
 
 def compile_spec(
@@ -232,6 +266,9 @@ def compile_spec(
     lower_name = problem.lower.name
     if problem.lower.solver is None:
         raise loaded.error(f"levels.{lower_name}.solver", "a lower level needs an inner solver (name, lr, steps)")
+    if problem.lower.solver.name == "normalized_momentum":
+        raise loaded.error(f"levels.{lower_name}.solver.name",
+                           "normalized_momentum is an outer (upper-level) optimizer; expected sgd, momentum or adam")
     compiler.dry_run(problem)
     if compiler.issues:
         raise SpecError(compiler.issues)

@@ -19,7 +19,7 @@ from bilevel.data import DataStream
 from bilevel.spec.constraints import BoxSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
 
-__all__ = ["Level", "ModuleBinding", "Params", "Problem", "VariableView"]
+__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Problem", "VariableView"]
 
 Params = tuple[Tensor, ...]
 """A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
@@ -83,6 +83,21 @@ class VariableView(Mapping[str, Any]):
         return f"VariableView({', '.join(self._items)})"
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """A compiled lower-level constraint c(upper, lower, batch): <= 0 or == 0 elementwise."""
+
+    fn: Callable[[VariableView, VariableView, Any], Tensor]
+    kind: str  # "inequality" | "equality"
+    coupled: bool
+    affine: bool
+    path: str  # dotted path in the spec, for messages
+
+    @property
+    def is_equality(self) -> bool:
+        return self.kind == "equality"
+
+
 @dataclass
 class Level:
     """A compiled level: flat parameters, their presentation to user code, objective, data, solver."""
@@ -97,7 +112,7 @@ class Level:
     solver: OptimizerSpec | None = None
     assumptions: Assumptions = field(default_factory=Assumptions)
     sets: tuple[BoxSet | None, ...] = ()
-    constraints: tuple[Any, ...] = ()
+    constraints: tuple[Constraint, ...] = ()
 
     def items(self, params: Sequence[Tensor]) -> dict[str, Any]:
         """Name -> what user code sees, for this level's variables at ``params``."""
@@ -162,6 +177,11 @@ class Problem:
     def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
         """G(x, y) on a lower batch."""
         return self.lower.objective(self.upper.view(x), self.lower.view(y), batch)
+
+    def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
+        """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
+        upper, lower = self.upper.view(x), self.lower.view(y)
+        return tuple(c.fn(upper, lower, batch).reshape(-1) for c in self.lower.constraints)
 
     def fresh(self, params: Params, requires_grad: bool = False) -> Params:
         """Detached copies of ``params`` (leaves; requiring grad when asked)."""

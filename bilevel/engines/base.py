@@ -9,7 +9,7 @@ from torch import Tensor
 
 from bilevel.problem import Params, Problem
 
-__all__ = ["Capabilities", "Engine", "EngineState", "Hypergrad", "Stats"]
+__all__ = ["Capabilities", "Engine", "EngineBase", "EngineState", "Hypergrad", "Stats"]
 
 Convexity = Literal["strongly_convex", "convex", "nonconvex", "unknown"]
 
@@ -50,13 +50,21 @@ class EngineState:
     lower: Params
     inner_state: Params
     extra: dict[str, Params] = field(default_factory=dict)
+    step: int = 0
+    """Hypergradient calls so far (schedules of single-loop engines read it)."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lower": list(self.lower), "inner_state": list(self.inner_state), "extra": {k: list(v) for k, v in self.extra.items()}}
+        return {
+            "lower": list(self.lower),
+            "inner_state": list(self.inner_state),
+            "extra": {k: list(v) for k, v in self.extra.items()},
+            "step": self.step,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> "EngineState":
-        return cls(tuple(state["lower"]), tuple(state["inner_state"]), {k: tuple(v) for k, v in state["extra"].items()})
+        extra = {k: tuple(v) for k, v in state["extra"].items()}
+        return cls(tuple(state["lower"]), tuple(state["inner_state"]), extra, int(state.get("step", 0)))
 
 
 @dataclass
@@ -106,3 +114,24 @@ class Engine(Protocol):
     def init(self, problem: Problem, x: Params) -> EngineState: ...
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad: ...
+
+    def post_step(self, problem: Problem, x: Params, state: EngineState) -> tuple[Params, EngineState]: ...
+
+
+class EngineBase:
+    """Defaults shared by the engines: built from a Config, start from the lower level's initial
+    values, and leave the outer step alone (``post_step`` may project (x, y) jointly)."""
+
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any = None):
+        self.config = config if config is not None else self.Config()
+
+    def init(self, problem: Problem, x: Params) -> EngineState:
+        from bilevel.engines.inner import start_state
+
+        return start_state(problem)
+
+    def post_step(self, problem: Problem, x: Params, state: EngineState) -> tuple[Params, EngineState]:
+        """Called after the outer optimizer moved x; returns (x, state), possibly projected."""
+        return x, state

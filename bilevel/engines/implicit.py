@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-from bilevel.engines.base import Capabilities, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import lower_start, start_state, solve_lower
+from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.engines.registry import register
 from bilevel.linalg.hvp import Linearization, grad_and_value
 from bilevel.linalg.solve import make_linear_solver
@@ -31,7 +31,7 @@ __all__ = ["ImplicitEngine"]
 
 
 @register
-class ImplicitEngine:
+class ImplicitEngine(EngineBase):
     """IFT hypergradients with a linear solver passed in as a value."""
 
     kind: ClassVar[str] = "implicit"
@@ -43,12 +43,6 @@ class ImplicitEngine:
         memory="constant",
         exact_when_converged=True,
     )
-
-    def __init__(self, config: ImplicitConfig | None = None):
-        self.config = config or ImplicitConfig()
-
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        return start_state(problem)
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
@@ -76,6 +70,6 @@ class ImplicitEngine:
             time_s=time.perf_counter() - start,
         )
         new_state = EngineState(
-            tuple(p.detach() for p in y), state.inner_state, {"v": tuple(v.detach() for v in result.solution)}
+            tuple(p.detach() for p in y), state.inner_state, {"v": tuple(v.detach() for v in result.solution)}, state.step + 1
         )
         return Hypergrad(tuple(g.detach() for g in grad), upper_loss.detach(), new_state, stats)

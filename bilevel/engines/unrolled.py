@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bilevel.engines.base import Capabilities, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import lower_start, start_state, inner_residual, inner_step, solve_lower
+from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.inner import lower_start, inner_residual, inner_step, solve_lower
 from bilevel.engines.registry import register
 from bilevel.linalg.tree import tree_add
 from bilevel.optim import InnerOptimizer
@@ -43,7 +43,7 @@ def _differentiable_steps(
 
 
 @register
-class UnrolledEngine:
+class UnrolledEngine(EngineBase):
     """Reverse-mode hypergradients through T (or the last K) inner steps, optionally checkpointed."""
 
     kind: ClassVar[str] = "unrolled"
@@ -54,12 +54,6 @@ class UnrolledEngine:
         lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
         memory="horizon",
     )
-
-    def __init__(self, config: UnrolledConfig | None = None):
-        self.config = config or UnrolledConfig()
-
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        return start_state(problem)
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
@@ -118,5 +112,5 @@ class UnrolledEngine:
             inner_steps=steps,
             time_s=time.perf_counter() - start,
         )
-        new_state = EngineState(y_final, state.inner_state)
+        new_state = EngineState(y_final, state.inner_state, step=state.step + 1)
         return Hypergrad(tuple(g.detach() for g in grad_x), upper_loss.detach(), new_state, stats)

@@ -26,12 +26,12 @@ from bilevel.optim import InnerOptimizer
 from bilevel.planner import Plan, make_plan
 from bilevel.problem import Params, Problem
 from bilevel.runtime.callbacks import MetricsWriter, Progress
+from bilevel.runtime.outer import build_outer_optimizer
 from bilevel.runtime.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from bilevel.spec.level import OptimizerSpec
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["DivergenceError", "RunResult", "build_outer_optimizer", "hypergrad_at_init", "run", "to_nested"]
+__all__ = ["DivergenceError", "RunResult", "hypergrad_at_init", "run", "to_nested"]
 
 
 class DivergenceError(RuntimeError):
@@ -51,16 +51,6 @@ class RunResult:
     out: Path
     x: Params = field(repr=False)
     y: Params = field(repr=False)
-
-
-def build_outer_optimizer(spec: OptimizerSpec | None, params: Params) -> torch.optim.Optimizer:
-    """torch.optim optimizer over the upper leaves, from the top level's ``solver``."""
-    spec = spec or OptimizerSpec()
-    if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr)
-    if spec.name == "momentum":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
-    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
 
 
 def to_nested(value: Any) -> Any:
@@ -182,10 +172,11 @@ def run(
             for p, g in zip(x, result.grad):
                 p.grad = g
             optimizer.step()
-            with torch.no_grad():
-                for p, projected in zip(x, upper.project(tuple(p.detach() for p in x))):
-                    p.copy_(projected)
             state = result.state
+            moved, state = eng.post_step(problem, upper.project(tuple(p.detach() for p in x)), state)
+            with torch.no_grad():
+                for p, projected in zip(x, moved):
+                    p.copy_(projected)
             last_stats = result.stats.as_floats()
             if (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps:
                 metrics.write({"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,

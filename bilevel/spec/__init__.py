@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from bilevel.spec.constraints import BoxSet, ConstraintSpec
-from bilevel.spec.engine import AutoEngine, EngineSpec, ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec.engine import (
+    AutoEngine,
+    BORepConfig,
+    EngineSpec,
+    ImplicitConfig,
+    LinearSolverSpec,
+    LVHBAConfig,
+    PenaltyConfig,
+    UnrolledConfig,
+)
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.level import (
     Assumptions,
@@ -22,6 +31,7 @@ from bilevel.spec.schema import spec_schema
 __all__ = [
     "Assumptions",
     "AutoEngine",
+    "BORepConfig",
     "BilevelSpec",
     "BoxSet",
     "BudgetSpec",
@@ -29,11 +39,13 @@ __all__ = [
     "DataSpec",
     "EngineSpec",
     "ImplicitConfig",
+    "LVHBAConfig",
     "LevelSpec",
     "LinearSolverSpec",
     "LoadedSpec",
     "ModuleVariable",
     "OptimizerSpec",
+    "PenaltyConfig",
     "RunSpec",
     "SpecError",
     "SpecIssue",

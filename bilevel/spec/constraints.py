@@ -23,6 +23,11 @@ class ConstraintSpec(SpecModel):
     """inequality: feasible where fn <= 0; equality: feasible where fn == 0."""
     coupled: bool = False
     """Whether the constraint involves the upper level's variables."""
+    affine: bool = False
+    """Declares fn affine in (upper, lower) variables: engines that project onto the feasible set
+    (LV-HBA) then project exactly; otherwise they only penalize/dualize it."""
+    shape: list[Annotated[int, Field(ge=1)]] | None = None
+    """Shape of fn's value (the number of constraints); checked when compiling. None: any."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments bound to fn."""
 

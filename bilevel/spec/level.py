@@ -85,8 +85,9 @@ class DataSpec(SpecModel):
 class OptimizerSpec(SpecModel):
     """A first-order optimizer: the lower level's inner solver or the upper level's outer optimizer."""
 
-    name: Literal["sgd", "momentum", "adam"] = "sgd"
-    """sgd: y <- y - lr g; momentum: heavy ball m <- mu m + g, y <- y - lr m; adam: Kingma & Ba 2015."""
+    name: Literal["sgd", "momentum", "adam", "normalized_momentum"] = "sgd"
+    """sgd: y <- y - lr g; momentum: heavy ball m <- mu m + g, y <- y - lr m; adam: Kingma & Ba 2015;
+    normalized_momentum (outer optimizer only; BO-REP): m <- mu m + (1 - mu) g, x <- x - lr m / ||m||."""
     lr: Annotated[float, Field(gt=0)] = 0.1
     """Step size."""
     steps: Annotated[int, Field(ge=0)] = 100

@@ -1,0 +1,52 @@
+"""Outer (upper-level) optimizers: torch.optim ones, and normalized momentum for BO-REP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from bilevel.spec.level import OptimizerSpec
+
+__all__ = ["NormalizedMomentum", "build_outer_optimizer"]
+
+
+class NormalizedMomentum(torch.optim.Optimizer):
+    """m <- beta m + (1 - beta) g;  x <- x - lr m / ||m||, the norm taken over all parameters
+    together (Cutkosky & Mehta 2020; the upper update of BO-REP, Hao et al. 2024)."""
+
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9, eps: float = 1e-12):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            buffers = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(group["momentum"]).add_(p.grad, alpha=1 - group["momentum"])
+                buffers.append(buffer)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in buffers]))
+            scale = group["lr"] / torch.clamp(norm, min=group["eps"])
+            for p, buffer in zip(params, buffers):
+                p.sub_(buffer * scale)
+        return None
+
+
+def build_outer_optimizer(spec: OptimizerSpec | None, params: tuple[Tensor, ...]) -> torch.optim.Optimizer:
+    """The optimizer over the upper leaves, from the top level's ``solver``."""
+    spec = spec or OptimizerSpec()
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr)
+    if spec.name == "momentum":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+    if spec.name == "normalized_momentum":
+        return NormalizedMomentum(params, lr=spec.lr, momentum=spec.momentum)
+    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
