@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from bilevel.engines.base import Capabilities, Engine, EngineState, Hypergrad, Stats
+from bilevel.engines.base import Capabilities, Engine, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.bo_rep import BORepEngine
 from bilevel.engines.implicit import ImplicitEngine
+from bilevel.engines.lv_hba import LVHBAEngine
+from bilevel.engines.penalty import PenaltyEngine
 from bilevel.engines.registry import build_engine, engine_capabilities, engine_kinds, register
 from bilevel.engines.unrolled import UnrolledEngine
 
 __all__ = [
+    "BORepEngine",
     "Capabilities",
     "Engine",
+    "EngineBase",
     "EngineState",
     "Hypergrad",
     "ImplicitEngine",
+    "LVHBAEngine",
+    "PenaltyEngine",
     "Stats",
     "UnrolledEngine",
     "build_engine",

@@ -26,7 +26,7 @@ from bilevel.optim import InnerOptimizer
 from bilevel.planner import Plan, make_plan
 from bilevel.problem import Params, Problem
 from bilevel.runtime.callbacks import MetricsWriter, Progress
-from bilevel.runtime.outer import build_outer_optimizer
+from bilevel.runtime.outer import build_outer_optimizer, scheduled_lr
 from bilevel.runtime.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
@@ -117,7 +117,8 @@ def run(
 
     upper = problem.upper
     x = problem.fresh(upper.init, requires_grad=True)
-    optimizer = build_outer_optimizer(spec.levels[upper.name].solver, x)
+    outer_spec = spec.levels[upper.name].solver
+    optimizer = build_outer_optimizer(outer_spec, x)
     state = eng.init(problem, x)
     start_step = 0
     fingerprint = _fingerprint(loaded)
@@ -171,6 +172,8 @@ def run(
                 raise DivergenceError(message, step + 1, last_checkpoint)
             for p, g in zip(x, result.grad):
                 p.grad = g
+            for group in optimizer.param_groups:
+                group["lr"] = scheduled_lr(outer_spec, step, spec.run.steps)
             optimizer.step()
             state = result.state
             moved, state = eng.post_step(problem, upper.project(tuple(p.detach() for p in x)), state)

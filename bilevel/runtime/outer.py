@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from bilevel.spec.level import OptimizerSpec
 
-__all__ = ["NormalizedMomentum", "build_outer_optimizer"]
+__all__ = ["NormalizedMomentum", "build_outer_optimizer", "scheduled_lr"]
 
 
 class NormalizedMomentum(torch.optim.Optimizer):
@@ -50,3 +51,16 @@ def build_outer_optimizer(spec: OptimizerSpec | None, params: tuple[Tensor, ...]
     if spec.name == "normalized_momentum":
         return NormalizedMomentum(params, lr=spec.lr, momentum=spec.momentum)
     return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+
+
+def scheduled_lr(spec: OptimizerSpec | None, step: int, total: int) -> float:
+    """The learning rate at outer step ``step`` of ``total`` (a pure function of the step, so a
+    resumed run follows the same schedule)."""
+    spec = spec or OptimizerSpec()
+    if spec.schedule == "constant" or total <= 1:
+        return spec.lr
+    progress = min(step / (total - 1), 1.0)
+    low = spec.lr * spec.final_lr_ratio
+    if spec.schedule == "linear":
+        return spec.lr + (low - spec.lr) * progress
+    return low + 0.5 * (spec.lr - low) * (1 + math.cos(math.pi * progress))

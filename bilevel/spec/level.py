@@ -100,6 +100,10 @@ class OptimizerSpec(SpecModel):
     """Adam's denominator floor."""
     warm_start: bool = True
     """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Outer optimizer: learning-rate schedule over run.steps, from lr down to lr * final_lr_ratio."""
+    final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Outer optimizer: the schedule's last learning rate as a fraction of lr (cosine and linear)."""
 
 
 class Assumptions(SpecModel):

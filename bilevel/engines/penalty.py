@@ -1,0 +1,98 @@
+"""Value-function penalty, first order (V-PBGD: Shen & Chen 2023, "On Penalty-based Bilevel
+Gradient Descent Method", ICML; analysis of the value-function penalty: Kwon et al. 2024, "On
+Penalty Methods for Nonconvex Bilevel Optimization and First-Order Stochastic Approximation", ICLR).
+
+The bilevel problem is replaced by the penalized single-level problem
+
+    min_{x, y}  F(x, y) + gamma (G(x, y) - v(x)),     v(x) = min_w G(x, w),
+
+whose solutions approach the bilevel ones as gamma grows (bias O(1/gamma)); no uniqueness or
+convexity of the lower solution is assumed. v(x) is tracked by omega, which takes T warm-started
+GD steps on G(x, .) per iteration (T = 1 in V-PBGD); by Danskin's theorem grad v(x) = grad_x G(x, omega).
+Per outer step, with s = min(1/gamma, 1) (the V-PBGD step scaling):
+
+    d_x = s [grad_x F(x, y) + gamma (grad_x G(x, y) - grad_x G(x, omega))]   (returned; the outer optimizer steps x)
+    y  <- Proj_Y(y - lr_y s [grad_y F(x, y) + gamma grad_y G(x, y)])
+
+gamma ramps linearly from gamma_init to gamma_max. Needs only gradients: no HVPs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import torch
+
+from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.inner import solve_lower
+from bilevel.engines.registry import register
+from bilevel.linalg.hvp import grad_and_value
+from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale
+from bilevel.optim import InnerOptimizer
+from bilevel.problem import Params, Problem
+from bilevel.spec.engine import PenaltyConfig
+from bilevel.spec.level import OptimizerSpec
+
+__all__ = ["PenaltyEngine", "penalty_weight"]
+
+
+def penalty_weight(config: PenaltyConfig, step: int) -> float:
+    """gamma at outer step ``step``: linear ramp from gamma_init to gamma_max."""
+    if config.gamma_ramp_steps == 0 or step >= config.gamma_ramp_steps:
+        return config.gamma_max
+    return config.gamma_init + (config.gamma_max - config.gamma_init) * step / config.gamma_ramp_steps
+
+
+@register
+class PenaltyEngine(EngineBase):
+    """V-PBGD: value-function gap penalty with warm-started omega; first order."""
+
+    kind: ClassVar[str] = "penalty"
+    Config: ClassVar[type[PenaltyConfig]] = PenaltyConfig
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        summary="value-function penalty F + gamma (G - min G), first order (V-PBGD)",
+        needs_hvp=False,
+        lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
+        memory="constant",
+        first_order=True,
+    )
+
+    def init(self, problem: Problem, x: Params) -> EngineState:
+        state = super().init(problem, x)
+        state.extra["omega"] = problem.fresh(problem.lower.init)
+        return state
+
+    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+        start = time.perf_counter()
+        config = self.config
+        lower = problem.lower
+        gamma = penalty_weight(config, state.step)
+        omega_lr = config.omega_lr or lower.solver.lr
+        lower_lr = config.lower_lr or lower.solver.lr
+        omega_opt = InnerOptimizer(OptimizerSpec(name="sgd", lr=omega_lr))
+        omega, _ = solve_lower(problem, omega_opt, x, state.extra["omega"], (), config.omega_steps)
+
+        lower_batch = lower.batch()
+        xs = tuple(p.detach().requires_grad_(True) for p in x)
+        ys = tuple(p.detach().requires_grad_(True) for p in state.lower)
+        n = len(xs)
+        with torch.enable_grad():
+            upper_grads, upper_loss = grad_and_value(lambda v: problem.upper_objective(v[:n], v[n:], batch), xs + ys)
+            lower_grads, _ = grad_and_value(lambda v: problem.lower_objective(v[:n], v[n:], lower_batch), xs + ys)
+            value_grad_x, _ = grad_and_value(lambda v: problem.lower_objective(v, omega, lower_batch), xs)
+        scale = min(1.0 / gamma, 1.0) if config.scale and gamma > 0 else 1.0
+        # d = s [grad F + gamma (grad G(x, y) - (grad_x G(x, omega), 0))]
+        d_x = tree_scale(scale, tree_axpy(gamma, tree_axpy(-1.0, value_grad_x, lower_grads[:n]), upper_grads[:n]))
+        d_y = tree_scale(scale, tree_axpy(gamma, lower_grads[n:], upper_grads[n:]))
+        with torch.no_grad():
+            y = lower.project(tree_axpy(-lower_lr, d_y, tuple(p.detach() for p in ys)))
+
+        stats = Stats(
+            inner_residual=tree_norm(lower_grads[n:]).detach(),
+            linear_residual=None,
+            hvp_count=0,
+            inner_steps=config.omega_steps,
+            time_s=time.perf_counter() - start,
+        )
+        new_state = EngineState(y, state.inner_state, {"omega": omega}, state.step + 1)
+        return Hypergrad(tuple(g.detach() for g in d_x), upper_loss.detach(), new_state, stats)
