@@ -28,6 +28,8 @@ DEFAULT_CPU_MEMORY_MB = 4096.0
 class ProblemFacts:
     """What the planner knows: declared assumptions, sizes and the memory budget."""
 
+    upper_level: str
+    outer_optimizer: str
     lower_level: str
     lower_convexity: str
     upper_smoothness: str
@@ -59,6 +61,8 @@ class ProblemFacts:
             else:
                 budget = DEFAULT_CPU_MEMORY_MB
         return cls(
+            upper_level=upper.name,
+            outer_optimizer=upper_spec.solver.name if upper_spec.solver is not None else "sgd",
             lower_level=lower.name,
             lower_convexity=lower_spec.assumptions.convexity,
             upper_smoothness=upper_spec.assumptions.smoothness,
@@ -105,13 +109,9 @@ def _check_hard_requirements(kind: str, facts: ProblemFacts, loaded: LoadedSpec)
     path = f"levels.{facts.lower_level}.constraints"
     if facts.constraints and not caps.handles_constraints:
         raise loaded.error(path, f"the {kind} engine cannot handle lower-level constraints ({facts.constraints} declared);"
-                           f" engines that can: {', '.join(_engines_handling_constraints()) or 'none in this release'}")
+                           f" engines that can: {', '.join(_able(lambda c: c.handles_constraints)) or 'none'}")
     if facts.coupled_constraints and not caps.handles_coupled_constraints:
         raise loaded.error(path, f"the {kind} engine cannot handle constraints coupling both levels")
-
-
-def _engines_handling_constraints() -> list[str]:
-    return [k for k, c in engine_capabilities().items() if c.handles_constraints]
 
 
 def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
@@ -130,51 +130,132 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
 
 
 def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None) -> Plan:
-    """Choose an engine for ``problem``; ``requested`` (or the spec's engine) overrides unless auto."""
+    """Choose an engine for ``problem``; ``requested`` (or the spec's engine) overrides unless auto.
+
+    Rules, in order: declared constraints -> an engine that handles them; unbounded upper
+    smoothness -> an engine designed for it; strongly convex lower level -> implicit; nonconvex
+    lower level -> a first-order penalty engine; otherwise unrolled, checkpointed or truncated to
+    fit the memory budget."""
     facts = ProblemFacts.of(loaded, problem)
     requested = requested if requested is not None else loaded.spec.engine
     if not isinstance(requested, AutoEngine):
-        return _explicit(requested, facts, loaded)
+        plan = _explicit(requested, facts, loaded)
+    else:
+        for rule in (_constrained, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
+            plan = rule(facts, loaded)
+            if plan is not None:
+                break
+    return _with_outer_optimizer_advice(plan, facts)
 
+
+def _with_outer_optimizer_advice(plan: Plan, facts: ProblemFacts) -> Plan:
+    wanted = engine_capabilities()[plan.engine.kind].outer_optimizer
+    if wanted is None or wanted == facts.outer_optimizer:
+        return plan
+    advice = (f"the {plan.engine.kind} engine is defined with the upper-level optimizer {wanted!r}, but"
+              f" levels.{facts.upper_level}.solver.name = {facts.outer_optimizer!r}")
+    return Plan(plan.engine, plan.reasons, [*plan.warnings, advice], plan.facts)
+
+
+def _able(predicate: Any) -> list[str]:
+    return [kind for kind, caps in engine_capabilities().items() if predicate(caps)]
+
+
+def _constrained(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.constraints:
+        return None
+    path = f"levels.{facts.lower_level}.constraints"
+    able = _able(lambda c: c.handles_constraints and (c.handles_coupled_constraints or not facts.coupled_constraints))
+    if not able:
+        raise loaded.error(path, "no registered engine handles these lower-level constraints")
+    kind = able[0]
+    coupled = f", {facts.coupled_constraints} of them coupling both levels" if facts.coupled_constraints else ""
+    reasons = [
+        f"{path} declares {facts.constraints} constraint(s){coupled}: only engines that handle lower-level"
+        f" constraints qualify ({', '.join(able)}); {kind} treats them through a proximal Lagrangian value"
+        " function with first derivatives only, projecting (x, y) onto the constraints declared affine"
+    ]
+    warnings = []
+    if facts.lower_convexity not in engine_capabilities()[kind].lower_convexity:
+        warnings.append(f"{kind} assumes a convex lower level; levels.{facts.lower_level}.assumptions.convexity ="
+                        f" {facts.lower_convexity}")
+    return Plan(_default_config(kind), reasons, warnings, facts)
+
+
+def _unbounded_smoothness(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if facts.upper_smoothness != "unbounded":
+        return None
+    able = _able(lambda c: c.unbounded_smoothness and facts.lower_convexity in c.lower_convexity)
+    if not able:
+        return None
+    kind = able[0]
+    reasons = [
+        f"levels.{facts.upper_level}.assumptions.smoothness = unbounded (e.g. a recurrent network): {kind} is"
+        " designed for upper objectives whose smoothness grows with the gradient, with normalized momentum"
+        " upstairs, periodic lower updates and one HVP step on the linear system per iteration"
+    ]
+    return Plan(_default_config(kind), reasons, [], facts)
+
+
+def _default_config(kind: str) -> Any:
+    from pydantic import TypeAdapter
+
+    from bilevel.spec.engine import EngineSpec
+
+    return TypeAdapter(EngineSpec).validate_python({"kind": kind})
+
+
+def _strongly_convex(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if facts.lower_convexity != "strongly_convex" or "implicit" not in engine_capabilities():
+        return None
+    lower = f"levels.{facts.lower_level}"
+    reasons = [
+        f"{lower}.assumptions.convexity = strongly_convex: the lower solution is unique and the implicit"
+        " function theorem applies, so the implicit engine gives the exact hypergradient once the inner"
+        f" solve converges, with memory independent of the {facts.inner_steps} inner steps"
+    ]
+    default_cg = LinearSolverSpec()
+    if facts.n_lower <= default_cg.maxiter:
+        solver = LinearSolverSpec(method="direct")
+        reasons.append(
+            f"the lower level has {facts.n_lower} scalars (<= {default_cg.maxiter} CG iterations): assembling H"
+            " from one batched HVP and solving directly is exact and no dearer than CG"
+        )
+    else:
+        solver = default_cg
+        reasons.append(
+            f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
+            f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
+        )
+    return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)
+
+
+def _nonconvex(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if facts.lower_convexity != "nonconvex":
+        return None
+    able = _able(lambda c: c.first_order and "nonconvex" in c.lower_convexity and not c.handles_constraints)
+    if not able:
+        return None
+    kind = able[0]
+    reasons = [
+        f"levels.{facts.lower_level}.assumptions.convexity = nonconvex: the lower solution may be non-unique and"
+        f" its Hessian indefinite, so implicit differentiation does not apply; {kind} penalizes the value-function"
+        " gap G(x, y) - min_w G(x, w) with first derivatives only (bias O(1/gamma), no uniqueness assumed)"
+    ]
+    return Plan(_default_config(kind), reasons, [], facts)
+
+
+def _unrolled(facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
     caps = engine_capabilities()
-    if facts.constraints:
-        able = _engines_handling_constraints()
-        if not able:
-            raise loaded.error(f"levels.{facts.lower_level}.constraints",
-                               "no engine in this release handles lower-level constraints; remove them or express them"
-                               " through the variables' sets (box) and a penalty in the objective")
-    reasons: list[str] = []
     convexity = facts.lower_convexity
     lower = f"levels.{facts.lower_level}"
-    exact = [k for k, c in caps.items() if convexity in c.lower_convexity and c.exact_when_converged and c.memory == "constant"]
-    if convexity == "strongly_convex" and "implicit" in exact:
-        reasons.append(
-            f"{lower}.assumptions.convexity = strongly_convex: the lower solution is unique and the implicit"
-            " function theorem applies, so the implicit engine gives the exact hypergradient once the inner"
-            f" solve converges, with memory independent of the {facts.inner_steps} inner steps"
-        )
-        default_cg = LinearSolverSpec()
-        if facts.n_lower <= default_cg.maxiter:
-            solver = LinearSolverSpec(method="direct")
-            reasons.append(
-                f"the lower level has {facts.n_lower} scalars (<= {default_cg.maxiter} CG iterations): assembling H"
-                " from one batched HVP and solving directly is exact and no dearer than CG"
-            )
-        else:
-            solver = default_cg
-            reasons.append(
-                f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
-                f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
-            )
-        return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)
-
     if "unrolled" not in caps:
         raise loaded.error(f"{lower}.assumptions.convexity", f"no registered engine accepts a {convexity} lower level")
-    reasons.append(
+    reasons = [
         f"{lower}.assumptions.convexity = {convexity}: the implicit function theorem needs a strongly convex"
         " lower level, so the hypergradient is taken through the inner optimizer itself (unrolled), which is"
         " the exact derivative of what the inner solver computes"
-    )
+    ]
     steps = facts.inner_steps
     full = facts.unrolled_memory_mb(steps)
     config = UnrolledConfig()

@@ -40,6 +40,8 @@ class Capabilities:
     """Accepts architecture-mixture upper variables."""
     unbounded_smoothness: bool = False
     """Designed for upper levels whose smoothness is unbounded (RNNs)."""
+    outer_optimizer: str | None = None
+    """The upper-level optimizer the algorithm is defined with (None: any)."""
 
 
 @dataclass

@@ -50,6 +50,7 @@ class LVHBAEngine(EngineBase):
         needs_hvp=False,
         lower_convexity=("strongly_convex", "convex"),
         memory="constant",
+        outer_optimizer="sgd",
         first_order=True,
         handles_constraints=True,
         handles_coupled_constraints=True,

@@ -54,6 +54,7 @@ class PenaltyEngine(EngineBase):
         needs_hvp=False,
         lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
         memory="constant",
+        outer_optimizer="sgd",
         first_order=True,
     )
 
