@@ -1,0 +1,144 @@
+"""Conformance: every registered engine on the closed-form problems.
+
+Two checks per engine, whichever its kind supports:
+* hypergradient engines (implicit, unrolled): one hypergradient equals the closed form to < 1e-4
+  relative error (float64, converged inner solve);
+* single-loop engines (penalty, BO-REP, LV-HBA), whose per-step direction is not the hypergradient:
+  running them on the strongly convex quadratic reaches the same upper solution as the implicit
+  engine, within the tolerance documented per engine (docs/engines/).
+A newly registered engine fails the suite until it is given an entry here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bilevel import run
+from bilevel.compile import compile_spec
+from bilevel.engines import build_engine, engine_kinds
+from bilevel.spec import (
+    BORepConfig,
+    ImplicitConfig,
+    LinearSolverSpec,
+    LVHBAConfig,
+    PenaltyConfig,
+    UnrolledConfig,
+    spec_from_data,
+)
+from problems.toy import (
+    quadratic_data,
+    quadratic_hypergrad,
+    quadratic_spec,
+    ridge_data,
+    ridge_hypergrad,
+    ridge_spec,
+    ridge_val_data,
+)
+
+HYPERGRADIENT_CONFIGS = {
+    "implicit": [
+        ImplicitConfig(),
+        ImplicitConfig(linear_solver=LinearSolverSpec(method="direct")),
+        ImplicitConfig(linear_solver=LinearSolverSpec(method="neumann", maxiter=600, neumann_lr=0.09)),
+        ImplicitConfig(hvp="forward"),
+    ],
+    "unrolled": [UnrolledConfig(), UnrolledConfig(checkpoint_every=7), UnrolledConfig(truncate=400, checkpoint_every=50)],
+}
+
+# single-loop engines: (config, upper optimizer, outer steps, relative tolerance on x*)
+SOLUTION_CONFIGS = {
+    "penalty": (PenaltyConfig(gamma_max=30.0, lower_lr=0.09, omega_lr=0.09), {"name": "sgd", "lr": 1.0}, 2000, 5e-3),
+    "bo_rep": (
+        BORepConfig(z_lr=0.09, lower_steps=10, update_every=2),
+        {"name": "normalized_momentum", "lr": 0.05, "momentum": 0.9, "schedule": "cosine"},
+        2000,
+        1e-3,
+    ),
+    "lv_hba": (
+        LVHBAConfig(lower_lr=0.05, eta=0.05, gamma1=10.0, c0=1.0, p=0.3),
+        {"name": "sgd", "lr": 0.05},
+        6000,
+        1e-2,
+    ),
+    # hypergradient engines also solve the problem (checked against the closed form above)
+    "implicit": (ImplicitConfig(), {"name": "sgd", "lr": 0.2}, 300, 1e-6),
+    "unrolled": (UnrolledConfig(), {"name": "sgd", "lr": 0.2}, 300, 1e-6),
+}
+
+
+def test_every_registered_engine_is_covered() -> None:
+    assert set(engine_kinds()) <= set(SOLUTION_CONFIGS), "add the new engine to the conformance suite"
+    assert set(HYPERGRADIENT_CONFIGS) <= set(engine_kinds())
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("config", [c for cs in HYPERGRADIENT_CONFIGS.values() for c in cs], ids=repr)
+def test_quadratic_hypergradient_matches_closed_form(config) -> None:
+    problem = compile_spec(quadratic_spec(inner_steps=400))
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+    assert _rel(result.grad[0], quadratic_hypergrad(x[0], quadratic_data())) < 1e-4
+    assert float(result.stats.inner_residual) < 1e-8
+    assert result.stats.inner_steps == 400 and result.stats.hvp_count > 0
+
+
+@pytest.mark.parametrize("per_feature", [True, False])
+@pytest.mark.parametrize("config", [c for cs in HYPERGRADIENT_CONFIGS.values() for c in cs[:2]], ids=repr)
+def test_ridge_hypergradient_matches_closed_form(config, per_feature: bool) -> None:
+    problem = compile_spec(ridge_spec(per_feature=per_feature))
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+    reference = ridge_hypergrad(x[0], ridge_data(), ridge_val_data())
+    assert result.grad[0].shape == reference.shape
+    assert _rel(result.grad[0], reference) < 1e-4
+
+
+def _implicit_solution() -> torch.Tensor:
+    """x* of the quadratic toy: the hypergradient rho x + M^T (M x - c) = 0 with M = A^{-1} B."""
+    data = quadratic_data()
+    M = torch.linalg.solve(data["A"], data["B"])
+    return torch.linalg.solve(M.T @ M + 0.1 * torch.eye(M.shape[1], dtype=M.dtype), M.T @ data["c"])
+
+
+@pytest.mark.parametrize("kind", sorted(SOLUTION_CONFIGS))
+def test_engine_reaches_the_implicit_solution_on_the_quadratic(kind: str, tmp_path) -> None:
+    config, outer, steps, tolerance = SOLUTION_CONFIGS[kind]
+    # warm-started unrolling differentiates through the last T steps only: T = 100 makes that tail negligible
+    inner_steps = 100 if kind == "unrolled" else 30
+    data = quadratic_spec(inner_steps=inner_steps, steps=steps, checkpoint_every=None).model_dump(mode="json")
+    data["levels"]["upper"]["solver"] = outer
+    data["levels"]["lower"]["solver"]["warm_start"] = True
+    result = run(spec_from_data(data), engine=config, out=tmp_path, progress=False)
+    assert _rel(result.x[0], _implicit_solution()) < tolerance
+
+
+@pytest.mark.parametrize("kind", sorted(SOLUTION_CONFIGS))
+def test_stats_have_the_same_fields_for_every_engine(kind: str) -> None:
+    config = SOLUTION_CONFIGS[kind][0]
+    problem = compile_spec(quadratic_spec(inner_steps=20))
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+    fields = result.stats.as_floats()
+    assert set(fields) == {"inner_residual", "linear_residual", "hvp_count", "inner_steps", "time_s"}
+    assert fields["inner_residual"] >= 0 and fields["time_s"] >= 0
+    from bilevel.engines import engine_capabilities
+
+    if not engine_capabilities()[kind].needs_hvp:
+        assert fields["hvp_count"] == 0
+
+
+def test_minibatched_lower_data_runs() -> None:
+    data = ridge_spec(inner_steps=50).model_dump(mode="json")
+    data["levels"]["lower"]["data"]["batch_size"] = 8
+    problem = compile_spec(spec_from_data(data))
+    x = problem.fresh(problem.upper.init)
+    for config in (ImplicitConfig(), UnrolledConfig(checkpoint_every=10)):
+        engine = build_engine(config)
+        result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+        assert torch.isfinite(result.grad[0]).all()
