@@ -196,7 +196,8 @@ class _Compiler:
                 value = level.objective(upper.view(upper.init), lower.view(lower.init), batch)
             except Exception as exc:  # user code
                 self.fail(path, f"evaluating at the initial variables raised {type(exc).__name__}: {exc}"
-                          f" (check the shapes under levels.{level.name}.variables and the data)")
+                          f" (check the shapes under levels.{upper.name}.variables, levels.{lower.name}.variables"
+                          " and the data)")
                 continue
             if not isinstance(value, Tensor) or value.numel() != 1:
                 got = type(value).__name__ if not isinstance(value, Tensor) else f"a Tensor of shape {list(value.shape)}"
