@@ -29,7 +29,7 @@ def _problem(steps: int = STEPS, warm_start: bool = False):
             },
             "lower": {
                 "parent": "upper",
-                "variables": {"W": {"shape": [D, CLASSES], "init": "normal", "init_scale": 0.1}, "b": {"shape": [CLASSES]}},
+                "variables": {"W": {"shape": [CLASSES, D], "init": "normal", "init_scale": 0.1}, "b": {"shape": [CLASSES]}},
                 "objective": "problems.hyperclean:lower_objective",
                 "objective_kwargs": {"mu": MU},
                 "data": {"source": "problems.hyperclean:train_data", "kwargs": DATA},
@@ -53,7 +53,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _lower_loss(lam, W, b, x, y):
-    losses = nnf.cross_entropy(x @ W + b, y, reduction="none")
+    losses = nnf.cross_entropy(nnf.linear(x, W, b), y, reduction="none")
     return (torch.sigmoid(lam) * losses).mean() + 0.5 * MU * ((W**2).sum() + (b**2).sum())
 
 
@@ -85,7 +85,7 @@ def test_implicit_matches_torchopt_custom_root() -> None:
 
     lam = x[0].detach().clone().requires_grad_(True)
     W, b = solve((W0, b0), lam)
-    upper = nnf.cross_entropy(xv @ W + b, yv)
+    upper = nnf.cross_entropy(nnf.linear(xv, W, b), yv)
     (reference,) = torch.autograd.grad(upper, lam)
     assert _rel(ours.grad[0], reference) < 1e-5
     assert abs(float(ours.upper_loss) - upper.item()) < 1e-10
@@ -98,7 +98,7 @@ def test_unrolled_matches_higher() -> None:
 
     model = torch.nn.Linear(D, CLASSES).double()
     with torch.no_grad():
-        model.weight.copy_(problem.lower.init[0].T)
+        model.weight.copy_(problem.lower.init[0])
         model.bias.copy_(problem.lower.init[1])
     lam = x[0].detach().clone().requires_grad_(True)
     with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=LR), copy_initial_weights=True) as (fmodel, opt):
@@ -120,7 +120,7 @@ def _upper_after_solve(problem, lam: torch.Tensor, steps: int) -> float:
     for _ in range(steps):
         gW, gb = torch.autograd.grad(_lower_loss(lam, W, b, xt, yt), (W, b))
         W, b = (W - LR * gW).detach().requires_grad_(True), (b - LR * gb).detach().requires_grad_(True)
-    return float(nnf.cross_entropy(xv @ W.detach() + b.detach(), yv))
+    return float(nnf.cross_entropy(nnf.linear(xv, W.detach(), b.detach()), yv))
 
 
 @pytest.mark.parametrize("kind", ["implicit", "unrolled"])
