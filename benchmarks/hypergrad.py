@@ -32,7 +32,15 @@ sys.path.insert(0, str(ROOT))
 
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, spec_from_data  # noqa: E402
+from bilevel.spec import (  # noqa: E402
+    BORepConfig,
+    ImplicitConfig,
+    LinearSolverSpec,
+    LVHBAConfig,
+    PenaltyConfig,
+    UnrolledConfig,
+    spec_from_data,
+)
 from problems.hyperclean import mixture_split  # noqa: E402
 
 SIZES = {
@@ -43,6 +51,8 @@ SIZES = {
 MU, LR, CLASSES = 1e-3, 0.05, 10
 IFT_METHODS = ["ours implicit (CG)", "TorchOpt custom_root (CG)", "plain IFT (CG)"]
 UNROLLED_METHODS = ["ours unrolled", "ours unrolled, checkpoint 10", "higher unrolled", "plain unrolled"]
+# single-loop engines: one outer step in steady state (no peer implements them)
+STEP_METHODS = ["ours penalty, one step", "ours bo_rep, one step", "ours lv_hba, one step"]
 
 
 class Bench:
@@ -87,6 +97,9 @@ class Bench:
             "higher unrolled": self._higher,
             "plain IFT (CG)": self._plain_ift,
             "plain unrolled": self._plain_unrolled,
+            "ours penalty, one step": self._ours_steps(PenaltyConfig()),
+            "ours bo_rep, one step": self._ours_steps(BORepConfig()),
+            "ours lv_hba, one step": self._ours_steps(LVHBAConfig()),
         }
 
     # --- shared math for the peers and the plain versions -------------------------------------
@@ -118,6 +131,22 @@ class Bench:
         def call():
             x = (self.lam.clone(),)
             return engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch()).grad[0]
+
+        return call
+
+    def _ours_steps(self, config):
+        """Successive calls advance the algorithm, so the median is a steady-state step
+        (BO-REP's periodic lower updates included at their frequency)."""
+        engine = build_engine(config)
+        problem = self.problem
+        x = (self.lam.clone(),)
+        holder = {}
+
+        def call():
+            state = holder.get("state") or engine.init(problem, x)
+            result = engine.hypergrad(problem, x, state, problem.upper.batch())
+            holder["state"] = result.state
+            return result.grad[0]
 
         return call
 
@@ -203,24 +232,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(bench: Bench, name: str, repeats: int) -> dict:
-    fn = bench.methods[name]
-    grad = fn()  # warm-up (and the value checked for correctness)
-    _sync(bench.device)
-    times = []
-    peak = None
-    if bench.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(bench.device)
+def measure_all(bench: Bench, names: list[str], repeats: int) -> dict[str, dict]:
+    """Warm up every method, then time them round-robin (one call of each per round), so that
+    drift and background load fall on all methods alike; peak CUDA memory per method."""
+    out: dict[str, dict] = {}
+    for name in names:
+        if bench.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        grad = bench.methods[name]()  # warm-up, and the value checked for correctness
+        _sync(bench.device)
+        peak = torch.cuda.max_memory_allocated(bench.device) / 2**20 if bench.device.type == "cuda" else None
+        out[name] = {"grad": grad.detach(), "peak_mib": peak, "times_ms": []}
     for _ in range(repeats):
-        _sync(bench.device)
-        start = time.perf_counter()
-        fn()
-        _sync(bench.device)
-        times.append(time.perf_counter() - start)
-    if bench.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(bench.device) / 2**20
-    return {"median_ms": 1000 * statistics.median(times), "times_ms": [1000 * t for t in times], "peak_mib": peak,
-            "grad": grad.detach()}
+        for name in names:
+            _sync(bench.device)
+            start = time.perf_counter()
+            bench.methods[name]()
+            _sync(bench.device)
+            out[name]["times_ms"].append(1000 * (time.perf_counter() - start))
+    for result in out.values():
+        result["median_ms"] = statistics.median(result["times_ms"])
+    return out
 
 
 def rss_peak(size: str, method: str, args) -> float:
@@ -264,20 +296,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         n = args.n_train or SIZES[size]["n"]
         bench = Bench(size, n, device, dtype, args.inner_steps, args.cg_steps)
         names = args.methods.split(",") if args.methods else list(bench.methods)
-        results = {name: measure(bench, name, args.repeats) for name in names}
+        results = measure_all(bench, names, args.repeats)
         exact = {}
         if not args.no_reference:
             ref_bench = Bench(size, n, device, torch.float64, args.inner_steps, args.cg_steps)
             exact = {"plain IFT (CG)": ref_bench.methods["plain IFT (CG)"]().float(), "plain unrolled": ref_bench.methods["plain unrolled"]().float()}
             del ref_bench
         for name, res in results.items():
-            reference = "plain IFT (CG)" if name in IFT_METHODS else "plain unrolled"
-            ref = results.get(reference)
+            reference = "plain IFT (CG)" if name in IFT_METHODS else "plain unrolled" if name in UNROLLED_METHODS else None
+            ref = results.get(reference) if reference else None
             rel = None if ref is None else float((res["grad"] - ref["grad"]).norm() / ref["grad"].norm())
             peak = res["peak_mib"]
             if peak is None and args.memory and device.type == "cpu":
                 peak = rss_peak(size, name, args)
-            truth = exact.get(reference)
+            truth = exact.get(reference) if reference else None
             rel64 = None if truth is None else float((res["grad"].float() - truth).norm() / truth.norm())
             rows.append({"size": size, "n": n, "method": name, "median_ms": res["median_ms"], "times_ms": res["times_ms"],
                          "peak_mib": peak, "rel_err_vs_plain": rel, "rel_err_vs_float64": rel64, "reference": reference})
@@ -285,14 +317,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in rows:
             if row["size"] != size:
                 continue
-            base = peer.get("TorchOpt custom_root (CG)") if row["method"] in IFT_METHODS else peer.get("higher unrolled")
+            base = peer.get("TorchOpt custom_root (CG)") if row["method"] in IFT_METHODS else peer.get("higher unrolled") if row["method"] in UNROLLED_METHODS else None
             row["speedup_vs_peer"] = None if base is None else base / row["median_ms"]
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(), "torch": torch.__version__,
             "dtype": args.dtype, "inner_steps": args.inner_steps, "cg_steps": args.cg_steps, "repeats": args.repeats,
             "threads": torch.get_num_threads()}
     print(f"# one hyper-cleaning hypergradient: {meta['device']}, torch {meta['torch']}, {args.dtype}, "
-          f"T={args.inner_steps}, K={args.cg_steps}, median of {args.repeats} after warm-up;"
+          f"T={args.inner_steps}, K={args.cg_steps}, median of {args.repeats} round-robin calls after warm-up;"
           " speed vs peer = TorchOpt's time (IFT rows) or higher's (unrolled rows) / this row's")
     print(f"{'size':4} {'method':30} {'median ms':>10} {'peak MiB':>9} {'err vs plain':>13} {'err vs fp64':>12} {'speed vs peer':>14}")
     for row in rows:

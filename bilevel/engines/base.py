@@ -74,7 +74,8 @@ class Stats:
     """What a user needs to trust a hypergradient. Tensors stay on the device until logged."""
 
     inner_residual: Tensor
-    """||grad_y G(x, y)|| at the returned lower solution."""
+    """||grad_y G(x, y)|| at the lower point the hypergradient used (unrolled: at the last inner
+    iterate whose gradient the loop evaluated, y_{T-1}, which costs nothing extra)."""
     linear_residual: Tensor | None
     """||H v - b|| / ||b|| of the linear solve (None for engines without one)."""
     hvp_count: int

@@ -30,11 +30,12 @@ def lower_start(problem: Problem, state: "EngineState") -> Params:
 
 def inner_step(
     problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params, batch: Any, create_graph: bool
-) -> tuple[Params, Params]:
-    """One optimizer step on G(x, .). With create_graph the step is differentiable in (x, y, state)."""
+) -> tuple[Params, Params, Params]:
+    """One optimizer step on G(x, .); returns (new y, new optimizer state, grad_y G at y).
+    With create_graph the step is differentiable in (x, y, state)."""
     grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph)
     new_y, new_state = optimizer.step(y, grads, state)
-    return problem.lower.project(new_y), new_state
+    return problem.lower.project(new_y), new_state, grads
 
 
 def solve_lower(

@@ -21,7 +21,7 @@ import torch
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import lower_start, inner_residual, inner_step, solve_lower
 from bilevel.engines.registry import register
-from bilevel.linalg.tree import tree_add
+from bilevel.linalg.tree import tree_add, tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import UnrolledConfig
@@ -35,11 +35,13 @@ def _zeros_for_none(grads: tuple[Any, ...], like: Params) -> Params:
 
 def _differentiable_steps(
     problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params, batches: list[Any]
-) -> tuple[Params, Params]:
-    """One inner step per batch, keeping the graph in (x, y, state)."""
+) -> tuple[Params, Params, Params | None]:
+    """One inner step per batch, keeping the graph in (x, y, state); also returns the last
+    gradient evaluated (grad_y G at the last iterate before the final step), or None."""
+    grads = None
     for batch in batches:
-        y, state = inner_step(problem, optimizer, x, y, state, batch, create_graph=True)
-    return y, state
+        y, state, grads = inner_step(problem, optimizer, x, y, state, batch, create_graph=True)
+    return y, state, grads
 
 
 @register
@@ -82,7 +84,7 @@ class UnrolledEngine(EngineBase):
             y_start = tuple(p.detach().requires_grad_(True) for p in y)
             s_start = tuple(s.detach().requires_grad_(needs_start_grad and s.is_floating_point()) for s in opt_state)
             last_batches = [lower.batch() for _ in range(lengths[-1])]
-            y_end, _ = _differentiable_steps(problem, optimizer, x_leaf, y_start, s_start, last_batches)
+            y_end, _, last_grads = _differentiable_steps(problem, optimizer, x_leaf, y_start, s_start, last_batches)
             upper_loss = problem.upper_objective(x_leaf, y_end, batch)
             inputs = x_leaf + (y_start + s_start if needs_start_grad else ())
             grads = torch.autograd.grad(upper_loss, inputs, allow_unused=True)
@@ -94,7 +96,7 @@ class UnrolledEngine(EngineBase):
             with torch.enable_grad():
                 y_s = tuple(p.detach().requires_grad_(True) for p in seg_y)
                 s_s = tuple(s.detach().requires_grad_(s.is_floating_point()) for s in seg_state)
-                y_e, s_e = _differentiable_steps(problem, optimizer, x_leaf, y_s, s_s, batches)
+                y_e, s_e, _ = _differentiable_steps(problem, optimizer, x_leaf, y_s, s_s, batches)
                 outputs, cotangents = [], []
                 for out, cot in zip((*y_e, *s_e), adjoint):
                     if cot is not None and out.requires_grad:
@@ -106,7 +108,8 @@ class UnrolledEngine(EngineBase):
 
         y_final = tuple(p.detach() for p in y_end)
         stats = Stats(
-            inner_residual=inner_residual(problem, x, y_final, last_batches[-1] if last_batches else lower.batch()),
+            # the last gradient the inner loop evaluated (at y_{T-1}): free, unlike one more evaluation at y_T
+            inner_residual=tree_norm(last_grads).detach() if last_grads is not None else inner_residual(problem, x, y_final, lower.batch()),
             linear_residual=None,
             hvp_count=differentiated,
             inner_steps=steps,

@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -102,10 +103,13 @@ def run(
     resume: bool = False,
     progress: bool = True,
     log: Any = None,
+    on_step: Callable[[int, Params, Params], None] | None = None,
 ) -> RunResult:
     """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json.
 
-    ``engine`` (an engine config such as ImplicitConfig()) overrides the spec and the planner."""
+    ``engine`` (an engine config such as ImplicitConfig()) overrides the spec and the planner.
+    ``on_step(step, x, y)`` is called after every outer step with the detached upper and lower
+    variables (for traces and custom logging; it must not modify them)."""
     loaded = _as_loaded(loaded)
     spec = loaded.spec
     problem, plan, eng = _prepare(loaded, engine, device)
@@ -185,6 +189,8 @@ def run(
                 metrics.write({"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
                                "elapsed_s": time.perf_counter() - began})
             bar.update(step + 1, loss, grad_norm)
+            if on_step is not None:
+                on_step(step + 1, tuple(p.detach() for p in x), state.lower)
             every = spec.run.checkpoint_every
             if every is not None and (step + 1) % every == 0:
                 last_checkpoint = save_checkpoint(out_dir, snapshot(step + 1))
