@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bilevel.data import DataStream
-from bilevel.problem import Constraint, Level, ModuleBinding, Problem
+from bilevel.problem import Constraint, Level, ModuleBinding, Problem, project_onto
 from bilevel.refs import RefError, resolve_ref
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.level import LevelSpec, ModuleVariable, TensorVariable
@@ -108,6 +108,7 @@ class _Compiler:
                 value = self.tensor(var, path)
                 if value is None:
                     continue
+                value = project_onto(value, var.set)  # start inside the declared set
                 tensors[vname] = len(init)
                 names.append(vname)
                 init.append(value)

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel.data import DataStream
-from bilevel.spec.constraints import BoxSet
+from bilevel.linalg.project import project_simplex
+from bilevel.spec.constraints import BoxSet, SimplexSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
 
-__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Problem", "VariableView"]
+__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Problem", "VariableView", "project_onto"]
 
 Params = tuple[Tensor, ...]
 """A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
@@ -111,7 +112,7 @@ class Level:
     data: DataStream | None = None
     solver: OptimizerSpec | None = None
     assumptions: Assumptions = field(default_factory=Assumptions)
-    sets: tuple[BoxSet | None, ...] = ()
+    sets: tuple[BoxSet | SimplexSet | None, ...] = ()
     constraints: tuple[Constraint, ...] = ()
 
     def items(self, params: Sequence[Tensor]) -> dict[str, Any]:
@@ -136,7 +137,7 @@ class Level:
         """Projection onto the declared simple sets (identity where none is declared)."""
         if not any(s is not None for s in self.sets):
             return params
-        return tuple(p if s is None else p.clamp(s.low, s.high) for p, s in zip(params, self.sets))
+        return tuple(project_onto(p, s) for p, s in zip(params, self.sets))
 
     def variables(self, params: Sequence[Tensor]) -> dict[str, Tensor | dict[str, Tensor]]:
         """Name -> tensor (or module parameter dict) for outputs and checkpoints."""
@@ -145,6 +146,15 @@ class Level:
             values = params[binding.start : binding.start + len(binding.param_names)]
             out[name] = dict(zip(binding.param_names, values))
         return out
+
+
+def project_onto(value: Tensor, where: BoxSet | SimplexSet | None) -> Tensor:
+    """Euclidean projection of a variable onto its declared simple set (identity for None)."""
+    if where is None:
+        return value
+    if isinstance(where, SimplexSet):
+        return project_simplex(value, where.radius)
+    return value.clamp(where.low, where.high)
 
 
 @dataclass

@@ -147,3 +147,30 @@ def test_inner_optimizers_match_torch_optim(name: str) -> None:
         (((p - target) ** 2).sum() + (p**4).sum()).backward()
         reference.step()
     assert torch.allclose(y[0], p.detach(), atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=12), st.floats(0.1, 4.0))
+def test_simplex_projection_is_the_nearest_point_of_the_simplex(values, radius) -> None:
+    from bilevel.linalg.project import project_simplex
+
+    v = torch.tensor(values, dtype=D)
+    p = project_simplex(v, radius)
+    assert (p >= 0).all() and float(p.sum()) == pytest.approx(radius, abs=1e-9)
+    # KKT: p = max(v - theta, 0) for one theta, i.e. v - p is constant on the support and >= it off it
+    support = p > 0
+    theta = (v - p)[support]
+    assert float(theta.max() - theta.min()) < 1e-9
+    if (~support).any():
+        assert float(v[~support].max()) <= float(theta.mean()) + 1e-9
+
+
+def test_variables_are_projected_onto_their_simplex(tmp_path) -> None:
+    from bilevel import run
+    from bilevel.spec import spec_from_data
+    from problems.toy import quadratic_spec
+
+    data = quadratic_spec(inner_steps=50, steps=5).model_dump(mode="json")
+    data["levels"]["upper"]["variables"]["x"]["set"] = {"kind": "simplex", "radius": 2.0}
+    x = run(spec_from_data(data), out=tmp_path, progress=False).x[0]
+    assert (x >= 0).all() and float(x.sum()) == pytest.approx(2.0, abs=1e-12)

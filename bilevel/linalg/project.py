@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["project_affine"]
+__all__ = ["project_affine", "project_simplex"]
 
 Tree = tuple[Tensor, ...]
 
@@ -44,3 +44,16 @@ def project_affine(
         value = value - jac @ step
     parts = torch.split(flat, [p.numel() for p in w])
     return tuple(part.reshape(p.shape) for part, p in zip(parts, w))
+
+
+def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
+    """Euclidean projection of all entries of v onto {u >= 0, sum u = radius} (sort-based, exact;
+    Duchi, Shalev-Shwartz, Singer & Chandra 2008). No host synchronization."""
+    flat = v.reshape(-1)
+    sorted_desc, _ = torch.sort(flat, descending=True)
+    cumulative = torch.cumsum(sorted_desc, 0) - radius
+    index = torch.arange(1, flat.numel() + 1, dtype=flat.dtype, device=flat.device)
+    active = sorted_desc - cumulative / index > 0
+    rho = torch.sum(active) - 1  # last index where the condition holds (it holds for a prefix)
+    theta = cumulative.gather(0, rho.reshape(1)) / (rho + 1).to(flat.dtype)
+    return torch.clamp(flat - theta, min=0).reshape(v.shape)

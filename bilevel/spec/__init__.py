@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bilevel.spec.constraints import BoxSet, ConstraintSpec
+from bilevel.spec.constraints import BoxSet, ConstraintSpec, SimplexSet, VariableSet
 from bilevel.spec.engine import (
     AutoEngine,
     BORepConfig,
@@ -47,11 +47,13 @@ __all__ = [
     "OptimizerSpec",
     "PenaltyConfig",
     "RunSpec",
+    "SimplexSet",
     "SpecError",
     "SpecIssue",
     "TensorVariable",
     "UnrolledConfig",
     "Variable",
+    "VariableSet",
     "apply_overrides",
     "level_graph",
     "load_spec",

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from bilevel.spec._base import SpecModel
 
-__all__ = ["BoxSet", "ConstraintSpec"]
+__all__ = ["BoxSet", "ConstraintSpec", "SimplexSet", "VariableSet"]
 
 
 class ConstraintSpec(SpecModel):
@@ -47,3 +47,26 @@ class BoxSet(SpecModel):
         if self.low is not None and self.high is not None and self.low > self.high:
             raise ValueError(f"box low ({self.low}) must not exceed high ({self.high})")
         return self
+
+
+class SimplexSet(SpecModel):
+    """The scaled simplex {v : v >= 0, sum(v) = radius} over all entries of the variable
+    (mixture weights, example weights that must sum to a budget)."""
+
+    kind: Literal["simplex"] = "simplex"
+    """Discriminator: a simplex."""
+    radius: Annotated[float, Field(gt=0)] = 1.0
+    """The entries' sum."""
+
+
+def _set_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("kind", "box")
+    return getattr(value, "kind", None)
+
+
+VariableSet = Annotated[
+    Union[Annotated[BoxSet, Tag("box")], Annotated[SimplexSet, Tag("simplex")]],
+    Discriminator(_set_kind),
+]
+"""A simple set a variable is projected onto after every update."""

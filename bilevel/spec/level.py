@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, field_validator
 
 from bilevel.spec._base import SpecModel
-from bilevel.spec.constraints import BoxSet, ConstraintSpec
+from bilevel.spec.constraints import ConstraintSpec, VariableSet
 
 __all__ = [
     "Assumptions",
@@ -41,8 +41,9 @@ class TensorVariable(SpecModel):
     or a reference to a function returning a tensor of the declared shape."""
     init_scale: float = 1.0
     """Standard deviation of "normal" / half-width of "uniform"."""
-    set: BoxSet | None = None
-    """Simple set the variable is projected onto after each update (None: unconstrained)."""
+    set: VariableSet | None = None
+    """Simple set the variable is projected onto after each update: {kind: box, low, high} (the
+    default kind) or {kind: simplex, radius}. None: unconstrained."""
 
 
 class ModuleVariable(SpecModel):

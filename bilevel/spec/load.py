@@ -72,7 +72,7 @@ def _read(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
 
 
 # union members chosen when "kind" is omitted
-_DEFAULT_TAG = {"tensor": "tensor"}
+_DEFAULT_TAG = {"tensor": "tensor", "box": "box"}
 
 
 def _strip_union_tags(loc: tuple[Any, ...], data: Any) -> list[str]:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-__all__ = ["ElmanEncoder", "encoder", "lower_objective", "report", "sequences", "train_data", "upper_objective", "val_data"]
+__all__ = ["ElmanEncoder", "encoder", "mlp_encoder", "lower_objective", "report", "sequences", "train_data", "upper_objective", "val_data"]
 
 
 class ElmanEncoder(nn.Module):
@@ -47,7 +47,13 @@ class ElmanEncoder(nn.Module):
 
 
 def encoder(d_in: int = 4, hidden: int = 32) -> nn.Module:
+    """The recurrent encoder (unbounded smoothness)."""
     return ElmanEncoder(d_in, hidden)
+
+
+def mlp_encoder(d_in: int = 4, length: int = 12, hidden: int = 32) -> nn.Module:
+    """A feed-forward encoder of the flattened sequence (the classic hyper-representation setting)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(d_in * length, hidden), nn.Tanh())
 
 
 @lru_cache(maxsize=8)
