@@ -188,6 +188,8 @@ def hypergrad(
             typer.echo(json.dumps(out))
             return
         typer.echo(f"engine: {out['engine']}  upper loss: {out['upper_loss']:.6g}")
+        if not out["is_hypergradient"]:
+            typer.echo(f"note: {out['engine']} is a single-loop method; this is its first search direction, not a hypergradient")
         for name, value in out["hypergradient"].items():
             typer.echo(f"  d upper / d {name}: {json.dumps(value)[:200]}")
         typer.echo(f"  stats: {json.dumps(out['stats'])}")

@@ -81,3 +81,10 @@ def test_run_writes_result_and_metrics(tmp_path: Path) -> None:
 def test_bad_override_is_a_spec_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate", str(_spec_file(tmp_path)), "--set", "run.steps=-1"])
     assert result.exit_code == 2 and "run.steps" in result.output
+
+
+def test_hypergrad_says_when_the_engine_returns_a_search_direction(tmp_path: Path) -> None:
+    exact = json.loads(runner.invoke(app, ["hypergrad", str(_spec_file(tmp_path)), "--json"]).output)
+    assert exact["is_hypergradient"] is True
+    single_loop = runner.invoke(app, ["hypergrad", str(_spec_file(tmp_path)), "--engine", "penalty"])
+    assert single_loop.exit_code == 0 and "not a hypergradient" in single_loop.output

@@ -42,6 +42,9 @@ class Capabilities:
     """Designed for upper levels whose smoothness is unbounded (RNNs)."""
     outer_optimizer: str | None = None
     """The upper-level optimizer the algorithm is defined with (None: any)."""
+    returns_hypergradient: bool = True
+    """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
+    direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
 
 
 @dataclass

@@ -41,6 +41,7 @@ class BORepEngine(EngineBase):
         needs_hvp=True,
         lower_convexity=("strongly_convex",),
         memory="constant",
+        returns_hypergradient=False,
         outer_optimizer="normalized_momentum",
         unbounded_smoothness=True,
     )

@@ -50,14 +50,16 @@ def solve_lower(
     """Optimizer steps from y without building a graph (x is treated as a constant): one per
     entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data."""
     x = tuple(p.detach() for p in x)
-    for index in range(steps if batches is None else len(batches)):
-        batch = problem.lower.batch() if batches is None else batches[index]
-        leaves = tuple(p.detach().requires_grad_(True) for p in y)
-        with torch.enable_grad():
-            grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), leaves)
-        with torch.no_grad():
+    objective, lower = problem.lower_objective, problem.lower
+    with torch.enable_grad():  # once, not per step: the update below builds no graph anyway
+        for index in range(steps if batches is None else len(batches)):
+            batch = lower.batch() if batches is None else batches[index]
+            leaves = tuple(p.detach().requires_grad_(True) for p in y)
+            grads = torch.autograd.grad(objective(x, leaves, batch), leaves, allow_unused=True)
+            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
+            # inputs detached and grads graph-free: the optimizer step records nothing
             y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state)
-            y = problem.lower.project(y)
+            y = lower.project(y)
     return tuple(p.detach() for p in y), tuple(s.detach() for s in state)
 
 

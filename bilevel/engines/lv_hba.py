@@ -50,6 +50,7 @@ class LVHBAEngine(EngineBase):
         needs_hvp=False,
         lower_convexity=("strongly_convex", "convex"),
         memory="constant",
+        returns_hypergradient=False,
         outer_optimizer="sgd",
         first_order=True,
         handles_constraints=True,

@@ -54,6 +54,7 @@ class PenaltyEngine(EngineBase):
         needs_hvp=False,
         lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
         memory="constant",
+        returns_hypergradient=False,
         outer_optimizer="sgd",
         first_order=True,
     )

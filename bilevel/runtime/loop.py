@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from bilevel.compile import compile_spec
-from bilevel.engines import build_engine
+from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.linalg.tree import tree_norm
@@ -85,10 +85,12 @@ def hypergrad_at_init(loaded: LoadedSpec | BilevelSpec, engine: Any = None, devi
     problem, plan, eng = _prepare(loaded, engine, device)
     x = problem.fresh(problem.upper.init)
     result = eng.hypergrad(problem, x, eng.init(problem, x), problem.upper.batch())
+    is_hypergradient = engine_capabilities()[plan.engine.kind].returns_hypergradient
     return {
         "engine": plan.engine.kind,
         "upper_loss": float(result.upper_loss),
         "hypergradient": to_nested(problem.upper.variables(result.grad)),
+        "is_hypergradient": is_hypergradient,
         "stats": result.stats.as_floats(),
         "plan_reasons": plan.reasons,
         "device": str(problem.device),
