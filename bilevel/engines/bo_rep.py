@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import solve_lower
 from bilevel.engines.registry import register
-from bilevel.linalg.hvp import Linearization, grad_and_value
+from bilevel.linalg.hvp import Linearization, joint_grad
 from bilevel.linalg.tree import tree_axpy, tree_norm, tree_sub, tree_zeros_like
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
@@ -66,9 +66,7 @@ class BORepEngine(EngineBase):
 
         lower_batch = lower.batch()
         lin = Linearization(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y)
-        n = len(x)
-        upper_grads, upper_loss = grad_and_value(lambda v: problem.upper_objective(v[:n], v[n:], batch), (*lin.x, *lin.y))
-        grad_x, grad_y = upper_grads[:n], upper_grads[n:]
+        grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
         z = state.extra["z"]
         residual = tree_sub(lin.hvp(z), grad_y)  # H z - grad_y F
         new_z = tuple(t.detach() for t in tree_axpy(-config.z_lr, residual, z))

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.engines.registry import register
-from bilevel.linalg.hvp import Linearization, grad_and_value
+from bilevel.linalg.hvp import Linearization, joint_grad
 from bilevel.linalg.solve import make_linear_solver
 from bilevel.linalg.tree import tree_norm, tree_sub
 from bilevel.optim import InnerOptimizer
@@ -54,10 +54,7 @@ class ImplicitEngine(EngineBase):
 
         lower_batch = lower.batch()
         lin = Linearization(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y, self.config.hvp)
-        upper_grads, upper_loss = grad_and_value(
-            lambda xy: problem.upper_objective(xy[: len(x)], xy[len(x) :], batch), (*lin.x, *lin.y)
-        )
-        grad_x, grad_y = upper_grads[: len(x)], upper_grads[len(x) :]
+        grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
         solve = make_linear_solver(self.config.linear_solver, solver_spec.lr)
         result = solve(lin, grad_y, state.extra.get("v"))
         grad = tree_sub(grad_x, lin.vjp_x(result.solution))

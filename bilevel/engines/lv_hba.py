@@ -30,7 +30,7 @@ import torch
 
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.registry import register
-from bilevel.linalg.hvp import grad_and_value
+from bilevel.linalg.hvp import joint_grad
 from bilevel.linalg.project import project_affine
 from bilevel.linalg.tree import tree_add, tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.problem import Params, Problem
@@ -78,7 +78,6 @@ class LVHBAEngine(EngineBase):
         lower_batch = lower.batch()
         c_k = cfg.c0 * (state.step + 1) ** cfg.p
         y, theta, lam, z = state.lower, state.extra["theta"], state.extra["lam"], state.extra["z"]
-        n = len(x)
 
         def lagrangian(xx: Params, tt: Params, mult: Params) -> torch.Tensor:
             value = problem.lower_objective(xx, tt, lower_batch)
@@ -87,29 +86,24 @@ class LVHBAEngine(EngineBase):
             return value
 
         # projected descent-ascent on (theta, lambda), both from the current point
-        with torch.enable_grad():
-            theta_leaves = tuple(t.detach().requires_grad_(True) for t in theta)
-            grad_theta, _ = grad_and_value(lambda t: lagrangian(tuple(p.detach() for p in x), t, lam), theta_leaves)
+        _, grad_theta, _ = joint_grad(lambda xx, tt: lagrangian(xx, tt, lam), x, theta)
         with torch.no_grad():
             g_theta = problem.constraint_values(x, theta, lower_batch)
             theta = lower.project(tree_axpy(-cfg.eta, tree_add(grad_theta, tree_scale(1 / cfg.gamma1, tree_sub(theta, y))), theta))
             lam = self._box(problem, tuple(m + cfg.eta * (g - (m - zz) / cfg.gamma2) for m, g, zz in zip(lam, g_theta, z)))
 
         # directions for (x, y)
-        xs = tuple(p.detach().requires_grad_(True) for p in x)
-        ys = tuple(p.detach().requires_grad_(True) for p in y)
-        with torch.enable_grad():
-            upper_grads, upper_loss = grad_and_value(lambda v: problem.upper_objective(v[:n], v[n:], batch), xs + ys)
-            lower_grads, _ = grad_and_value(lambda v: problem.lower_objective(v[:n], v[n:], lower_batch), xs + ys)
-            value_grad_x, _ = grad_and_value(lambda v: lagrangian(v, theta, lam), xs)
-        d_x = tree_sub(tree_axpy(1 / c_k, upper_grads[:n], lower_grads[:n]), value_grad_x)
-        d_y = tree_sub(tree_axpy(1 / c_k, upper_grads[n:], lower_grads[n:]), tree_scale(1 / cfg.gamma1, tree_sub(ys, theta)))
+        f_x, f_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
+        g_x, g_y, _ = joint_grad(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y)
+        value_grad_x, _, _ = joint_grad(lambda xx, tt: lagrangian(xx, tt, lam), x, theta)
+        d_x = tree_sub(tree_axpy(1 / c_k, f_x, g_x), value_grad_x)
+        d_y = tree_sub(tree_axpy(1 / c_k, f_y, g_y), tree_scale(1 / cfg.gamma1, tree_sub(y, theta)))
         with torch.no_grad():
-            new_y = tree_axpy(-cfg.lower_lr, d_y, tuple(p.detach() for p in ys))
+            new_y = tree_axpy(-cfg.lower_lr, d_y, y)
             z = self._box(problem, tuple(zz + cfg.z_lr * (m - zz) / cfg.gamma2 for zz, m in zip(z, lam)))
 
         stats = Stats(
-            inner_residual=tree_norm(lower_grads[n:]).detach(),
+            inner_residual=tree_norm(g_y).detach(),
             linear_residual=None,
             hvp_count=0,
             inner_steps=1,

@@ -26,8 +26,8 @@ import torch
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import solve_lower
 from bilevel.engines.registry import register
-from bilevel.linalg.hvp import grad_and_value
-from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale
+from bilevel.linalg.hvp import joint_grad
+from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import PenaltyConfig
@@ -75,22 +75,19 @@ class PenaltyEngine(EngineBase):
         omega, _ = solve_lower(problem, omega_opt, x, state.extra["omega"], (), config.omega_steps)
 
         lower_batch = lower.batch()
-        xs = tuple(p.detach().requires_grad_(True) for p in x)
-        ys = tuple(p.detach().requires_grad_(True) for p in state.lower)
-        n = len(xs)
-        with torch.enable_grad():
-            upper_grads, upper_loss = grad_and_value(lambda v: problem.upper_objective(v[:n], v[n:], batch), xs + ys)
-            lower_grads, _ = grad_and_value(lambda v: problem.lower_objective(v[:n], v[n:], lower_batch), xs + ys)
-            value_grad_x, _ = grad_and_value(lambda v: problem.lower_objective(v, omega, lower_batch), xs)
+        y = state.lower
+        f_x, f_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
+        g_x, g_y, _ = joint_grad(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y)
+        value_grad_x, _, _ = joint_grad(lambda xx, ww: problem.lower_objective(xx, ww, lower_batch), x, omega)
         scale = min(1.0 / gamma, 1.0) if config.scale and gamma > 0 else 1.0
         # d = s [grad F + gamma (grad G(x, y) - (grad_x G(x, omega), 0))]
-        d_x = tree_scale(scale, tree_axpy(gamma, tree_axpy(-1.0, value_grad_x, lower_grads[:n]), upper_grads[:n]))
-        d_y = tree_scale(scale, tree_axpy(gamma, lower_grads[n:], upper_grads[n:]))
+        d_x = tree_scale(scale, tree_axpy(gamma, tree_sub(g_x, value_grad_x), f_x))
+        d_y = tree_scale(scale, tree_axpy(gamma, g_y, f_y))
         with torch.no_grad():
-            y = lower.project(tree_axpy(-lower_lr, d_y, tuple(p.detach() for p in ys)))
+            y = lower.project(tree_axpy(-lower_lr, d_y, y))
 
         stats = Stats(
-            inner_residual=tree_norm(lower_grads[n:]).detach(),
+            inner_residual=tree_norm(g_y).detach(),
             linear_residual=None,
             hvp_count=0,
             inner_steps=config.omega_steps,

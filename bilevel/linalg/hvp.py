@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Linearization", "grad_and_value"]
+__all__ = ["Linearization", "grad_and_value", "joint_grad"]
 
 Params = tuple[Tensor, ...]
 
@@ -30,6 +30,17 @@ def grad_and_value(
     value = fn(tuple(params))
     grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)), value
+
+
+def joint_grad(
+    fn: Callable[[Params, Params], Tensor], x: Sequence[Tensor], y: Sequence[Tensor]
+) -> tuple[Params, Params, Tensor]:
+    """(grad_x fn, grad_y fn, fn(x, y)) from one backward, at fresh leaves made from x and y."""
+    n = len(x)
+    leaves = tuple(p.detach().requires_grad_(True) for p in (*x, *y))
+    with torch.enable_grad():
+        grads, value = grad_and_value(lambda v: fn(v[:n], v[n:]), leaves)
+    return grads[:n], grads[n:], value.detach()
 
 
 class Linearization:
