@@ -64,7 +64,7 @@ def main() -> None:
             clocks.setdefault(name, []).append([r["elapsed_s"] for r in records])
             finals.setdefault(name, []).append(report)
 
-    print(f"| method | final validation loss | test loss | test accuracy | time per run |")
+    print("| method | final validation loss | test loss | test accuracy | time per run |")
     print("|---|---|---|---|---|")
     for name, reports in finals.items():
         def stat(key: str) -> str:

@@ -16,7 +16,6 @@ import torch
 from bilevel.engines.registry import engine_capabilities
 from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
-from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec
 
 __all__ = ["Plan", "ProblemFacts", "make_plan"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -11,6 +11,9 @@ from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
+
+if TYPE_CHECKING:
+    from bilevel.engines.base import EngineState
 
 __all__ = ["inner_residual", "inner_step", "lower_start", "solve_lower", "start_state"]
 
