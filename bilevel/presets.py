@@ -17,11 +17,17 @@ def list_presets() -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     for path in sorted(_ROOT.glob("*/*.yaml")):
         name = f"{path.parent.name}/{path.stem}"
-        description = ""
+        text = path.read_text()
+        header = []
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("# ").strip())
+        comment = " ".join(header)
         try:
-            description = (yaml.safe_load(path.read_text()) or {}).get("name", "")
+            description = comment or (yaml.safe_load(text) or {}).get("name", "")
         except yaml.YAMLError:
-            pass
+            description = comment
         out[name] = {"path": str(path), "description": description}
     return out
 
