@@ -232,6 +232,42 @@ class _Compiler:
                           " from a feasible point: change the variables' init so that the constraint holds")
 
 
+def _names_parameter(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _report_call(fn: Callable[..., Any], kwargs: dict[str, Any], wants_dir: bool) -> Callable[..., Any]:
+    """The report called as report(upper, lower, out_dir=...): out_dir is passed on only to a
+    function that names it among its parameters."""
+    if wants_dir:
+        return lambda upper, lower, out_dir=None: fn(upper, lower, out_dir=out_dir, **kwargs)
+    return lambda upper, lower, out_dir=None: fn(upper, lower, **kwargs)
+
+
+def _check_tuned(loaded: LoadedSpec, problem: Problem) -> None:
+    """Tuned optimizer hyperparameters name scalar tensor variables of the upper level."""
+    upper, lower = problem.upper, problem.lower
+    if upper.solver is not None and upper.solver.tuned:
+        raise loaded.error(f"levels.{upper.name}.solver.tuned",
+                           "tuned hyperparameters belong to the inner solver of a lower level, not to the outer optimizer")
+    issues = []
+    for name, variable in lower.solver.tuned.items():
+        path = f"levels.{lower.name}.solver.tuned.{name}"
+        if name == "momentum" and lower.solver.name != "momentum":
+            issues.append(loaded.issue(path, f"the {lower.solver.name} solver has no momentum to tune; use name: momentum"))
+        elif variable not in upper.tensors:
+            issues.append(loaded.issue(path, f"{variable!r} is not a tensor variable of the upper level {upper.name!r}"
+                                             f" (its tensor variables: {', '.join(upper.tensors) or 'none'})"))
+        elif upper.init[upper.tensors[variable]].numel() != 1:
+            shape = list(upper.init[upper.tensors[variable]].shape)
+            issues.append(loaded.issue(path, f"{variable!r} has shape {shape}; a tuned optimizer hyperparameter must be a scalar"))
+    if issues:
+        raise SpecError(issues)
+
+
 def compile_spec(
     loaded: LoadedSpec | BilevelSpec,
     device: str | torch.device | None = None,
@@ -257,20 +293,33 @@ def compile_spec(
         level = compiler.level(name, level_spec, spec.run.seed + 1000 * (offset + 1))
         if level is not None:
             levels[name] = level
-    report = None
+    report = monitor = None
     if spec.report is not None:
         report = compiler.ref(spec.report, "report")
         if report is not None:
-            report = compiler.bind(report, 2, spec.report_kwargs, "report", "f(upper, lower)")
+            wants_dir = _names_parameter(report, "out_dir")
+            extra = {"out_dir": None} if wants_dir else {}
+            checked = compiler.bind(report, 2, {**extra, **spec.report_kwargs}, "report", "f(upper, lower)")
+            report = None if checked is None else _report_call(report, spec.report_kwargs, wants_dir)
+    if spec.monitor is not None:
+        monitor = compiler.ref(spec.monitor, "monitor")
+        if monitor is not None:
+            checked = compiler.bind(monitor, 2, {"step": 0, "out_dir": None, **spec.monitor_kwargs}, "monitor",
+                                    "f(upper, lower, *, step, out_dir)")
+            if checked is None:
+                monitor = None
+            elif spec.monitor_kwargs:
+                monitor = functools.partial(monitor, **spec.monitor_kwargs)
     if compiler.issues:
         raise SpecError(compiler.issues)
-    problem = Problem(spec.name, levels, graph, dev, compiler.dtype, report)
+    problem = Problem(spec.name, levels, graph, dev, compiler.dtype, report, monitor)
     lower_name = problem.lower.name
     if problem.lower.solver is None:
         raise loaded.error(f"levels.{lower_name}.solver", "a lower level needs an inner solver (name, lr, steps)")
     if problem.lower.solver.name == "normalized_momentum":
         raise loaded.error(f"levels.{lower_name}.solver.name",
                            "normalized_momentum is an outer (upper-level) optimizer; expected sgd, momentum or adam")
+    _check_tuned(loaded, problem)
     compiler.dry_run(problem)
     if compiler.issues:
         raise SpecError(compiler.issues)

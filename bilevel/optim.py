@@ -10,7 +10,7 @@ so the same code runs without a graph (implicit engine) and is differentiated th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -39,15 +39,22 @@ class InnerOptimizer:
         count = torch.zeros((), dtype=params[0].dtype, device=params[0].device)
         return (*zeros, *tuple(torch.zeros_like(p) for p in params), count)
 
-    def step(self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Tree) -> tuple[Tree, Tree]:
-        """One update; returns (new params, new state). No in-place ops on inputs."""
+    def step(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], state: Tree, hyper: Mapping[str, Tensor] | None = None
+    ) -> tuple[Tree, Tree]:
+        """One update; returns (new params, new state). No in-place ops on inputs.
+
+        ``hyper`` replaces the spec's lr / momentum by (differentiable) scalar tensors: the values
+        of the upper variables named in ``spec.tuned``."""
         spec = self.spec
         params, grads = list(params), list(grads)
+        lr = spec.lr if not hyper or "lr" not in hyper else hyper["lr"]
         if spec.name == "sgd":
-            return tuple(torch._foreach_add(params, grads, alpha=-spec.lr)), ()
+            return tuple(_add_scaled(params, grads, -lr)), ()
         if spec.name == "momentum":
-            velocity = torch._foreach_add(torch._foreach_mul(list(state), spec.momentum), grads)
-            return tuple(torch._foreach_add(params, velocity, alpha=-spec.lr)), tuple(velocity)
+            momentum = spec.momentum if not hyper or "momentum" not in hyper else hyper["momentum"]
+            velocity = torch._foreach_add(torch._foreach_mul(list(state), momentum), grads)
+            return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity)
         n = len(params)
         b1, b2 = spec.betas
         m, v, count = list(state[:n]), list(state[n : 2 * n]), state[2 * n]
@@ -58,5 +65,12 @@ class InnerOptimizer:
         correction2 = 1 - b2**count
         denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
         update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
-        new = torch._foreach_add(params, torch._foreach_mul(update, spec.lr), alpha=-1)
+        new = _add_scaled(params, update, -lr)
         return tuple(new), (*m, *v, count)
+
+
+def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    """a + alpha b, with alpha a number or a 0-d tensor (then differentiable in alpha)."""
+    if isinstance(alpha, Tensor):
+        return torch._foreach_add(a, torch._foreach_mul(b, alpha))
+    return torch._foreach_add(a, b, alpha=alpha)

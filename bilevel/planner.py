@@ -34,6 +34,8 @@ class ProblemFacts:
     upper_smoothness: str
     constraints: int
     coupled_constraints: int
+    tuned_step: tuple[str, ...]
+    """Inner-solver hyperparameters that only unrolling differentiates (tuned lr / momentum)."""
     n_upper: int
     n_lower: int
     inner_steps: int
@@ -67,6 +69,7 @@ class ProblemFacts:
             upper_smoothness=upper_spec.assumptions.smoothness,
             constraints=len(lower_spec.constraints),
             coupled_constraints=sum(c.coupled for c in lower_spec.constraints),
+            tuned_step=tuple(sorted(k for k in lower_spec.solver.tuned if k != "weight_decay")) if lower_spec.solver else (),
             n_upper=upper.numel,
             n_lower=lower.numel,
             inner_steps=lower.solver.steps if lower.solver else 0,
@@ -120,6 +123,11 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
         raise loaded.error("engine.kind", f"no engine {kind!r} is registered; available: {', '.join(caps)}")
     _check_hard_requirements(kind, facts, loaded)
     warnings = []
+    if facts.tuned_step and not caps[kind].through_optimizer:
+        warnings.append(
+            f"levels.{facts.lower_level}.solver.tuned names {', '.join(facts.tuned_step)}, which the {kind} engine does not"
+            " differentiate (it does not go through the optimizer's steps): their hypergradient will be zero"
+        )
     if facts.lower_convexity not in caps[kind].lower_convexity:
         warnings.append(
             f"the {kind} engine assumes a lower level that is {' or '.join(caps[kind].lower_convexity)}, but"
@@ -140,7 +148,7 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:
-        for rule in (_constrained, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
+        for rule in (_constrained, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
             plan = rule(facts, loaded)
             if plan is not None:
                 break
@@ -179,6 +187,18 @@ def _constrained(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         warnings.append(f"{kind} assumes a convex lower level; levels.{facts.lower_level}.assumptions.convexity ="
                         f" {facts.lower_convexity}")
     return Plan(_default_config(kind), reasons, warnings, facts)
+
+
+def _tuned_optimizer(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.tuned_step:
+        return None
+    plan = _unrolled(facts, loaded)
+    reason = (
+        f"levels.{facts.lower_level}.solver.tuned names {', '.join(facts.tuned_step)}: these change the path of the inner"
+        " optimizer but not the lower solution it converges to, so only differentiating through the optimizer's"
+        " steps (unrolled) gives them a hypergradient"
+    )
+    return Plan(plan.engine, [reason, *plan.reasons[1:]], plan.warnings, facts)
 
 
 def _unbounded_smoothness(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:

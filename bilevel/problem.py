@@ -170,6 +170,9 @@ class Problem:
     device: torch.device
     dtype: torch.dtype
     report: Callable[..., Mapping[str, Any]] | None = None
+    """report(upper_view, lower_view, out_dir=...) -> numbers for result.json."""
+    monitor: Callable[..., Mapping[str, Any] | None] | None = None
+    """monitor(upper_view, lower_view, step=..., out_dir=...) -> numbers for metrics.jsonl."""
 
     @property
     def upper(self) -> Level:
@@ -185,8 +188,21 @@ class Problem:
         return self.upper.objective(self.upper.view(x), self.lower.view(y), batch)
 
     def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
-        """G(x, y) on a lower batch."""
-        return self.lower.objective(self.upper.view(x), self.lower.view(y), batch)
+        """G(x, y) on a lower batch, plus the inner solver's weight decay wd/2 ||y||^2 when declared."""
+        upper = self.upper.view(x)
+        value = self.lower.objective(upper, self.lower.view(y), batch)
+        solver = self.lower.solver
+        if solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
+            return value
+        decay = upper[solver.tuned["weight_decay"]] if "weight_decay" in solver.tuned else solver.weight_decay
+        return value + 0.5 * decay * sum((p * p).sum() for p in y)
+
+    def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Tensor]:
+        """Optimizer hyperparameter -> the current value of the upper variable it is tuned by."""
+        if not tuned:
+            return {}
+        upper = self.upper.view(x)
+        return {name: upper[variable].reshape(()) for name, variable in tuned.items()}
 
     def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
         """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""

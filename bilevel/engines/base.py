@@ -42,6 +42,9 @@ class Capabilities:
     """Designed for upper levels whose smoothness is unbounded (RNNs)."""
     outer_optimizer: str | None = None
     """The upper-level optimizer the algorithm is defined with (None: any)."""
+    through_optimizer: bool = False
+    """Differentiates through the inner optimizer's steps, so optimizer hyperparameters tuned by
+    upper variables (lr, momentum) receive hypergradients."""
     returns_hypergradient: bool = True
     """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
     direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
@@ -87,6 +90,9 @@ class Stats:
     """Inner optimizer steps taken for this hypergradient."""
     time_s: float
     """Host time spent in the call (on CUDA: launch time unless the caller synchronizes)."""
+    extra: dict[str, Tensor | float] = field(default_factory=dict)
+    """Engine-specific figures (a dominant Hessian eigenvalue, a perturbation scale, ...), logged
+    beside the others in metrics.jsonl under their names."""
 
     def as_floats(self) -> dict[str, float | int | None]:
         return {
@@ -95,6 +101,7 @@ class Stats:
             "hvp_count": self.hvp_count,
             "inner_steps": self.inner_steps,
             "time_s": self.time_s,
+            **{name: float(value) for name, value in self.extra.items()},
         }
 
 
@@ -106,6 +113,9 @@ class Hypergrad:
     upper_loss: Tensor
     state: EngineState
     stats: Stats
+    stop: str | None = None
+    """Set by an engine whose own criterion ends the run (e.g. an early-stopping guard): the outer
+    loop applies no step for this call, writes a checkpoint and finishes with this reason."""
 
 
 @runtime_checkable

@@ -37,7 +37,7 @@ def inner_step(
     """One optimizer step on G(x, .); returns (new y, new optimizer state, grad_y G at y).
     With create_graph the step is differentiable in (x, y, state)."""
     grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph)
-    new_y, new_state = optimizer.step(y, grads, state)
+    new_y, new_state = optimizer.step(y, grads, state, problem.tuned_hyperparameters(x, optimizer.spec.tuned))
     return problem.lower.project(new_y), new_state, grads
 
 
@@ -54,6 +54,7 @@ def solve_lower(
     entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data."""
     x = tuple(p.detach() for p in x)
     objective, lower = problem.lower_objective, problem.lower
+    hyper = problem.tuned_hyperparameters(x, optimizer.spec.tuned)
     with torch.enable_grad():  # once, not per step: the update below builds no graph anyway
         for index in range(steps if batches is None else len(batches)):
             batch = lower.batch() if batches is None else batches[index]
@@ -61,7 +62,7 @@ def solve_lower(
             grads = torch.autograd.grad(objective(x, leaves, batch), leaves, allow_unused=True)
             grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
             # inputs detached and grads graph-free: the optimizer step records nothing
-            y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state)
+            y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
             y = lower.project(y)
     return tuple(p.detach() for p in y), tuple(s.detach() for s in state)
 

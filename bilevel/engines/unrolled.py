@@ -55,6 +55,7 @@ class UnrolledEngine(EngineBase):
         needs_hvp=True,
         lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
         memory="horizon",
+        through_optimizer=True,
     )
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:

@@ -63,7 +63,7 @@ def to_nested(value: Any) -> Any:
 
 def _fingerprint(loaded: LoadedSpec) -> str:
     data = loaded.spec.model_dump(mode="json")
-    for key in ("steps", "out", "checkpoint_every", "log_every"):
+    for key in ("steps", "out", "checkpoint_every", "log_every", "monitor_every"):
         data["run"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -163,9 +163,15 @@ def run(
     began = time.perf_counter()
     last_checkpoint: Path | None = out_dir / "checkpoint.pt" if checkpoint is not None else None
     last_stats: dict[str, Any] = {}
+    final_step, stop_reason = spec.run.steps, None
     try:
         for step in range(start_step, spec.run.steps):
             result = eng.hypergrad(problem, x, state, upper.batch())
+            if result.stop is not None:
+                final_step, stop_reason = step, result.stop
+                state = result.state
+                say(f"stopped after {step} steps: {stop_reason}")
+                break
             loss, grad_norm = torch.stack([result.upper_loss.reshape(()), tree_norm(result.grad)]).tolist()
             if not (_finite(loss) and _finite(grad_norm)):
                 message = (
@@ -187,9 +193,14 @@ def run(
                 for p, projected in zip(x, moved):
                     p.copy_(projected)
             last_stats = result.stats.as_floats()
+            record: dict[str, Any] = {}
             if (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps:
-                metrics.write({"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
-                               "elapsed_s": time.perf_counter() - began})
+                record = {"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
+                          "elapsed_s": time.perf_counter() - began}
+            if problem.monitor is not None and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps):
+                record = {"step": step + 1, **record, "monitor": _monitor(problem, x, state, step + 1, out_dir)}
+            if record:
+                metrics.write(record)
             bar.update(step + 1, loss, grad_norm)
             if on_step is not None:
                 on_step(step + 1, tuple(p.detach() for p in x), state.lower)
@@ -200,19 +211,31 @@ def run(
         bar.close()
         metrics.close()
 
-    save_checkpoint(out_dir, snapshot(spec.run.steps))
+    save_checkpoint(out_dir, snapshot(final_step))
     wall = time.perf_counter() - began
     y, final_loss = _final_evaluation(problem, x, state)
-    result_json = _result_base(loaded, problem, plan, x, spec.run.steps, began) | {
-        "status": "completed",
+    result_json = _result_base(loaded, problem, plan, x, final_step, began) | {
+        "status": "completed" if stop_reason is None else "stopped_early",
         "final_upper_loss": final_loss,
         "last_stats": last_stats,
         "wall_time_s": wall,
     }
+    if stop_reason is not None:
+        result_json["stop_reason"] = stop_reason
     if problem.report is not None:
-        result_json["report"] = _jsonable(problem.report(upper.view(tuple(p.detach() for p in x)), problem.lower.view(y)))
+        view = upper.view(tuple(p.detach() for p in x))
+        result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
     _write_result(out_dir, result_json)
     return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
+
+
+def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir: Path) -> dict[str, Any]:
+    """The spec's monitor at the current variables, as JSON-ready values."""
+    assert problem.monitor is not None
+    with torch.no_grad():
+        values = problem.monitor(problem.upper.view(tuple(p.detach() for p in x)), problem.lower.view(state.lower),
+                                 step=step, out_dir=out_dir)
+    return _jsonable(dict(values or {}))
 
 
 def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[Params, float]:

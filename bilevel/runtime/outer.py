@@ -17,8 +17,8 @@ class NormalizedMomentum(torch.optim.Optimizer):
     """m <- beta m + (1 - beta) g;  x <- x - lr m / ||m||, the norm taken over all parameters
     together (Cutkosky & Mehta 2020; the upper update of BO-REP, Hao et al. 2024)."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9, eps: float = 1e-12):
-        super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps})
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.9, eps: float = 1e-12, weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "momentum": momentum, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -32,7 +32,8 @@ class NormalizedMomentum(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffer = state["momentum_buffer"]
-                buffer.mul_(group["momentum"]).add_(p.grad, alpha=1 - group["momentum"])
+                grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
+                buffer.mul_(group["momentum"]).add_(grad, alpha=1 - group["momentum"])
                 buffers.append(buffer)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b) for b in buffers]))
             scale = group["lr"] / torch.clamp(norm, min=group["eps"])
@@ -44,13 +45,14 @@ class NormalizedMomentum(torch.optim.Optimizer):
 def build_outer_optimizer(spec: OptimizerSpec | None, params: tuple[Tensor, ...]) -> torch.optim.Optimizer:
     """The optimizer over the upper leaves, from the top level's ``solver``."""
     spec = spec or OptimizerSpec()
+    decay = spec.weight_decay
     if spec.name == "sgd":
-        return torch.optim.SGD(params, lr=spec.lr)
+        return torch.optim.SGD(params, lr=spec.lr, weight_decay=decay)
     if spec.name == "momentum":
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum)
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=decay)
     if spec.name == "normalized_momentum":
-        return NormalizedMomentum(params, lr=spec.lr, momentum=spec.momentum)
-    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps)
+        return NormalizedMomentum(params, lr=spec.lr, momentum=spec.momentum, weight_decay=decay)
+    return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=decay)
 
 
 def scheduled_lr(spec: OptimizerSpec | None, step: int, total: int) -> float:

@@ -105,6 +105,19 @@ class OptimizerSpec(SpecModel):
     """Outer optimizer: learning-rate schedule over run.steps, from lr down to lr * final_lr_ratio."""
     final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Outer optimizer: the schedule's last learning rate as a fraction of lr (cosine and linear)."""
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    """L2 penalty weight_decay/2 ||y||^2 on all of the level's variables. For the inner solver it is
+    added to the lower objective itself (coupled weight decay, as torch.optim.SGD applies it), so
+    every engine, the implicit one included, differentiates the same regularized problem; for the
+    outer optimizer it is torch.optim's weight_decay."""
+    tuned: dict[Literal["lr", "momentum", "weight_decay"], str] = Field(default_factory=dict)
+    """Inner solver only: optimizer hyperparameters read from upper-level variables, e.g.
+    {lr: inner_lr, weight_decay: wd}. Each named upper variable must be a scalar; its current value
+    (as the objectives see it) replaces the constant above, and hypergradients flow into it: the
+    unrolled engine differentiates through the optimizer steps (learning-rate tuning through the
+    optimizer; Maclaurin et al. 2015, Franceschi et al. 2017), and a tuned weight_decay changes the
+    lower objective, so implicit engines see it too. A tuned lr or momentum does not move the lower
+    solution, so only unrolling gives it a hypergradient; the planner then picks the unrolled engine."""
 
 
 class Assumptions(SpecModel):

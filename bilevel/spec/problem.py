@@ -32,7 +32,15 @@ class BilevelSpec(SpecModel):
     report: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
     """Optional f(upper, lower) -> dict of numbers evaluated at the end of a run (test accuracy, ...)."""
     report_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments bound to the report function."""
+    """Keyword arguments bound to the report function. A report function with a parameter named
+    ``out_dir`` also receives the run's output directory, to write figures or tables there."""
+    monitor: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
+    """Optional f(upper, lower, *, step, out_dir) -> dict of numbers (or lists of numbers), called
+    every ``run.monitor_every`` outer steps; its values go into that step's metrics.jsonl record
+    under "monitor" (hyperparameter trajectories, a derived architecture, a validation accuracy).
+    It may also write files into out_dir."""
+    monitor_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the monitor function."""
 
     @field_validator("levels")
     @classmethod

@@ -35,5 +35,7 @@ class RunSpec(SpecModel):
     """Write an atomic checkpoint every N outer steps (None: only at the end)."""
     log_every: Annotated[int, Field(ge=1)] = 1
     """Append a metrics.jsonl record every N outer steps."""
+    monitor_every: Annotated[int, Field(ge=1)] = 10
+    """Call the spec's monitor function every N outer steps (and after the last one)."""
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     """Resources the planner may assume."""
