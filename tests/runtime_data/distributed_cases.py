@@ -3,6 +3,7 @@ the same code runs in the test process and in each spawned rank."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,34 @@ def minibatch_indices() -> list[int]:
     return drawn
 
 
+def killable_ridge(steps: int, delay: float) -> dict:
+    """Ridge with a slowed-down upper objective and lower minibatches (each rank's stream state
+    must survive a resume): a run a test can kill mid-way."""
+    data = ridge(steps=10)
+    module = str(HERE / "slow_ridge.py")
+    data["levels"]["upper"]["objective"] = f"{module}:upper"
+    data["levels"]["upper"]["objective_kwargs"] = {"delay": delay}
+    data["levels"]["upper"]["solver"] = {"name": "momentum", "lr": 0.05}
+    data["levels"]["lower"]["objective"] = f"{module}:lower"
+    data["levels"]["lower"]["data"]["batch_size"] = 8
+    data["run"].update(steps=steps, checkpoint_every=1)
+    return data
+
+
+KILLABLE_STEPS = 30
+
+
+def reference_run(out: Path) -> dict:
+    """The uninterrupted run of killable_ridge (no delay: it changes nothing but the time)."""
+    from bilevel import run
+
+    result = run(spec_from_data(killable_ridge(KILLABLE_STEPS, 0.0)), out=out, progress=False)
+    metrics = (out / "metrics.jsonl").read_text() if out.exists() else None
+    return {"result": json.loads(json.dumps(result.result)), "metrics": metrics}
+
+
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
-    """One rank: join the gloo group, compute every case, save the results."""
+    """One rank: join the gloo group, compute every case and a reference run, save the results."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -134,6 +161,7 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         with data_parallel(torch.device("cpu")) as (world, _):
             assert world.size == world_size and world.rank == rank
             results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices()}
+            results["run"] = reference_run(Path(out_dir) / f"run-rank{rank}")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
