@@ -263,6 +263,30 @@ def problems(as_json: bool = typer.Option(False, "--json", help="Print as JSON."
         typer.echo(f"{name}: {info['description']}{default}")
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (the --out of `bilevel run`), compared in this order."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Output directory (default: RUN_DIR/report for one run, <common parent>/report for several)."),
+) -> None:
+    """Plot the runs' upper loss, hypergradient norm, inner residual and hyperparameter / monitor
+    trajectories (PNG), and write report.md comparing them (engine, steps, final upper loss, wall
+    time, report values)."""
+    from bilevel.reporting import ReportError, write_report
+
+    def go() -> None:
+        try:
+            files = write_report(run_dirs, out)
+        except ReportError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(2) from None
+        _echo(f"summary: {files.summary}")
+        for path in files.plots:
+            _echo(f"plot: {path}")
+
+    _guard(go)
+
+
 def main() -> None:
     """Console entry point."""
     app()
