@@ -287,6 +287,42 @@ def report(
     _guard(go)
 
 
+@app.command()
+def sweep(
+    target: str = typer.Argument(..., help="A sweep file (YAML with a `sweep:` section naming its spec), or a spec file / preset."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Sweep file with the `sweep:` section, when TARGET is a spec."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="Trials to add to the study (default: sweep.trials, 20)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL, e.g. sqlite:///study.db (default: OUT/study.db)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name: the same name resumes the study (default: sweep.study)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the trials' runs (default: runs/sweeps/STUDY)."),
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Search the settings a run cannot differentiate (engine, outer lr, inner steps, any spec
+    field) with Optuna: one run directory per trial, pruning on the upper loss, the study in SQLite
+    (rerun to add trials). See docs/howto/sweeps.md."""
+    from bilevel.sweeps import prepare_sweep, run_sweep
+
+    def go() -> None:
+        plan = prepare_sweep(target, space, overrides or [], trials=trials, storage=storage, study=study,
+                             out=None if out is None else str(out))
+        searched = ", ".join(f"{d.name} -> {'.'.join(d.path)}" for d in plan.dimensions)
+        _err(f"sweep {plan.sweep.study!r}: {plan.sweep.trials} trial(s) over {searched}; runs in {plan.out}")
+        result = run_sweep(plan.sweep, plan.base, plan.dimensions, plan.out, say=_err)
+        finished = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+        states: dict[str, int] = {}
+        for t in result.study.trials:
+            states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+        _echo(f"study {plan.sweep.study!r} in {result.storage}: {len(result.study.trials)} trials ("
+              + ", ".join(f"{n} {state}" for state, n in states.items()) + ")")
+        if finished:
+            best = result.study.best_trial
+            _echo(f"best: trial {best.number}  {plan.sweep.objective} = {best.value:.6g}  {json.dumps(best.params)}")
+            _echo(f"  run directory: {best.user_attrs.get('run_dir')}")
+        _echo(f"compare the trials: bilevel report {plan.out}/trial-*")
+
+    _guard(go)
+
+
 def main() -> None:
     """Console entry point."""
     app()
