@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bilevel.cli import app
 from bilevel.spec import SpecError
-from bilevel.sweeps import default_space, prepare_sweep
+from bilevel.sweeps import default_space, prepare_sweep, run_sweep
 from problems.toy import ridge_spec
 
 runner = CliRunner()
@@ -118,3 +118,15 @@ def test_default_space_follows_the_spec(tmp_path: Path) -> None:
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     plan = prepare_sweep(str(tmp_path / "spec.yaml"))  # a spec without a sweep file: the defaults
     assert [d.name for d in plan.dimensions] == ["outer_lr", "inner_steps"]  # only unrolled fits
+
+
+def test_the_example_sweep_runs(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "sweeps" / "hpo_l2.yaml"
+    plan = prepare_sweep(str(example), overrides=["run.steps=3"], trials=1, out=str(tmp_path / "trials"),
+                         storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert [d.name for d in plan.dimensions] == ["engine", "outer_lr", "inner_steps"]
+    assert plan.base.spec.run.steps == 3 and plan.base.spec.name == "hpo-l2-scalar"
+    result = run_sweep(plan.sweep, plan.base, plan.dimensions, plan.out)
+    (trial,) = result.study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert (tmp_path / "trials" / "trial-0000" / "result.json").exists()

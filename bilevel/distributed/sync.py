@@ -56,7 +56,9 @@ def check_replicas(tensors: Sequence[Tensor], what: str) -> None:
         return
     import torch.distributed as dist
 
-    sums = [torch.stack([t.detach().double().sum(), (t.detach().double() ** 2).sum()]) for t in tensors]
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones (the tensors themselves may live on either)
+    device = torch.device("cuda", torch.cuda.current_device()) if world.backend == "nccl" else torch.device("cpu")
+    sums = [torch.stack([t.detach().double().sum(), (t.detach().double() ** 2).sum()]).to(device) for t in tensors]
     checksum = torch.cat(sums)
     high, low = checksum.clone(), checksum.clone()
     dist.all_reduce(high, op=dist.ReduceOp.MAX)

@@ -31,6 +31,26 @@ def _pyplot():
     return plt
 
 
+def _colors(plt, n: int) -> list:
+    """n distinct colors: the default cycle up to 10 runs, tab20 up to 20, then a sampled colormap."""
+    if n <= 10:
+        return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cmap = plt.get_cmap("tab20" if n <= 20 else "viridis")
+    return [cmap(i / max(n - 1, 1)) if n > 20 else cmap(i) for i in range(n)]
+
+
+def _finish(fig, ax, n: int, path: Path) -> None:
+    """Legend (outside the axes when there are many runs), layout, PNG."""
+    if n > 6:
+        fig.set_size_inches(8.4, 4.0)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize="small")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def safe_name(name: str) -> str:
     """A file-name-safe version of a metric name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "value"
@@ -39,12 +59,13 @@ def safe_name(name: str) -> str:
 def plot_series(runs: Sequence[RunRecord], key: str, path: Path, title: str, log: bool) -> bool:
     """One line per run of a top-level metric against the outer step; False when no run has it."""
     plt = _pyplot()
+    colors = _colors(plt, len(runs))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn = []
-    for run in runs:
+    for index, run in enumerate(runs):
         steps, values = run.series(key)
         if steps:
-            ax.plot(steps, values, label=run.label, linewidth=1.4)
+            ax.plot(steps, values, label=run.label, linewidth=1.4, color=colors[index % len(colors)])
             drawn += values
     if not drawn:
         plt.close(fig)
@@ -54,10 +75,7 @@ def plot_series(runs: Sequence[RunRecord], key: str, path: Path, title: str, log
     ax.set_xlabel("outer step")
     ax.set_ylabel(key)
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, ax, len(runs), path)
     plt.close(fig)
     return True
 
@@ -66,7 +84,7 @@ def plot_nested(runs: Sequence[RunRecord], group: str, name: str, path: Path) ->
     """Trajectories of record[group][name] (an upper variable or a monitor value), one color per
     run, one line per entry (the first MAX_COMPONENTS); False when no run has it."""
     plt = _pyplot()
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = _colors(plt, len(runs))
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn, truncated = False, False
     for index, run in enumerate(runs):
@@ -87,9 +105,6 @@ def plot_nested(runs: Sequence[RunRecord], group: str, name: str, path: Path) ->
     ax.set_title(f"{what}: {name}" + (f" (first {MAX_COMPONENTS} entries)" if truncated else ""))
     ax.set_xlabel("outer step")
     ax.set_ylabel(name)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, ax, len(runs), path)
     plt.close(fig)
     return True
