@@ -96,6 +96,7 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
         if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
             break
         time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
     proc.wait()
     assert not (out / "result.json").exists(), "the run finished before it could be killed"

@@ -85,7 +85,9 @@ def _as_loaded(spec: LoadedSpec | BilevelSpec) -> LoadedSpec:
 
 def _prepare(loaded: LoadedSpec, engine: Any, device: str | torch.device | None) -> tuple[Problem, Plan, Any]:
     problem = compile_spec(loaded, device)
-    plan = make_plan(loaded, problem, engine)
+    # data parallel: every rank runs rank 0's plan (shard sizes and free device memory, which the
+    # planner reads, can differ between ranks, and so could the engine configuration)
+    plan = broadcast_from_main(make_plan(loaded, problem, engine))
     return problem, plan, build_engine(plan.engine)
 
 
