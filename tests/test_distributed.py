@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Every case computed on 2 spawned gloo ranks (one launch for the whole module)."""
     tmp = tmp_path_factory.mktemp("ranks")
-    mp.spawn(cases.worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=True)
+    ranks = mp.spawn(cases.worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.time() + 600
+    while not ranks.join(timeout=1):  # raises when a rank fails
+        if time.time() > deadline:  # a rank waiting in a collective the other never enters
+            for process in ranks.processes:
+                process.terminate()
+            pytest.fail("the ranks did not finish within 600 s")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
