@@ -1,12 +1,15 @@
-"""The `bilevel` command line: run | plan | validate | hypergrad | schema | engines | problems.
+"""The `bilevel` command line: run | plan | validate | hypergrad | schema | engines | problems |
+report | sweep.
 
 Errors in a spec print one line per problem (file, dotted field path, what was expected) and exit
 with code 2, without a traceback unless --debug is given. A run stopped by the NaN/inf guard
-exits with code 3."""
+exits with code 3. Under torchrun (`torchrun --nproc_per_node N -m bilevel run SPEC`) every
+process runs the command; only rank 0 prints results and the errors every rank shares."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +37,24 @@ DeviceOpt = typer.Option(None, "--device", help="cpu | cuda | auto (default: the
 SetOpt = typer.Option(None, "--set", help="Override a spec field: dotted.path=value (YAML value). Repeatable.")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _echo(message: str) -> None:
+    """Print a result: on rank 0 only."""
+    if _rank() == 0:
+        typer.echo(message)
+
+
 def _err(message: str) -> None:
-    typer.echo(message, err=True)
+    """Print a message every rank would print alike (spec errors, warnings): on rank 0 only."""
+    if _rank() == 0:
+        typer.echo(message, err=True)
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
@@ -62,7 +81,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except Exception as exc:
         if _debug["on"]:
             raise
-        _err(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        where = f"[rank {_rank()}] " if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else ""
+        typer.echo(f"{where}error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
         raise typer.Exit(1) from None
 
 
@@ -107,21 +127,26 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the spec's run.out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in the output directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard",
+                                               help="Also write TensorBoard events to OUT/tensorboard (default: run.tensorboard)."),
     overrides: Optional[list[str]] = SetOpt,
 ) -> None:
     """Run the outer loop; write result.json, metrics.jsonl and checkpoints. Without SPEC, runs the
-    default preset (data hyper-cleaning on the digits data)."""
+    default preset (data hyper-cleaning on the digits data). Launched by torchrun with several
+    processes, the run is data parallel (docs/howto/torchrun.md)."""
     from bilevel.runtime.loop import run as run_loop
 
     def go() -> None:
         loaded = _load(spec, overrides)
-        result = run_loop(loaded, _engine(engine, loaded), device, out, resume, progress=not quiet, log=_err)
+        result = run_loop(loaded, _engine(engine, loaded), device, out, resume, progress=not quiet, log=_err,
+                          tensorboard=tensorboard)
         r = result.result
-        typer.echo(f"engine: {r['engine']}  steps: {r['steps']}  final upper loss: {r['final_upper_loss']:.6g}"
-                   f"  wall time: {r['wall_time_s']:.1f}s  device: {r['device']}")
+        processes = f"  processes: {r['world_size']}" if r.get("world_size", 1) > 1 else ""
+        _echo(f"engine: {r['engine']}  steps: {r['steps']}  final upper loss: {r['final_upper_loss']:.6g}"
+              f"  wall time: {r['wall_time_s']:.1f}s  device: {r['device']}{processes}")
         for key, value in (r.get("report") or {}).items():
-            typer.echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
-        typer.echo(f"results in {result.out}/result.json")
+            _echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        _echo(f"results in {result.out}/result.json")
 
     _guard(go)
 
@@ -185,14 +210,14 @@ def hypergrad(
         loaded = _load(spec, overrides)
         out = hypergrad_at_init(loaded, _engine(engine, loaded), device)
         if as_json:
-            typer.echo(json.dumps(out))
+            _echo(json.dumps(out))
             return
-        typer.echo(f"engine: {out['engine']}  upper loss: {out['upper_loss']:.6g}")
+        _echo(f"engine: {out['engine']}  upper loss: {out['upper_loss']:.6g}")
         if not out["is_hypergradient"]:
-            typer.echo(f"note: {out['engine']} is a single-loop method; this is its first search direction, not a hypergradient")
+            _echo(f"note: {out['engine']} is a single-loop method; this is its first search direction, not a hypergradient")
         for name, value in out["hypergradient"].items():
-            typer.echo(f"  d upper / d {name}: {json.dumps(value)[:200]}")
-        typer.echo(f"  stats: {json.dumps(out['stats'])}")
+            _echo(f"  d upper / d {name}: {json.dumps(value)[:200]}")
+        _echo(f"  stats: {json.dumps(out['stats'])}")
 
     _guard(go)
 
@@ -236,6 +261,66 @@ def problems(as_json: bool = typer.Option(False, "--json", help="Print as JSON."
     for name, info in presets.items():
         default = "  (default)" if name == DEFAULT_PRESET else ""
         typer.echo(f"{name}: {info['description']}{default}")
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Run directories (the --out of `bilevel run`), compared in this order."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Output directory (default: RUN_DIR/report for one run, <common parent>/report for several)."),
+) -> None:
+    """Plot the runs' upper loss, hypergradient norm, inner residual and hyperparameter / monitor
+    trajectories (PNG), and write report.md comparing them (engine, steps, final upper loss, wall
+    time, report values)."""
+    from bilevel.reporting import ReportError, write_report
+
+    def go() -> None:
+        try:
+            files = write_report(run_dirs, out)
+        except ReportError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(2) from None
+        _echo(f"summary: {files.summary}")
+        for path in files.plots:
+            _echo(f"plot: {path}")
+
+    _guard(go)
+
+
+@app.command()
+def sweep(
+    target: str = typer.Argument(..., help="A sweep file (YAML with a `sweep:` section naming its spec), or a spec file / preset."),
+    space: Optional[Path] = typer.Option(None, "--space", help="Sweep file with the `sweep:` section, when TARGET is a spec."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", min=1, help="Trials to add to the study (default: sweep.trials, 20)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL, e.g. sqlite:///study.db (default: OUT/study.db)."),
+    study: Optional[str] = typer.Option(None, "--study", help="Study name: the same name resumes the study (default: sweep.study)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory of the trials' runs (default: runs/sweeps/STUDY)."),
+    overrides: Optional[list[str]] = SetOpt,
+) -> None:
+    """Search the settings a run cannot differentiate (engine, outer lr, inner steps, any spec
+    field) with Optuna: one run directory per trial, pruning on the upper loss, the study in SQLite
+    (rerun to add trials). See docs/howto/sweeps.md."""
+    from bilevel.sweeps import prepare_sweep, run_sweep
+
+    def go() -> None:
+        plan = prepare_sweep(target, space, overrides or [], trials=trials, storage=storage, study=study,
+                             out=None if out is None else str(out))
+        searched = ", ".join(f"{d.name} -> {'.'.join(d.path)}" for d in plan.dimensions)
+        _err(f"sweep {plan.sweep.study!r}: {plan.sweep.trials} trial(s) over {searched}; runs in {plan.out}")
+        result = run_sweep(plan.sweep, plan.base, plan.dimensions, plan.out, say=_err)
+        finished = [t for t in result.study.trials if t.state.name == "COMPLETE"]
+        states: dict[str, int] = {}
+        for t in result.study.trials:
+            states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+        _echo(f"study {plan.sweep.study!r} in {result.storage}: {len(result.study.trials)} trials ("
+              + ", ".join(f"{n} {state}" for state, n in states.items()) + ")")
+        if finished:
+            best = result.study.best_trial
+            _echo(f"best: trial {best.number}  {plan.sweep.objective} = {best.value:.6g}  {json.dumps(best.params)}")
+            _echo(f"  run directory: {best.user_attrs.get('run_dir')}")
+        _echo(f"compare the trials: bilevel report {plan.out}/trial-*")
+
+    _guard(go)
 
 
 def main() -> None:

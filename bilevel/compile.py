@@ -12,6 +12,8 @@ import torch
 from torch import Tensor
 
 from bilevel.data import DataStream
+from bilevel.distributed.reduce import current_world
+from bilevel.distributed.shard import replicated_share, shard_rows
 from bilevel.problem import Constraint, Level, ModuleBinding, Problem, project_onto
 from bilevel.refs import RefError, resolve_ref
 from bilevel.spec.errors import SpecError, SpecIssue
@@ -136,9 +138,9 @@ class _Compiler:
         objective = self.ref(spec.objective, f"{base}.objective")
         if objective is not None:
             objective = self.bind(objective, 3, spec.objective_kwargs, f"{base}.objective", "f(upper, lower, batch)")
-        data = None
+        data, share = None, replicated_share(current_world().size)
         if spec.data is not None:
-            data = self.data(spec, f"{base}.data", seed)
+            data, share = self.data(spec, f"{base}.data", seed) or (None, share)
         constraints = []
         for index, cspec in enumerate(spec.constraints):
             path = f"{base}.constraints.{index}"
@@ -161,9 +163,11 @@ class _Compiler:
             assumptions=spec.assumptions,
             sets=tuple(sets),
             constraints=tuple(constraints),
+            share=share,
         )
 
-    def data(self, spec: LevelSpec, path: str, seed: int) -> DataStream | None:
+    def data(self, spec: LevelSpec, path: str, seed: int) -> tuple[DataStream, float] | None:
+        """The level's data stream and this rank's share of the level (its shard under data parallelism)."""
         assert spec.data is not None
         source = self.ref(spec.data.source, f"{path}.source")
         if source is None:
@@ -180,10 +184,18 @@ class _Compiler:
         if None in sizes.values() or len(set(sizes.values())) != 1:
             self.fail(f"{path}.source", f"all tensors need the same first dimension (got {sizes})")
             return None
+        world, share = current_world(), replicated_share(current_world().size)
+        if world.active and spec.data.shard:  # shard before moving: a rank's device holds its shard only
+            try:
+                raw, share = shard_rows(raw, world.rank, world.size)
+            except ValueError as exc:
+                self.fail(f"{path}.shard", f"{exc}; use fewer processes, or shard: false to give every process the whole data")
+                return None
+            seed += 7919 * world.rank  # each shard is shuffled by its own generator
         moved = {
             k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in raw.items()
         }
-        return DataStream(moved, spec.data.batch_size, seed)
+        return DataStream(moved, spec.data.batch_size, seed), share
 
     # --- dry run ---------------------------------------------------------------------------
     def dry_run(self, problem: Problem) -> None:

@@ -114,6 +114,14 @@ class Level:
     assumptions: Assumptions = field(default_factory=Assumptions)
     sets: tuple[BoxSet | SimplexSet | None, ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    share: float = 1.0
+    """This rank's weight in the level's union objective under data parallelism: its fraction of
+    the level's examples, or 1/W when every rank holds the whole data; 1 in a single process
+    (bilevel.distributed.reduce)."""
+
+    def shared(self, value: Tensor) -> Tensor:
+        """``value`` weighted by this rank's share (unchanged in a single process)."""
+        return value if self.share == 1.0 else value * self.share
 
     def items(self, params: Sequence[Tensor]) -> dict[str, Any]:
         """Name -> what user code sees, for this level's variables at ``params``."""
@@ -162,7 +170,9 @@ class Problem:
     """A compiled bilevel problem on a device and dtype.
 
     ``upper`` is the top level (variables x, objective F); ``lower`` its child (variables y,
-    objective G). Both objectives are called as f(upper_view, lower_view, batch)."""
+    objective G). Both objectives are called as f(upper_view, lower_view, batch). In a
+    data-parallel run ``upper_objective`` and ``lower_objective`` return this rank's share of the
+    union objective (Level.share); engines never see the difference."""
 
     name: str
     levels: dict[str, Level]
@@ -185,7 +195,7 @@ class Problem:
 
     def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
         """F(x, y) on an upper batch."""
-        return self.upper.objective(self.upper.view(x), self.lower.view(y), batch)
+        return self.upper.shared(self.upper.objective(self.upper.view(x), self.lower.view(y), batch))
 
     def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
         """G(x, y) on a lower batch, plus the inner solver's weight decay wd/2 ||y||^2 when declared."""
@@ -193,9 +203,9 @@ class Problem:
         value = self.lower.objective(upper, self.lower.view(y), batch)
         solver = self.lower.solver
         if solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
-            return value
+            return self.lower.shared(value)
         decay = upper[solver.tuned["weight_decay"]] if "weight_decay" in solver.tuned else solver.weight_decay
-        return value + 0.5 * decay * sum((p * p).sum() for p in y)
+        return self.lower.shared(value + 0.5 * decay * sum((p * p).sum() for p in y))
 
     def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Tensor]:
         """Optimizer hyperparameter -> the current value of the upper variable it is tuned by."""

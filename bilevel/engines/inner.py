@@ -1,4 +1,7 @@
-"""The inner loop shared by every engine: k steps of the lower level's optimizer on G(x, .)."""
+"""The inner loop shared by every engine: k steps of the lower level's optimizer on G(x, .).
+
+Under data parallelism each step's gradient is the union's, summed over ranks: as a value in the
+graph-free loop, through the differentiable sum in ``inner_step`` (bilevel.distributed.reduce)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bilevel.distributed.reduce import sum_over_ranks
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
@@ -60,7 +64,7 @@ def solve_lower(
             batch = lower.batch() if batches is None else batches[index]
             leaves = tuple(p.detach().requires_grad_(True) for p in y)
             grads = torch.autograd.grad(objective(x, leaves, batch), leaves, allow_unused=True)
-            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
+            grads = sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)))
             # inputs detached and grads graph-free: the optimizer step records nothing
             y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
             y = lower.project(y)

@@ -80,9 +80,11 @@ class LVHBAEngine(EngineBase):
         y, theta, lam, z = state.lower, state.extra["theta"], state.extra["lam"], state.extra["z"]
 
         def lagrangian(xx: Params, tt: Params, mult: Params) -> torch.Tensor:
-            value = problem.lower_objective(xx, tt, lower_batch)
+            value = problem.lower_objective(xx, tt, lower_batch)  # this rank's share of G
             for g, m in zip(problem.constraint_values(xx, tt, lower_batch), mult):
-                value = value + (m * g).sum()
+                # constraints are replicated on every rank: their term joins the share with its weight
+                term = (m * g).sum()
+                value = value + (term if lower.share == 1.0 else lower.share * term)
             return value
 
         # projected descent-ascent on (theta, lambda), both from the current point

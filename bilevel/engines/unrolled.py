@@ -9,7 +9,12 @@ F(x, y_T) is computed by backpropagating through the iterates (RHG, Franceschi e
 Truncation (T-RHG, Shaban et al. 2019) differentiates through the last K steps only.
 Checkpointing stores every k-th iterate and recomputes each segment during the backward pass
 (Griewank & Walther 2000): memory O(T/k + k) iterates instead of O(T), for one extra forward.
-The result is the exact derivative of the T-step algorithm, whether or not it has converged."""
+The result is the exact derivative of the T-step algorithm, whether or not it has converged.
+
+Data-parallel runs: the inner steps sum their gradients over ranks through a differentiable sum,
+so the backward pass carries partial adjoints (their sum over ranks is the true adjoint; see
+bilevel.distributed.reduce). Segments hand partial adjoints to each other unchanged, and the
+adjoint of x is summed once, at the end."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from bilevel.distributed.reduce import sum_over_ranks
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import lower_start, inner_residual, inner_step, solve_lower
 from bilevel.engines.registry import register
@@ -107,6 +113,8 @@ class UnrolledEngine(EngineBase):
             grad_x = tree_add(grad_x, _zeros_for_none(grads[: len(x)], x_leaf))
             adjoint = grads[len(x) :]
 
+        # partial adjoints of x and this rank's share of F -> their sums over ranks (no-op in one process)
+        *grad_x, upper_loss = sum_over_ranks((*grad_x, upper_loss.detach()))
         y_final = tuple(p.detach() for p in y_end)
         stats = Stats(
             # the last gradient the inner loop evaluated (at y_{T-1}): free, unlike one more evaluation at y_T

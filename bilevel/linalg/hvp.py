@@ -8,7 +8,14 @@ For G(x, y) with gradient g(x, y) = grad_y G:
 ``reverse`` mode builds the graph of g once (one backward with create_graph) and then each
 product is one more backward through it (double backward; Pearlmutter 1994). ``forward`` mode
 computes H v as a forward-mode JVP of torch.func.grad (forward-over-reverse), which does not keep
-the graph of g alive between products."""
+the graph of g alive between products.
+
+Data-parallel runs: the objectives passed in are this rank's shares of the union objective, and
+what these functions return are the union's quantities, summed over ranks here and nowhere else
+(bilevel.distributed.reduce states the semantics): gradients and values in grad_and_value (through a
+differentiable sum when the gradient is to be differentiated, as in unrolling), and each product
+of the Linearization, which keeps its local graph of grad_y G. A single process communicates
+nothing."""
 
 from __future__ import annotations
 
@@ -18,18 +25,28 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from bilevel.distributed.reduce import sum_over_ranks, sum_over_ranks_differentiable
+
 __all__ = ["Linearization", "grad_and_value", "joint_grad"]
 
 Params = tuple[Tensor, ...]
 
 
 def grad_and_value(
-    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False
+    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False, local: bool = False
 ) -> tuple[Params, Tensor]:
-    """(grad fn(params), fn(params)) with unused inputs getting zero gradients."""
+    """(grad fn(params), fn(params)) with unused inputs getting zero gradients.
+
+    Under data parallelism both are summed over ranks (one collective): as values, or through the
+    differentiable sum when ``create_graph`` (the gradient is then differentiated, e.g. by
+    unrolling). ``local=True`` returns this rank's share unsummed."""
     value = fn(tuple(params))
     grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
-    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)), value
+    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+    if local:
+        return grads, value
+    *summed, value = (sum_over_ranks_differentiable if create_graph else sum_over_ranks)((*grads, value))
+    return tuple(summed), value
 
 
 def joint_grad(
@@ -59,14 +76,18 @@ class Linearization:
         self.mode = mode
         self.x = tuple(p.detach().requires_grad_(True) for p in x)
         self.y = tuple(p.detach().requires_grad_(True) for p in y)
-        self.grad_y, self.value = grad_and_value(lambda yy: objective(self.x, yy), self.y, create_graph=True)
+        # the local graph of grad_y G^(r): products are taken through it and then summed over ranks
+        self._local_grad_y, value = grad_and_value(lambda yy: objective(self.x, yy), self.y, create_graph=True, local=True)
+        *grad_y, self.value = sum_over_ranks((*self._local_grad_y, value))
+        self.grad_y: Params = tuple(grad_y)
+        """grad_y G at (x, y) (summed over ranks; in a single process the tensors of the graph itself)."""
 
     def hvp(self, v: Sequence[Tensor]) -> Params:
         """grad^2_yy G v."""
         if self.mode == "forward":
             return self._hvp_forward(tuple(v))
-        out = torch.autograd.grad(self.grad_y, self.y, tuple(v), retain_graph=True, allow_unused=True)
-        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out))
+        out = torch.autograd.grad(self._local_grad_y, self.y, tuple(v), retain_graph=True, allow_unused=True)
+        return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out)))
 
     def _hvp_forward(self, v: Params) -> Params:
         x = tuple(p.detach() for p in self.x)
@@ -76,12 +97,12 @@ class Linearization:
             return torch.func.grad(lambda t: self.objective(x, t))(yy)
 
         _, tangent = torch.func.jvp(grad_y, (y,), (v,))
-        return tuple(tangent)
+        return sum_over_ranks(tuple(tangent))
 
     def vjp_x(self, v: Sequence[Tensor], retain_graph: bool = False) -> Params:
         """(grad^2_xy G)^T v, i.e. d/dx <grad_y G, v>."""
-        out = torch.autograd.grad(self.grad_y, self.x, tuple(v), retain_graph=retain_graph, allow_unused=True)
-        return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out))
+        out = torch.autograd.grad(self._local_grad_y, self.x, tuple(v), retain_graph=retain_graph, allow_unused=True)
+        return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out)))
 
     def hvp_batched(self, basis: Tensor) -> Tensor:
         """Rows H e_i for a batch of flat vectors ``basis`` (k, n): assembles H for a direct solve."""
@@ -89,9 +110,9 @@ class Linearization:
         sizes = [p.numel() for p in self.y]
         parts = torch.split(basis, sizes, dim=1)
         vs = tuple(part.reshape(basis.shape[0], *shape) for part, shape in zip(parts, shapes))
-        out = torch.autograd.grad(self.grad_y, self.y, vs, retain_graph=True, is_grads_batched=True, allow_unused=True)
+        out = torch.autograd.grad(self._local_grad_y, self.y, vs, retain_graph=True, is_grads_batched=True, allow_unused=True)
         rows = [
             torch.zeros(basis.shape[0], n, dtype=basis.dtype, device=basis.device) if g is None else g.reshape(basis.shape[0], -1)
             for g, n in zip(out, sizes)
         ]
-        return torch.cat(rows, dim=1)
+        return sum_over_ranks((torch.cat(rows, dim=1),))[0]

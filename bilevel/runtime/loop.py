@@ -4,7 +4,12 @@ Per outer step k (x_k the upper variables):
     g_k = engine.hypergrad(problem, x_k, state_k)      (lower solve warm-started from state_k)
     x_{k+1} = Proj(outer_optimizer.step(x_k, g_k))
 One host synchronization per outer step reads the loss and gradient norm (for the NaN guard,
-the progress bar and metrics); nothing inside the inner loop or the linear solve synchronizes."""
+the progress bar and metrics); nothing inside the inner loop or the linear solve synchronizes.
+
+Launched by torchrun with several processes, the run is data parallel (bilevel.distributed):
+every rank runs this loop on its data shards with replicated variables, the engines return the
+union's hypergradient, and only rank 0 writes outputs (metrics, TensorBoard events, checkpoints,
+result.json, the problem's report and monitor files)."""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ from typing import Any
 
 import torch
 
-from bilevel.compile import compile_spec
+from bilevel.compile import compile_spec, resolve_device
+from bilevel.distributed import broadcast_from_main, current_world, data_parallel, sum_over_ranks
 from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
@@ -28,11 +34,16 @@ from bilevel.planner import Plan, make_plan
 from bilevel.problem import Params, Problem
 from bilevel.runtime.callbacks import MetricsWriter, Progress
 from bilevel.runtime.outer import build_outer_optimizer, scheduled_lr
-from bilevel.runtime.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from bilevel.runtime.checkpoint import CHECKPOINT_NAME, atomic_write_json
+from bilevel.runtime.snapshot import WorldSizeMismatch, load_snapshot, save_snapshot
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["DivergenceError", "RunResult", "hypergrad_at_init", "run", "to_nested"]
+__all__ = ["TRACKED_UPPER_NUMEL", "DivergenceError", "RunResult", "hypergrad_at_init", "run", "to_nested"]
+
+TRACKED_UPPER_NUMEL = 16
+"""Upper tensor variables with at most this many entries are logged in every metrics record
+(under "upper"), so that hyperparameter trajectories need no monitor."""
 
 
 class DivergenceError(RuntimeError):
@@ -63,7 +74,7 @@ def to_nested(value: Any) -> Any:
 
 def _fingerprint(loaded: LoadedSpec) -> str:
     data = loaded.spec.model_dump(mode="json")
-    for key in ("steps", "out", "checkpoint_every", "log_every", "monitor_every"):
+    for key in ("steps", "out", "checkpoint_every", "log_every", "monitor_every", "tensorboard", "distributed"):
         data["run"].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -72,9 +83,11 @@ def _as_loaded(spec: LoadedSpec | BilevelSpec) -> LoadedSpec:
     return spec if isinstance(spec, LoadedSpec) else LoadedSpec(spec)
 
 
-def _prepare(loaded: LoadedSpec, engine: Any, device: str | None) -> tuple[Problem, Plan, Any]:
+def _prepare(loaded: LoadedSpec, engine: Any, device: str | torch.device | None) -> tuple[Problem, Plan, Any]:
     problem = compile_spec(loaded, device)
-    plan = make_plan(loaded, problem, engine)
+    # data parallel: every rank runs rank 0's plan (shard sizes and free device memory, which the
+    # planner reads, can differ between ranks, and so could the engine configuration)
+    plan = broadcast_from_main(make_plan(loaded, problem, engine))
     return problem, plan, build_engine(plan.engine)
 
 
@@ -82,9 +95,10 @@ def hypergrad_at_init(loaded: LoadedSpec | BilevelSpec, engine: Any = None, devi
     """The hypergradient at the upper variables' initial values, after the lower solve the spec
     declares (what `bilevel hypergrad` prints)."""
     loaded = _as_loaded(loaded)
-    problem, plan, eng = _prepare(loaded, engine, device)
-    x = problem.fresh(problem.upper.init)
-    result = eng.hypergrad(problem, x, eng.init(problem, x), problem.upper.batch())
+    with _world(loaded, device) as (_, rank_device):
+        problem, plan, eng = _prepare(loaded, engine, rank_device)
+        x = problem.fresh(problem.upper.init)
+        result = eng.hypergrad(problem, x, eng.init(problem, x), problem.upper.batch())
     is_hypergradient = engine_capabilities()[plan.engine.kind].returns_hypergradient
     return {
         "engine": plan.engine.kind,
@@ -97,6 +111,13 @@ def hypergrad_at_init(loaded: LoadedSpec | BilevelSpec, engine: Any = None, devi
     }
 
 
+def _world(loaded: LoadedSpec, device: str | torch.device | None) -> Any:
+    """The data-parallel context of a run (a single process unless launched by torchrun)."""
+    settings = loaded.spec.run.distributed
+    requested = resolve_device(str(device) if device is not None else loaded.spec.run.device)
+    return data_parallel(requested, settings.backend, settings.timeout_s)
+
+
 def run(
     loaded: LoadedSpec | BilevelSpec,
     engine: Any = None,
@@ -106,18 +127,45 @@ def run(
     progress: bool = True,
     log: Any = None,
     on_step: Callable[[int, Params, Params], None] | None = None,
+    tensorboard: bool | None = None,
+    on_record: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> RunResult:
     """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json.
 
     ``engine`` (an engine config such as ImplicitConfig()) overrides the spec and the planner.
     ``on_step(step, x, y)`` is called after every outer step with the detached upper and lower
-    variables (for traces and custom logging; it must not modify them)."""
+    variables (for traces and custom logging; it must not modify them). ``on_record(record)`` is
+    called with every metrics record (what metrics.jsonl receives); returning a string ends the
+    run after that step with the string as its stop reason (status "stopped_early"; used for
+    pruning by sweeps). ``tensorboard`` overrides run.tensorboard.
+
+    Launched by torchrun with several processes (or with torch.distributed initialized by the
+    caller), the run is data parallel; every rank returns the same RunResult."""
     loaded = _as_loaded(loaded)
+    with _world(loaded, device) as (_, rank_device):
+        return _run(loaded, engine, rank_device, out, resume, progress, log, on_step, tensorboard, on_record)
+
+
+def _run(
+    loaded: LoadedSpec,
+    engine: Any,
+    device: torch.device,
+    out: str | Path | None,
+    resume: bool,
+    progress: bool,
+    log: Any,
+    on_step: Callable[[int, Params, Params], None] | None,
+    tensorboard: bool | None,
+    on_record: Callable[[dict[str, Any]], str | None] | None,
+) -> RunResult:
     spec = loaded.spec
+    world = current_world()
+    main = world.is_main
     problem, plan, eng = _prepare(loaded, engine, device)
     out_dir = Path(out if out is not None else spec.run.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda message: None)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    say = (log or (lambda message: None)) if main else (lambda message: None)
     for warning in plan.warnings:
         say(f"warning: {warning}")
 
@@ -129,10 +177,15 @@ def run(
     start_step = 0
     fingerprint = _fingerprint(loaded)
 
-    checkpoint = load_checkpoint(out_dir) if resume else None
+    try:
+        loaded_snapshot = load_snapshot(out_dir) if resume else None
+    except WorldSizeMismatch as exc:
+        raise loaded.error("", str(exc)) from None
+    checkpoint, local = loaded_snapshot if loaded_snapshot is not None else (None, None)
     if resume and checkpoint is None:
         say(f"no checkpoint in {out_dir}; starting from the beginning")
     if checkpoint is not None:
+        assert local is not None
         if checkpoint["fingerprint"] != fingerprint:
             raise loaded.error("", f"the checkpoint in {out_dir} was written for a different spec; use another --out or drop --resume")
         with torch.no_grad():
@@ -140,28 +193,39 @@ def run(
                 p.copy_(saved.to(p.device, p.dtype))
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = EngineState.from_state_dict(_to_device(checkpoint["engine_state"], problem.device))
-        for name, level in problem.levels.items():
-            if level.data is not None and name in checkpoint["data"]:
-                level.data.load_state_dict(checkpoint["data"][name])
-        torch.set_rng_state(checkpoint["rng"])
+        for name, level in problem.levels.items():  # this rank's data streams, over its shards
+            if level.data is not None and name in local["data"]:
+                level.data.load_state_dict(local["data"][name])
+        torch.set_rng_state(local["rng"])
         start_step = int(checkpoint["step"])
-        say(f"resuming from step {start_step} ({out_dir / 'checkpoint.pt'})")
+        say(f"resuming from step {start_step} ({out_dir / CHECKPOINT_NAME})")
 
-    def snapshot(step: int) -> dict[str, Any]:
-        return {
+    def snapshot(step: int) -> Path:
+        """Checkpoint at ``step`` (collective: every rank calls it, rank 0 writes)."""
+        replicated = {
             "step": step,
             "fingerprint": fingerprint,
             "x": [p.detach().cpu() for p in x],
             "optimizer": optimizer.state_dict(),
             "engine_state": _to_device(state.state_dict(), torch.device("cpu")),
+        }
+        local = {
             "data": {n: lvl.data.state_dict() for n, lvl in problem.levels.items() if lvl.data is not None},
             "rng": torch.get_rng_state(),
         }
+        return save_snapshot(out_dir, replicated, local)
 
-    metrics = MetricsWriter(out_dir / "metrics.jsonl", start_step if checkpoint is not None else None)
-    bar = Progress(spec.run.steps, start_step, progress, f"{spec.name} [{plan.engine.kind}]")
+    resumed_at = start_step if checkpoint is not None else None
+    metrics = MetricsWriter(out_dir / "metrics.jsonl", resumed_at) if main else None
+    board = None
+    if main and (spec.run.tensorboard if tensorboard is None else tensorboard):
+        from bilevel.runtime.tensorboard import TensorBoardLogger
+
+        board = TensorBoardLogger(out_dir / "tensorboard", resumed_at)
+    tracked = _tracked_upper(problem)
+    bar = Progress(spec.run.steps, start_step, progress and main, f"{spec.name} [{plan.engine.kind}]")
     began = time.perf_counter()
-    last_checkpoint: Path | None = out_dir / "checkpoint.pt" if checkpoint is not None else None
+    last_checkpoint: Path | None = out_dir / CHECKPOINT_NAME if checkpoint is not None else None
     last_stats: dict[str, Any] = {}
     final_step, stop_reason = spec.run.steps, None
     try:
@@ -172,7 +236,9 @@ def run(
                 state = result.state
                 say(f"stopped after {step} steps: {stop_reason}")
                 break
-            loss, grad_norm = torch.stack([result.upper_loss.reshape(()), tree_norm(result.grad)]).tolist()
+            read = [result.upper_loss.reshape(1), tree_norm(result.grad).reshape(1)]
+            read += [x[index].detach().reshape(-1).to(read[0].dtype) for _, index in tracked]
+            loss, grad_norm, *upper_values = torch.cat(read).tolist()  # the one host sync of the step
             if not (_finite(loss) and _finite(grad_norm)):
                 message = (
                     f"step {step + 1}: the {'upper loss' if not _finite(loss) else 'hypergradient'} is not finite"
@@ -180,7 +246,8 @@ def run(
                 )
                 if last_checkpoint is not None:
                     message += f" The last good checkpoint is {last_checkpoint} (resume with --resume)."
-                _write_result(out_dir, _result_base(loaded, problem, plan, x, step, began) | {"status": "diverged", "message": message})
+                if main:
+                    _write_result(out_dir, _result_base(loaded, problem, plan, x, step, began) | {"status": "diverged", "message": message})
                 raise DivergenceError(message, step + 1, last_checkpoint)
             for p, g in zip(x, result.grad):
                 p.grad = g
@@ -194,24 +261,39 @@ def run(
                     p.copy_(projected)
             last_stats = result.stats.as_floats()
             record: dict[str, Any] = {}
-            if (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps:
+            logged = (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps
+            monitored = problem.monitor is not None and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps)
+            if logged:
                 record = {"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
                           "elapsed_s": time.perf_counter() - began}
-            if problem.monitor is not None and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps):
+                if tracked:
+                    record["upper"] = _unflatten_tracked(problem, tracked, upper_values)
+            if main and monitored:  # the monitor runs on rank 0 only (it may write files)
                 record = {"step": step + 1, **record, "monitor": _monitor(problem, x, state, step + 1, out_dir)}
-            if record:
+            if record and metrics is not None:
                 metrics.write(record)
+            if record and board is not None:
+                board.write(record)
             bar.update(step + 1, loss, grad_norm)
             if on_step is not None:
                 on_step(step + 1, tuple(p.detach() for p in x), state.lower)
             every = spec.run.checkpoint_every
             if every is not None and (step + 1) % every == 0:
-                last_checkpoint = save_checkpoint(out_dir, snapshot(step + 1))
+                last_checkpoint = snapshot(step + 1)
+            if (logged or monitored) and on_record is not None:
+                stop = broadcast_from_main(on_record(record))  # rank 0 decides for every rank
+                if stop is not None:
+                    final_step, stop_reason = step + 1, str(stop)
+                    say(f"stopped after {step + 1} steps: {stop_reason}")
+                    break
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        if board is not None:
+            board.close()
 
-    save_checkpoint(out_dir, snapshot(final_step))
+    snapshot(final_step)
     wall = time.perf_counter() - began
     y, final_loss = _final_evaluation(problem, x, state)
     result_json = _result_base(loaded, problem, plan, x, final_step, began) | {
@@ -222,11 +304,31 @@ def run(
     }
     if stop_reason is not None:
         result_json["stop_reason"] = stop_reason
-    if problem.report is not None:
-        view = upper.view(tuple(p.detach() for p in x))
-        result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
-    _write_result(out_dir, result_json)
+    if main:
+        if problem.report is not None:
+            view = upper.view(tuple(p.detach() for p in x))
+            result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
+        _write_result(out_dir, result_json)
+    result_json = broadcast_from_main(result_json)  # every rank returns rank 0's result (with its report)
     return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
+
+
+def _tracked_upper(problem: Problem) -> list[tuple[str, int]]:
+    """(name, index in x) of the upper tensor variables small enough to log every step."""
+    upper = problem.upper
+    return [(name, index) for name, index in upper.tensors.items() if upper.init[index].numel() <= TRACKED_UPPER_NUMEL]
+
+
+def _unflatten_tracked(problem: Problem, tracked: list[tuple[str, int]], values: list[float]) -> dict[str, Any]:
+    """Tracked variable name -> its value (a number, or a flat list for a tensor with several entries)."""
+    out: dict[str, Any] = {}
+    offset = 0
+    for name, index in tracked:
+        n = problem.upper.init[index].numel()
+        chunk = values[offset : offset + n]
+        out[name] = chunk[0] if problem.upper.init[index].dim() == 0 else chunk
+        offset += n
+    return out
 
 
 def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir: Path) -> dict[str, Any]:
@@ -246,7 +348,7 @@ def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[
     y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
     batch = None if problem.upper.data is None else problem.upper.data.full
     with torch.no_grad():
-        loss = problem.upper_objective(tuple(p.detach() for p in x), y, batch)
+        (loss,) = sum_over_ranks((problem.upper_objective(tuple(p.detach() for p in x), y, batch),))
     return y, float(loss)
 
 
@@ -260,6 +362,7 @@ def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, st
         "plan_warnings": plan.warnings,
         "steps": steps,
         "device": str(problem.device),
+        "world_size": current_world().size,
         "dtype": str(problem.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
         "wall_time_s": time.perf_counter() - began,

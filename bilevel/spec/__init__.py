@@ -25,7 +25,7 @@ from bilevel.spec.level import (
 )
 from bilevel.spec.load import LoadedSpec, apply_overrides, load_spec, spec_from_data
 from bilevel.spec.problem import BilevelSpec, level_graph
-from bilevel.spec.run import BudgetSpec, RunSpec
+from bilevel.spec.run import BudgetSpec, DistributedSpec, RunSpec
 from bilevel.spec.schema import spec_schema
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "BudgetSpec",
     "ConstraintSpec",
     "DataSpec",
+    "DistributedSpec",
     "EngineSpec",
     "ImplicitConfig",
     "LVHBAConfig",

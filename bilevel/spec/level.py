@@ -80,7 +80,12 @@ class DataSpec(SpecModel):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the source."""
     batch_size: Annotated[int, Field(ge=1)] | None = None
-    """Examples per minibatch; None uses the whole data set as one (deterministic) batch."""
+    """Examples per minibatch; None uses the whole data set as one (deterministic) batch. In a
+    data-parallel run: examples per minibatch on each rank, drawn from its shard."""
+    shard: bool = True
+    """Data-parallel runs (torchrun): split the examples (the rows of every tensor) over the ranks,
+    so that each holds one shard. False: every rank holds the whole data, for data that are not a
+    set of examples (a matrix, a graph). Ignored in a single process."""
 
 
 class OptimizerSpec(SpecModel):

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["LoadedSpec", "apply_overrides", "load_spec", "spec_from_data"]
+__all__ = ["LoadedSpec", "apply_overrides", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
 
 
 @dataclass(frozen=True)
@@ -75,9 +75,10 @@ def _read(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
 _DEFAULT_TAG = {"tensor": "tensor", "box": "box"}
 
 
-def _strip_union_tags(loc: tuple[Any, ...], data: Any) -> list[str]:
+def _strip_union_tags(loc: tuple[Any, ...], data: Any, tags: frozenset[str] = frozenset()) -> list[str]:
     """Pydantic inserts the discriminator's value into the location of tagged-union errors;
-    drop those so the path is the one the user wrote."""
+    drop those (and the extra union ``tags`` of a model whose kind is inferred) so the path is
+    the one the user wrote."""
     parts: list[str] = []
     node = data
     for item in loc:
@@ -85,7 +86,7 @@ def _strip_union_tags(loc: tuple[Any, ...], data: Any) -> list[str]:
         if isinstance(node, dict):
             if item in node:
                 node = node[item]
-            elif node.get("kind", _DEFAULT_TAG.get(item)) == item:
+            elif item in tags or node.get("kind", _DEFAULT_TAG.get(item)) == item:
                 continue
             else:
                 node = None
@@ -128,17 +129,36 @@ def spec_from_data(
     try:
         spec = BilevelSpec.model_validate(data)
     except ValidationError as exc:
-        issues = []
-        for error in exc.errors():
-            parts = _strip_union_tags(error["loc"], data)
-            line = None
-            for cut in range(len(parts), -1, -1):
-                line = lines.get(tuple(parts[:cut]))
-                if line is not None:
-                    break
-            issues.append(SpecIssue(file, ".".join(parts), _describe(error), line))
-        raise SpecError(issues) from None
+        raise SpecError(validation_issues(exc, data, file, lines)) from None
     return LoadedSpec(spec, file, base_dir or Path.cwd(), lines)
+
+
+def validation_issues(
+    exc: ValidationError,
+    data: Any,
+    file: str,
+    lines: dict[tuple[str, ...], int] | None = None,
+    prefix: tuple[str, ...] = (),
+    tags: frozenset[str] = frozenset(),
+) -> list[SpecIssue]:
+    """One SpecIssue per pydantic error, at the dotted path the user wrote (``prefix`` first: the
+    path of ``data`` inside its file), with the line number when known."""
+    lines = lines or {}
+    issues = []
+    for error in exc.errors():
+        parts = [*prefix, *_strip_union_tags(error["loc"], data, tags)]
+        line = None
+        for cut in range(len(parts), -1, -1):
+            line = lines.get(tuple(parts[:cut]))
+            if line is not None:
+                break
+        issues.append(SpecIssue(file, ".".join(parts), _describe(error), line))
+    return issues
+
+
+def read_spec_file(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """A YAML/JSON file's top-level mapping and the line of each dotted path (safe YAML only)."""
+    return _read(Path(path))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<override>") -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pydantic import Field
 
 from bilevel.spec._base import SpecModel
 
-__all__ = ["BudgetSpec", "RunSpec"]
+__all__ = ["BudgetSpec", "DistributedSpec", "RunSpec"]
 
 
 class BudgetSpec(SpecModel):
@@ -16,6 +16,16 @@ class BudgetSpec(SpecModel):
 
     memory_mb: Annotated[float, Field(gt=0)] | None = None
     """Memory available for one hypergradient (MiB); None: the device's free memory, or 4096 on CPU."""
+
+
+class DistributedSpec(SpecModel):
+    """Data-parallel runs over torch.distributed, launched by torchrun (see docs/howto/torchrun.md).
+    Without torchrun (or with one process) these settings are ignored."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """Process-group backend: auto picks nccl when the run's device is cuda, gloo on cpu."""
+    timeout_s: Annotated[float, Field(gt=0)] = 1800.0
+    """How long a rank waits in a collective for the others before the run fails (seconds)."""
 
 
 class RunSpec(SpecModel):
@@ -39,3 +49,8 @@ class RunSpec(SpecModel):
     """Call the spec's monitor function every N outer steps (and after the last one)."""
     budget: BudgetSpec = Field(default_factory=BudgetSpec)
     """Resources the planner may assume."""
+    tensorboard: bool = False
+    """Also log the metrics (and the monitor's values) as TensorBoard scalars under out/tensorboard
+    (needs the tensorboard package: the `tensorboard` extra)."""
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    """Data-parallel settings, used when the run is launched by torchrun with several processes."""

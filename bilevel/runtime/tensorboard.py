@@ -1,0 +1,83 @@
+"""TensorBoard logging beside metrics.jsonl (optional: ``run.tensorboard: true`` or ``--tensorboard``).
+
+Each metrics record becomes scalars at its step: the numbers under their names (upper_loss,
+hypergrad_norm, inner_residual, linear_residual, engine-specific figures), the tracked small upper
+variables as ``upper/<name>`` (``upper/<name>/<i>`` per entry of a vector) and the monitor's values
+as ``monitor/<name>`` alike; a monitor vector longer than MAX_SCALARS entries is logged as a
+histogram. Written through torch.utils.tensorboard into ``<run dir>/tensorboard``; a resumed run
+purges the events written after its checkpoint, so the curves match an uninterrupted run."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MAX_SCALARS", "TensorBoardLogger"]
+
+MAX_SCALARS = 16
+"""Vectors up to this length are logged entry by entry; longer ones as a histogram."""
+
+_SKIPPED = {"step"}
+
+
+class TensorBoardLogger:
+    """Writes metrics records as TensorBoard events."""
+
+    def __init__(self, directory: Path, resume_from_step: int | None):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard is an optional extra
+            raise RuntimeError(
+                "TensorBoard logging needs the tensorboard package: pip install 'bilevel[tensorboard]'"
+                f" (or run without run.tensorboard / --tensorboard); import failed: {exc}"
+            ) from None
+        purge = None if resume_from_step is None else resume_from_step + 1
+        self._writer = SummaryWriter(log_dir=str(directory), purge_step=purge)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        step = int(record["step"])
+        for name, value in record.items():
+            if name in _SKIPPED:
+                continue
+            if name in ("upper", "monitor") and isinstance(value, Mapping):
+                for key, item in value.items():
+                    self._value(f"{name}/{key}", item, step)
+            else:
+                self._value(name, value, step)
+        self._writer.flush()
+
+    def _value(self, tag: str, value: Any, step: int) -> None:
+        if isinstance(value, bool) or value is None:
+            return
+        if isinstance(value, (int, float)):
+            self._writer.add_scalar(tag, value, step)
+            return
+        flat = _numbers(value)
+        if flat is None:
+            return
+        if len(flat) <= MAX_SCALARS:
+            for index, item in enumerate(flat):
+                self._writer.add_scalar(f"{tag}/{index}", item, step)
+        else:
+            import numpy as np
+
+            self._writer.add_histogram(tag, np.asarray(flat), step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _numbers(value: Any) -> list[float] | None:
+    """A (nested) list of numbers flattened, or None when it holds anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [float(value)]
+    if isinstance(value, (list, tuple)):
+        out: list[float] = []
+        for item in value:
+            inner = _numbers(item)
+            if inner is None:
+                return None
+            out += inner
+        return out
+    return None

@@ -1,0 +1,128 @@
+"""Data-parallel runs on 2 gloo processes (CPU): every engine's hypergradient on sharded data
+equals the single-process one on the union of the shards (float64)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import yaml
+
+from bilevel import SpecError, load_spec, run
+from runtime_data import distributed_cases as cases
+
+WORLD = 2
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Every case computed on 2 spawned gloo ranks (one launch for the whole module)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    ranks = mp.spawn(cases.worker, args=(WORLD, str(tmp / "store"), str(tmp)), nprocs=WORLD, join=False)
+    deadline = time.time() + 600
+    while not ranks.join(timeout=1):  # raises when a rank fails
+        if time.time() > deadline:  # a rank waiting in a collective the other never enters
+            for process in ranks.processes:
+                process.terminate()
+            pytest.fail("the ranks did not finish within 600 s")
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def single() -> dict:
+    return cases.all_cases()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("name", list(cases.CASES))
+def test_distributed_hypergradient_equals_single_process(name: str, two_ranks: list[dict], single: dict) -> None:
+    reference = single[name]
+    for key in ("grad", "loss", "residual", "lower"):
+        for call, expected in enumerate(reference[key]):
+            got = two_ranks[0]["cases"][name][key][call]
+            assert _rel(got, expected) < 1e-6, f"{name} {key} call {call}: relative error {_rel(got, expected):.2e}"
+            # replicated: every rank holds bit-identical values
+            assert torch.equal(got, two_ranks[1]["cases"][name][key][call]), f"{name} {key}: ranks differ"
+
+
+def test_each_rank_draws_minibatches_from_its_own_shard(two_ranks: list[dict]) -> None:
+    first, second = (set(r["indices"]) for r in two_ranks)
+    assert first <= set(range(0, 16)) and second <= set(range(16, 31))
+    assert len(first) == 16 and len(second) == 12  # an epoch of 4 batches of 4 / 3 batches of 4 (15 rows)
+
+
+# --- runs: rank 0 writes; torchrun; resume after SIGKILL across ranks -------------------------------
+def test_a_data_parallel_run_matches_the_single_process_run(two_ranks: list[dict], tmp_path: Path) -> None:
+    """Full batches upstairs, minibatches of 8 per rank downstairs: the same run in one process
+    differs (it draws 8 examples per step, not 2 x 8), so compare the run itself: rank 0 wrote
+    everything, rank 1 nothing, and both returned rank 0's result."""
+    main, other = (r["run"] for r in two_ranks)
+    assert main["metrics"] is not None and other["metrics"] is None
+    assert main["result"] == other["result"]
+    assert main["result"]["world_size"] == WORLD and main["result"]["steps"] == cases.KILLABLE_STEPS
+    records = [json.loads(line) for line in main["metrics"].splitlines()]
+    assert [r["step"] for r in records] == list(range(1, cases.KILLABLE_STEPS + 1))
+    assert records[-1]["upper_loss"] < records[0]["upper_loss"]
+
+
+def _torchrun(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+            "-m", "bilevel", *args]
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
+def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dict], tmp_path: Path) -> None:
+    steps = cases.KILLABLE_STEPS
+    spec = tmp_path / "ridge.yaml"
+    # key order kept: the levels' data streams are seeded in declaration order
+    spec.write_text(yaml.safe_dump(cases.killable_ridge(steps, delay=0.05), sort_keys=False))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_torchrun("run", str(spec), "--out", str(out), "-q"), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    kill_after = 5 + int.from_bytes(os.urandom(1), "little") % 16  # a random step in [5, 20]
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    proc.wait()
+    assert not (out / "result.json").exists(), "the run finished before it could be killed"
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 0 < saved["step"] < steps and saved["world_size"] == WORLD and len(saved["ranks"]) == WORLD
+
+    resumed = subprocess.run(_torchrun("run", str(spec), "--out", str(out), "-q", "--resume"),
+                             capture_output=True, text=True, timeout=180, env=_env())
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("resuming from step") == 1  # rank 0 speaks for both
+    assert "processes: 2" in resumed.stdout and resumed.stdout.count("final upper loss") == 1
+    reference = two_ranks[0]["run"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["upper_variables"] == reference["result"]["upper_variables"]
+    assert result["final_upper_loss"] == reference["result"]["final_upper_loss"]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    ref_records = [json.loads(line) for line in reference["metrics"].splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert [r["upper_loss"] for r in records] == [r["upper_loss"] for r in ref_records]
+
+    # a checkpoint written by 2 processes is not resumed by 1
+    with pytest.raises(SpecError, match=r"2 process\(es\)"):
+        run(load_spec(spec), out=out, resume=True, progress=False)
