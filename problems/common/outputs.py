@@ -43,7 +43,8 @@ def save_image_grid(
     n = images.shape[0]
     rows = rows or max(1, int(math.sqrt(n)))
     cols = math.ceil(n / rows)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 0.6, 0.9 * rows + (0.4 if title else 0.1)), squeeze=False)
+    width = max(0.9 * cols + 0.6, 0.07 * len(title) if title else 0.0)
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 0.9 * rows + (0.4 if title else 0.1)), squeeze=False)
     for index in range(rows * cols):
         ax = axes[index // cols][index % cols]
         ax.set_xticks([])
