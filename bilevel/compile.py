@@ -49,7 +49,8 @@ class _Compiler:
         if isinstance(exc, ValidationError):
             for error in exc.errors(include_url=False):
                 where = ".".join([kwargs_path, *(str(part) for part in error["loc"])])
-                self.fail(where, describe_error(error))
+                unknown = error["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+                self.fail(where, f"unknown argument of {ref} (check the spelling)" if unknown else describe_error(error))
             return
         self.fail(path, f"calling {ref} raised {type(exc).__name__}: {exc}")
 

@@ -55,11 +55,11 @@ def save_image_grid(
             continue
         image = images[index]
         if signed is not None:
-            ax.imshow(image.mean(0), cmap="RdBu_r", vmin=-signed, vmax=signed)
+            ax.imshow(image.mean(0).numpy(), cmap="RdBu_r", vmin=-signed, vmax=signed)
         elif image.shape[0] == 1:
-            ax.imshow(image[0].clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(image[0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
         else:
-            ax.imshow(image[:3].permute(1, 2, 0).clamp(0, 1))
+            ax.imshow(image[:3].permute(1, 2, 0).clamp(0, 1).numpy())
         if row_labels is not None and index % cols == 0 and index // cols < len(row_labels):
             ax.set_ylabel(row_labels[index // cols], rotation=0, ha="right", va="center", fontsize=8)
         if col_labels is not None and index < cols and index < len(col_labels):

@@ -178,6 +178,8 @@ def transfer_report(
     split = _split(data)
     pool, test = split["train"], split["test"]
     kwargs = {k: v for k, v in (data or {}).items() if k in _SPLIT_KEYS}
+    if "ssl_steps" in (data or {}):
+        kwargs["steps"] = data["ssl_steps"]  # type: ignore[index]
     images = upper["images"].detach().cpu().float()
     targets = upper["targets"].detach().cpu().float()
     classes = int(max(pool["y"].max(), test["y"].max())) + 1
