@@ -21,6 +21,8 @@ from bilevel.spec.load import LoadedSpec
 __all__ = ["Plan", "ProblemFacts", "make_plan"]
 
 DEFAULT_CPU_MEMORY_MB = 4096.0
+CLOSED_FORM_DIRECT_SIZE = 1024
+"""Largest closed-form lower level whose Hessian the planner assembles and solves densely."""
 
 
 @dataclass(frozen=True)
@@ -265,17 +267,16 @@ def _closed_form(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         f"{lower}.solution gives the lower solution in closed form: it is exact, so implicit differentiation at it"
         " gives the exact hypergradient (no inner steps to unroll, no inner residual)"
     ]
-    direct = LinearSolverSpec(method="direct")
-    if facts.n_lower <= direct.max_direct_size:
-        solver = direct
+    if facts.n_lower <= CLOSED_FORM_DIRECT_SIZE:
+        solver = LinearSolverSpec(method="direct")
         reasons.append(
-            f"the lower level has {facts.n_lower} scalars (<= {direct.max_direct_size}): H is assembled from one batched"
+            f"the lower level has {facts.n_lower} scalars (<= {CLOSED_FORM_DIRECT_SIZE}): H is assembled from one batched"
             " HVP and solved directly, so the linear solve is exact too"
         )
     else:
         solver = LinearSolverSpec(maxiter=100)
         reasons.append(
-            f"the lower level has {facts.n_lower} scalars (> {direct.max_direct_size}, too many for a direct solve):"
+            f"the lower level has {facts.n_lower} scalars (> {CLOSED_FORM_DIRECT_SIZE}; a dense solve costs O(n^3) per step):"
             f" H v = grad_y F is solved by conjugate gradient ({solver.maxiter} iterations on Hessian-vector products)"
         )
     return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)

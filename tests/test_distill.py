@@ -154,3 +154,39 @@ def test_bad_synthetic_sets_are_clear_errors(overrides: list[str], path: str, me
     assert "Traceback" not in result.output
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert any(path + ":" in line and message in line for line in errors), result.output
+
+
+def test_compare_script_prints_its_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from problems.distill import compare
+
+    out = tmp_path / "distill.json"
+    assert compare.main(["--ipc", "1", "--methods", "kip", "--models", "1", "--steps", "2", "--json", str(out)]) == 0
+    assert "| 1 | KIP" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["rows"][0]["ipc"] == 1 and "kip random real subset" in written["rows"][0]
+
+
+def test_timing_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "distill_timing.py"
+    spec = importlib.util.spec_from_file_location("distill_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--device", "cpu", "--ipc", "1", "--students", "linear", "--inner-steps", "3", "--repeats", "1",
+                        "--json", str(tmp_path / "t.json")])
+    assert [row["method"] for row in rows] == ["implicit (CG 20)", "unrolled (3 steps)", "unrolled, checkpoint every 2"]
+    assert rows[1]["cos_vs_implicit"] == pytest.approx(rows[2]["cos_vs_implicit"], abs=1e-5)  # checkpointing changes nothing
+
+
+@pytest.mark.slow
+def test_readme_comparison_distilled_sets_beat_random_subsets() -> None:
+    """The README's table: every method's distilled set beats random real subsets of the same
+    size, by far at 1 image per class (5 evaluation models, 300 outer steps)."""
+    from problems.distill import compare
+
+    results = compare.compare([1, 10], list(compare.METHODS), models=5, steps=300, device="cpu", log=lambda _m: None)
+    for row in results["rows"]:
+        for method in compare.METHODS:
+            gain = row[method]["mean"] - row[f"{method} random real subset"]["mean"]
+            assert gain > (0.15 if row["ipc"] == 1 else 0.02), (row["ipc"], method, gain)

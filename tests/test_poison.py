@@ -171,3 +171,35 @@ def test_optimized_attacks_beat_their_baselines(tmp_path: Path) -> None:
     assert success > backdoor["corner_patch_linear_attack_success"] + 0.3
     assert success > backdoor["random_pattern_linear_attack_success"] + 0.3
     assert backdoor["optimized_trigger_linear_accuracy"] > backdoor["corner_patch_linear_accuracy"] - 0.02
+
+
+def test_compare_script_runs_and_checks_budgets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from problems.poison import compare
+
+    out = tmp_path / "poison.json"
+    assert compare.main(["--seeds", "0", "--steps", "2", "--models", "0", "--attacks", "backdoor", "--json", str(out)]) == 0
+    assert "| corner patch |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["backdoor"][0]["budget_respected"]
+
+
+@pytest.mark.slow
+def test_readme_comparison_over_three_seeds() -> None:
+    """The README's tables (3 seeds): on average the optimized poisons hurt the linear victim
+    more than noise and label flips, and the optimized trigger succeeds more often than the
+    corner patch and the random pattern, on both victims."""
+    from statistics import mean
+
+    from problems.poison.compare import run_attack
+
+    availability = [run_attack("poison/digits_availability", seed, 100, 3, "cpu", None) for seed in (0, 1, 2)]
+    optimized = mean(r["optimized_poisons_linear_accuracy"] for r in availability)
+    assert optimized < mean(r["random_noise_linear_accuracy"] for r in availability) - 0.03
+    assert optimized < mean(r["label_flip_linear_accuracy"] for r in availability) - 0.03
+    backdoor = [run_attack("poison/digits_backdoor", seed, 100, 3, "cpu", None) for seed in (0, 1, 2)]
+    for victim in ("linear", "mlp"):
+        def success(key: str) -> float:
+            values = [r[f"{key}_{victim}_attack_success"] for r in backdoor]
+            return mean(v["mean"] if isinstance(v, dict) else v for v in values)
+
+        assert success("optimized_trigger") > success("corner_patch") + 0.2
+        assert success("optimized_trigger") > success("random_pattern") + 0.05
