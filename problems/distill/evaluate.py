@@ -142,7 +142,8 @@ def report(
             ],
             out_dir,
             "accuracy",
-            title=f"Distillation, {per_class} image(s) per class",
+            title=f"Distillation, {per_class} image(s) per class (data seed {(data or {}).get('seed', 0)};"
+                  f" evaluation seeds 1000-{999 + models})",
         )
     return out
 
@@ -214,5 +215,5 @@ def transfer_report(
                   "linear probe test accuracy": mean_std(values)} for name, values in rows.items()]
         table.append({"pretraining set": "the self-supervised teacher (full pool)", "linear probe test accuracy": teacher_accuracy})
         write_table(table, out_dir, "accuracy", title=f"KRR-ST transfer, {per_class} image(s) per class,"
-                    f" probe with {probe_per_class} labels per class")
+                    f" probe with {probe_per_class} labels per class (data seed {(data or {}).get('seed', 0)})")
     return out

@@ -118,7 +118,8 @@ def availability_report(upper: Any, lower: Any, out_dir: Path | None = None, dat
         save_image_grid(grid[2 * len(shown) :], out_dir / "perturbations.png", rows=1, signed=max(budget.epsilon, 1e-8),
                         title=f"perturbations (red +, blue -), |.| <= {budget.epsilon:g}")
         write_table(rows, out_dir, "attack", title=f"Availability poisoning: {check['poisoned_examples']} of {x.shape[0]}"
-                    f" training images, epsilon {budget.epsilon:g} (max used {check['max_perturbation']:.4f})")
+                    f" training images, epsilon {budget.epsilon:g} (max used {check['max_perturbation']:.4f});"
+                    f" data seed {(data or {}).get('seed', 0)}")
     return out
 
 
@@ -174,5 +175,5 @@ def backdoor_report(upper: Any, lower: Any, out_dir: Path | None = None, data: M
         save_image_grid(examples, out_dir / "triggered.png", rows=len(triggers), row_labels=["optimized", "patch", "random"],
                         title=f"test images with each trigger (epsilon {budget.epsilon:g})")
         write_table(rows, out_dir, "attack", title=f"Backdoor to class {target}: {check['poisoned_examples']} of {x.shape[0]}"
-                    f" training images poisoned, epsilon {budget.epsilon:g}")
+                    f" training images poisoned, epsilon {budget.epsilon:g}; data seed {data.get('seed', 0)}")
     return out

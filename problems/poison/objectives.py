@@ -55,7 +55,7 @@ def perturbation(upper: Any, x: Tensor) -> Tensor:
         name, z = "trigger", upper["trigger"]
         expected = [1, *x.shape[1:]]
     else:
-        raise VariableError("delta", "the attacker needs an upper variable named delta (availability) or trigger (backdoor)", field="")
+        raise ValueError("the attacker needs an upper variable named delta (availability) or trigger (backdoor)")
     if list(z.shape) != expected:
         what = "one perturbation per training example" if name == "delta" else "one pattern"
         raise VariableError(name, f"has shape {list(z.shape)}, but the training images are {list(x.shape[1:])}"
