@@ -17,12 +17,16 @@ def linear(in_shape: Sequence[int] = (1, 8, 8), classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), classes))
 
 
-def mlp(in_shape: Sequence[int] = (1, 8, 8), classes: int = 10, hidden: int = 128, depth: int = 1) -> nn.Module:
-    """``depth`` ReLU hidden layers of width ``hidden`` on the flattened image."""
+def mlp(in_shape: Sequence[int] = (1, 8, 8), classes: int = 10, hidden: int = 128, depth: int = 1,
+        activation: str = "relu") -> nn.Module:
+    """``depth`` hidden layers of width ``hidden`` (ReLU, or tanh: smooth, for derivative checks)
+    on the flattened image."""
+    if activation not in ("relu", "tanh"):
+        raise ValueError(f"unknown activation {activation!r}; expected 'relu' or 'tanh'")
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(in_shape)
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), nn.ReLU() if activation == "relu" else nn.Tanh()]
         width = hidden
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
