@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 
 from bilevel.data import DataStream
@@ -16,9 +17,9 @@ from bilevel.distributed.reduce import current_world
 from bilevel.distributed.shard import replicated_share, shard_rows
 from bilevel.problem import Constraint, Level, ModuleBinding, Problem, project_onto
 from bilevel.refs import RefError, resolve_ref
-from bilevel.spec.errors import SpecError, SpecIssue
-from bilevel.spec.level import LevelSpec, ModuleVariable, TensorVariable
-from bilevel.spec.load import LoadedSpec
+from bilevel.spec.errors import SpecError, SpecIssue, VariableError
+from bilevel.spec.level import LevelSpec, ModuleVariable, OptimizerSpec, TensorVariable
+from bilevel.spec.load import LoadedSpec, describe_error
 from bilevel.spec.problem import BilevelSpec, level_graph
 
 __all__ = ["compile_spec", "resolve_device"]
@@ -42,6 +43,18 @@ class _Compiler:
 
     def fail(self, path: str, message: str) -> None:
         self.issues.append(self.loaded.issue(path, message))
+
+    def fail_call(self, exc: Exception, ref: str, path: str, kwargs_path: str) -> None:
+        """Report an exception raised by user code called with keyword arguments from the spec.
+        A pydantic ValidationError (user code validating its arguments, e.g. with
+        ``pydantic.validate_call``) is reported at the dotted path of each offending argument."""
+        if isinstance(exc, ValidationError):
+            for error in exc.errors(include_url=False):
+                where = ".".join([kwargs_path, *(str(part) for part in error["loc"])])
+                unknown = error["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+                self.fail(where, f"unknown argument of {ref} (check the spelling)" if unknown else describe_error(error))
+            return
+        self.fail(path, f"calling {ref} raised {type(exc).__name__}: {exc}")
 
     def ref(self, ref: str, path: str, want_callable: bool = True) -> Any:
         try:
@@ -87,9 +100,9 @@ class _Compiler:
         if fn is None:
             return None
         try:
-            value = torch.as_tensor(fn(), **kw)
+            value = torch.as_tensor(fn(**var.init_kwargs), **kw)
         except Exception as exc:  # user code
-            self.fail(f"{path}.init", f"calling {init} raised {type(exc).__name__}: {exc}")
+            self.fail_call(exc, init, f"{path}.init", f"{path}.init_kwargs")
             return None
         if tuple(value.shape) != shape:
             self.fail(f"{path}.init", f"{init} returned shape {list(value.shape)}, expected {list(shape)}")
@@ -149,8 +162,22 @@ class _Compiler:
                 fn = self.bind(fn, 3, cspec.kwargs, f"{path}.fn", "c(upper, lower, batch)")
             if fn is not None:
                 constraints.append(Constraint(fn, cspec.kind, cspec.coupled, cspec.affine, path))
+        solution = None
+        if spec.solution is not None:
+            if modules:
+                self.fail(f"{base}.solution", f"a closed-form solution gives tensor variables; {', '.join(modules)}"
+                          " is a module variable")
+            if current_world().active and spec.data is not None and spec.data.shard:
+                self.fail(f"{base}.solution", "a closed-form solution would see only this process's shard of the data"
+                          " under data parallelism; set data.shard: false for this level or run in one process")
+            solution = self.ref(spec.solution, f"{base}.solution")
+            if solution is not None:
+                solution = self.bind(solution, 3, spec.solution_kwargs, f"{base}.solution", "f(upper, lower, batch)")
         if len(self.issues) > n_before:
             return None
+        solver = spec.solver
+        if solver is None and solution is not None:
+            solver = OptimizerSpec(steps=1)  # nothing steps through it: the closed form replaces the solve
         return Level(
             name=name,
             param_names=tuple(names),
@@ -159,11 +186,12 @@ class _Compiler:
             tensors=tensors,
             modules=modules,
             data=data,
-            solver=spec.solver,
+            solver=solver,
             assumptions=spec.assumptions,
             sets=tuple(sets),
             constraints=tuple(constraints),
             share=share,
+            solution=solution,
         )
 
     def data(self, spec: LevelSpec, path: str, seed: int) -> tuple[DataStream, float] | None:
@@ -175,7 +203,7 @@ class _Compiler:
         try:
             raw = source(**spec.data.kwargs)
         except Exception as exc:  # user code
-            self.fail(f"{path}.source", f"calling {spec.data.source} raised {type(exc).__name__}: {exc}")
+            self.fail_call(exc, spec.data.source, f"{path}.source", f"{path}.kwargs")
             return None
         if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, Tensor) for v in raw.values()):
             self.fail(f"{path}.source", f"{spec.data.source} returned {type(raw).__name__}, expected a non-empty mapping name -> Tensor")
@@ -207,6 +235,9 @@ class _Compiler:
             path = f"levels.{level.name}.objective"
             try:
                 value = level.objective(upper.view(upper.init), lower.view(lower.init), batch)
+            except VariableError as exc:  # user code that names the variable at fault
+                self.fail_variable(problem, exc)
+                continue
             except Exception as exc:  # user code
                 self.fail(path, f"evaluating at the initial variables raised {type(exc).__name__}: {exc}"
                           f" (check the shapes under levels.{upper.name}.variables, levels.{lower.name}.variables"
@@ -218,6 +249,42 @@ class _Compiler:
             elif not value.is_floating_point():
                 self.fail(path, f"the objective returned a {value.dtype} tensor, expected a floating-point scalar")
         self.check_constraints(problem)
+        self.check_solution(problem)
+
+    def fail_variable(self, problem: Problem, exc: VariableError) -> None:
+        """A VariableError from user code, reported at the variable's dotted path."""
+        for level in problem.levels.values():
+            if exc.variable in level.tensors or exc.variable in level.modules:
+                self.fail(f"levels.{level.name}.variables.{exc.variable}.{exc.field}", exc.message)
+                return
+        self.fail("levels", str(exc))
+
+    def check_solution(self, problem: Problem) -> None:
+        """A closed-form lower solution returns a float tensor of the declared shape for every
+        tensor variable of the level."""
+        upper, lower = problem.upper, problem.lower
+        if lower.solution is None:
+            return
+        path = f"levels.{lower.name}.solution"
+        batch = None if lower.data is None else lower.data.full
+        try:
+            with torch.no_grad():
+                value = lower.solution(upper.view(upper.init), lower.view(lower.init), batch)
+        except VariableError as exc:
+            self.fail_variable(problem, exc)
+            return
+        except Exception as exc:  # user code
+            self.fail(path, f"evaluating at the initial variables raised {type(exc).__name__}: {exc}")
+            return
+        if not isinstance(value, Mapping) or set(value) != set(lower.tensors):
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            self.fail(path, f"the closed form returned {got}, expected a mapping with the variables {sorted(lower.tensors)}")
+            return
+        for name, index in lower.tensors.items():
+            got, want = value[name], lower.init[index]
+            if not isinstance(got, Tensor) or not got.is_floating_point() or got.shape != want.shape:
+                shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
+                self.fail(path, f"the closed form's {name!r} is {shape}, expected a floating-point Tensor of shape {list(want.shape)}")
 
     def check_constraints(self, problem: Problem) -> None:
         """Each constraint returns a float tensor of its declared shape and holds at the start."""

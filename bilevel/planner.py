@@ -21,6 +21,8 @@ from bilevel.spec.load import LoadedSpec
 __all__ = ["Plan", "ProblemFacts", "make_plan"]
 
 DEFAULT_CPU_MEMORY_MB = 4096.0
+CLOSED_FORM_DIRECT_SIZE = 1024
+"""Largest closed-form lower level whose Hessian the planner assembles and solves densely."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class ProblemFacts:
     bytes_per_scalar: int
     memory_mb: float
     device: str
+    closed_form: bool = False
+    """The lower level declares a closed-form solution (``solution``): it is solved exactly."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -77,6 +81,7 @@ class ProblemFacts:
             bytes_per_scalar=torch.finfo(problem.dtype).bits // 8,
             memory_mb=float(budget),
             device=str(problem.device),
+            closed_form=lower.solution is not None,
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -133,6 +138,11 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
             f"the {kind} engine assumes a lower level that is {' or '.join(caps[kind].lower_convexity)}, but"
             f" levels.{facts.lower_level}.assumptions.convexity = {facts.lower_convexity}: its hypergradient may be wrong"
         )
+    if facts.closed_form and caps[kind].through_optimizer:
+        warnings.append(
+            f"levels.{facts.lower_level}.solution solves the lower level in closed form, but the {kind} engine"
+            " differentiates the inner solver's steps (started from that solution); the implicit engine is exact here"
+        )
     return Plan(requested, [f"engine {kind!r} requested explicitly in the spec or on the command line"], warnings, facts)
 
 
@@ -148,7 +158,7 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:
-        for rule in (_constrained, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
+        for rule in (_constrained, _closed_form, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
             plan = rule(facts, loaded)
             if plan is not None:
                 break
@@ -245,6 +255,29 @@ def _strongly_convex(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         reasons.append(
             f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
             f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
+        )
+    return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)
+
+
+def _closed_form(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.closed_form or "implicit" not in engine_capabilities():
+        return None
+    lower = f"levels.{facts.lower_level}"
+    reasons = [
+        f"{lower}.solution gives the lower solution in closed form: it is exact, so implicit differentiation at it"
+        " gives the exact hypergradient (no inner steps to unroll, no inner residual)"
+    ]
+    if facts.n_lower <= CLOSED_FORM_DIRECT_SIZE:
+        solver = LinearSolverSpec(method="direct")
+        reasons.append(
+            f"the lower level has {facts.n_lower} scalars (<= {CLOSED_FORM_DIRECT_SIZE}): H is assembled from one batched"
+            " HVP and solved directly, so the linear solve is exact too"
+        )
+    else:
+        solver = LinearSolverSpec(maxiter=100)
+        reasons.append(
+            f"the lower level has {facts.n_lower} scalars (> {CLOSED_FORM_DIRECT_SIZE}; a dense solve costs O(n^3) per step):"
+            f" H v = grad_y F is solved by conjugate gradient ({solver.maxiter} iterations on Hessian-vector products)"
         )
     return Plan(ImplicitConfig(linear_solver=solver), reasons, [], facts)
 

@@ -114,6 +114,9 @@ class Level:
     assumptions: Assumptions = field(default_factory=Assumptions)
     sets: tuple[BoxSet | SimplexSet | None, ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    solution: Callable[[VariableView, VariableView, Any], Mapping[str, Tensor]] | None = None
+    """Closed-form minimizer of the objective, solution(upper, lower, batch) -> name -> Tensor
+    (tensor variables only); None: the inner solver's steps find it."""
     share: float = 1.0
     """This rank's weight in the level's union objective under data parallelism: its fraction of
     the level's examples, or 1/W when every rank holds the whole data; 1 in a single process
@@ -140,6 +143,13 @@ class Level:
 
     def batch(self) -> Any:
         return None if self.data is None else self.data.next()
+
+    def from_items(self, values: Mapping[str, Tensor], like: Params) -> Params:
+        """The flat tuple holding ``values`` (tensor variables by name), cast like ``like``."""
+        flat = list(like)
+        for name, index in self.tensors.items():
+            flat[index] = values[name].to(dtype=like[index].dtype, device=like[index].device)
+        return tuple(flat)
 
     def project(self, params: Params) -> Params:
         """Projection onto the declared simple sets (identity where none is declared)."""

@@ -19,7 +19,7 @@ from bilevel.problem import Params, Problem
 if TYPE_CHECKING:
     from bilevel.engines.base import EngineState
 
-__all__ = ["inner_residual", "inner_step", "lower_start", "solve_lower", "start_state"]
+__all__ = ["closed_form_solution", "inner_residual", "inner_step", "lower_start", "solve_lower", "start_state"]
 
 
 def start_state(problem: Problem) -> "EngineState":
@@ -55,9 +55,14 @@ def solve_lower(
     batches: Sequence[Any] | None = None,
 ) -> tuple[Params, Params]:
     """Optimizer steps from y without building a graph (x is treated as a constant): one per
-    entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data."""
+    entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data.
+    A lower level with a closed-form solution is solved exactly instead (on the last of
+    ``batches``, or on the next lower batch), whenever at least one step is asked for."""
     x = tuple(p.detach() for p in x)
     objective, lower = problem.lower_objective, problem.lower
+    if lower.solution is not None and (steps > 0 if batches is None else len(batches) > 0):
+        batch = lower.batch() if batches is None else batches[-1]
+        return closed_form_solution(problem, x, y, batch), tuple(s.detach() for s in state)
     hyper = problem.tuned_hyperparameters(x, optimizer.spec.tuned)
     with torch.enable_grad():  # once, not per step: the update below builds no graph anyway
         for index in range(steps if batches is None else len(batches)):
@@ -69,6 +74,15 @@ def solve_lower(
             y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
             y = lower.project(y)
     return tuple(p.detach() for p in y), tuple(s.detach() for s in state)
+
+
+def closed_form_solution(problem: Problem, x: Params, y: Params, batch: Any) -> Params:
+    """The lower level's closed-form minimizer at x (no graph: engines differentiate it themselves)."""
+    lower = problem.lower
+    assert lower.solution is not None
+    with torch.no_grad():
+        values = lower.solution(problem.upper.view(tuple(p.detach() for p in x)), lower.view(y), batch)
+    return lower.from_items(values, tuple(p.detach() for p in y))
 
 
 def inner_residual(problem: Problem, x: Params, y: Params, batch: Any) -> torch.Tensor:

@@ -13,7 +13,7 @@ from bilevel.spec.engine import (
     PenaltyConfig,
     UnrolledConfig,
 )
-from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.errors import SpecError, SpecIssue, VariableError
 from bilevel.spec.level import (
     Assumptions,
     DataSpec,
@@ -54,6 +54,7 @@ __all__ = [
     "TensorVariable",
     "UnrolledConfig",
     "Variable",
+    "VariableError",
     "VariableSet",
     "apply_overrides",
     "level_graph",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SpecError", "SpecIssue"]
+__all__ = ["SpecError", "SpecIssue", "VariableError"]
 
 
 @dataclass(frozen=True)
@@ -31,3 +31,16 @@ class SpecError(Exception):
     @classmethod
     def single(cls, file: str, path: str, message: str) -> "SpecError":
         return cls([SpecIssue(file, path, message)])
+
+
+class VariableError(ValueError):
+    """Raised by user code (an objective, a closed-form solver) when a declared variable does not
+    fit the problem, e.g. synthetic images whose shape differs from the data's. When it happens
+    while a spec is compiled, the error is reported at the variable's own dotted path,
+    ``levels.<level>.variables.<variable>.<field>``, instead of at the objective that noticed it."""
+
+    def __init__(self, variable: str, message: str, field: str = "shape"):
+        self.variable = variable
+        self.field = field
+        self.message = message
+        super().__init__(f"variable {variable!r}: {message}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from bilevel.spec._base import SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
@@ -39,11 +39,21 @@ class TensorVariable(SpecModel):
     init: Union[float, Literal["zeros", "ones", "normal", "uniform"], CallableRef] = 0.0
     """Initial value: a constant, a named initializer (normal and uniform are scaled by init_scale),
     or a reference to a function returning a tensor of the declared shape."""
+    init_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to an init function reference (e.g. which real examples start a
+    synthetic data set); only allowed when ``init`` is a reference."""
     init_scale: float = 1.0
     """Standard deviation of "normal" / half-width of "uniform"."""
     set: VariableSet | None = None
     """Simple set the variable is projected onto after each update: {kind: box, low, high} (the
     default kind) or {kind: simplex, radius}. None: unconstrained."""
+
+    @model_validator(mode="after")
+    def _kwargs_need_a_reference(self) -> "TensorVariable":
+        if self.init_kwargs and (not isinstance(self.init, str) or ":" not in self.init):
+            raise ValueError(f"init_kwargs are passed to an init function; init is {self.init!r}, not a reference"
+                             ' "module:attr"')
+        return self
 
 
 class ModuleVariable(SpecModel):
@@ -153,6 +163,15 @@ class LevelSpec(SpecModel):
     """Declared facts about this level."""
     constraints: list[ConstraintSpec] = Field(default_factory=list)
     """Constraints on this level's variables (feasible where <= 0 / == 0)."""
+    solution: CallableRef | None = None
+    """Closed-form solver of a lower level: f(upper, lower, batch) -> mapping variable name ->
+    Tensor, the minimizer of the level's objective (weight decay included, inside its sets) for
+    every tensor variable of the level, e.g. a kernel ridge regression solved with
+    torch.linalg.solve. When given, every lower solve returns it instead of running the inner
+    solver's steps, so the implicit engine differentiates the exact solution; the inner solver
+    may then be omitted (it matters only to engines that step through it)."""
+    solution_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Extra keyword arguments bound to the closed-form solver."""
 
     @field_validator("variables")
     @classmethod

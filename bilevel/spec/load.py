@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["LoadedSpec", "apply_overrides", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
+__all__ = ["LoadedSpec", "apply_overrides", "describe_error", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ def _strip_union_tags(loc: tuple[Any, ...], data: Any, tags: frozenset[str] = fr
     return parts
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any]) -> str:
+    """One pydantic error as the message a user reads (what was expected, and what was given)."""
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown field (check the spelling; `bilevel schema` lists the fields)"
@@ -152,7 +153,7 @@ def validation_issues(
             line = lines.get(tuple(parts[:cut]))
             if line is not None:
                 break
-        issues.append(SpecIssue(file, ".".join(parts), _describe(error), line))
+        issues.append(SpecIssue(file, ".".join(parts), describe_error(error), line))
     return issues
 
 

@@ -1,0 +1,26 @@
+"""Helpers shared by the problem families whose upper variables are images (dataset distillation,
+data poisoning): image data sets as (N, C, H, W) tensors, fresh models trained from a random
+initialization for evaluation, PNG image grids and result tables."""
+
+from __future__ import annotations
+
+from problems.common.images import class_balanced_subset, image_split, one_hot
+from problems.common.models import convnet, linear, make_model, mlp
+from problems.common.outputs import mean_std, save_image_grid, write_table
+from problems.common.training import accuracy, fit_linear, train_model
+
+__all__ = [
+    "accuracy",
+    "class_balanced_subset",
+    "convnet",
+    "fit_linear",
+    "image_split",
+    "linear",
+    "make_model",
+    "mean_std",
+    "mlp",
+    "one_hot",
+    "save_image_grid",
+    "train_model",
+    "write_table",
+]

@@ -1,0 +1,141 @@
+"""The distillation comparison of the README: for 1 and 10 images per class, every method's
+distilled set against random real subsets of the same size, each evaluated by fresh, randomly
+initialized MLPs (mean +- std over 5 models). Prints a Markdown table and writes JSON.
+
+    python -m problems.distill.compare                                   # the README's table
+    python -m problems.distill.compare --ipc 1 --models 3 --steps 100    # quicker
+    python -m problems.distill.compare --methods kip --json kip.json
+
+Each method is its preset (problems/distill/<preset>.yaml) run through ``bilevel.run`` with the
+synthetic set resized to ``ipc`` images per class; the random subsets and the evaluation models
+use the same seeds for every method, so the columns are paired."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bilevel import run  # noqa: E402
+from bilevel.presets import find_preset  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
+
+__all__ = ["METHODS", "compare", "method_overrides", "transfer"]
+
+METHODS = {
+    "implicit": ("distill/digits_implicit", "linear student + L2, implicit (CG) hypergradient"),
+    "unrolled": ("distill/digits_unrolled", "MLP student, 20 unrolled SGD steps, soft labels + learned lr"),
+    "kip": ("distill/digits_kip", "KIP: NNGP kernel ridge regression, closed form, learned labels"),
+}
+
+
+def method_overrides(method: str, ipc: int, steps: int, models: int, device: str) -> list[str]:
+    """Spec overrides resizing a method's preset to ``ipc`` images per class."""
+    n = 10 * ipc
+    out = [f"levels.upper.variables.images.shape=[{n}, 1, 8, 8]", f"levels.upper.variables.images.init_kwargs.per_class={ipc}",
+           f"run.steps={steps}", f"run.device={device}", f"report_kwargs.models={models}", "run.checkpoint_every=null"]
+    if method == "unrolled":
+        out += [f"levels.upper.variables.labels.shape=[{n}, 10]", f"levels.upper.variables.labels.init_kwargs.per_class={ipc}"]
+    if method == "kip":
+        out += [f"levels.upper.variables.targets.shape=[{n}, 10]", f"levels.upper.variables.targets.init_kwargs.per_class={ipc}",
+                f"levels.lower.variables.alpha.shape=[{n}, 10]"]
+    return out
+
+
+def compare(ipcs: list[int], methods: list[str], models: int, steps: int, device: str, log: Any = print) -> dict[str, Any]:
+    results: dict[str, Any] = {"rows": [], "settings": {"ipc": ipcs, "methods": methods, "models": models, "steps": steps}}
+    for ipc in ipcs:
+        row: dict[str, Any] = {"ipc": ipc}
+        for method in methods:
+            preset, _ = METHODS[method]
+            loaded = load_spec(find_preset(preset), overrides=method_overrides(method, ipc, steps, models, device))
+            began = time.perf_counter()
+            outcome = run(loaded, out=tempfile.mkdtemp(prefix=f"distill-{method}-{ipc}-"), progress=False)
+            report = outcome.result["report"]
+            row[f"{method} random real subset"] = report["random_subset_accuracy"]
+            row[method] = report["distilled_accuracy"]
+            row[f"{method} (own lower solution)"] = report["lower_solution_test_accuracy"]
+            row[f"{method} wall time s"] = time.perf_counter() - began
+            log(f"ipc {ipc} {method}: distilled {report['distilled_accuracy']['mean']:.3f} +- {report['distilled_accuracy']['std']:.3f}"
+                f"  random {report['random_subset_accuracy']['mean']:.3f} +- {report['random_subset_accuracy']['std']:.3f}"
+                f"  ({row[f'{method} wall time s']:.0f} s)")
+        results["rows"].append(row)
+    return results
+
+
+def transfer(ipcs: list[int], models: int, steps: int, device: str, log: Any = print) -> list[dict[str, Any]]:
+    """KRR-ST: linear-probe accuracy after pretraining on the distilled set vs alternatives."""
+    rows = []
+    for ipc in ipcs:
+        n = 10 * ipc
+        overrides = [f"levels.upper.variables.images.shape=[{n}, 1, 8, 8]", f"levels.upper.variables.images.init_kwargs.per_class={ipc}",
+                     f"levels.upper.variables.targets.shape=[{n}, 32]", f"levels.upper.variables.targets.init_kwargs.per_class={ipc}",
+                     f"levels.lower.variables.alpha.shape=[{n}, 32]", f"run.steps={steps}", f"run.device={device}",
+                     f"report_kwargs.models={models}", "run.checkpoint_every=null"]
+        outcome = run(load_spec(find_preset("distill/digits_krr_st"), overrides=overrides), out=tempfile.mkdtemp(), progress=False)
+        report = outcome.result["report"]
+        rows.append({"ipc": ipc, **{k: v for k, v in report.items() if k.endswith("probe_accuracy")}})
+        log(f"KRR-ST ipc {ipc}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in rows[-1].items() if isinstance(v, dict)))
+    return rows
+
+
+def _cell(value: Any) -> str:
+    return f"{value['mean']:.3f} ± {value['std']:.3f}" if isinstance(value, dict) else f"{value:.3f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """One row per (images per class, method): the distilled set and random real subsets of the
+    same size, evaluated the same way (the method's evaluation loss), and the method's own lower
+    solution (the trained student, or the kernel regressor) on the synthetic set."""
+    lines = ["| images per class | method | distilled set | random real subset | own lower solution |", "|---|---|---|---|---|"]
+    for row in results["rows"]:
+        for method in results["settings"]["methods"]:
+            lines.append(f"| {row['ipc']} | {METHODS[method][1]} | {_cell(row[method])} | {_cell(row[f'{method} random real subset'])}"
+                         f" | {_cell(row[f'{method} (own lower solution)'])} |")
+    return "\n".join(lines)
+
+
+def transfer_table(rows: list[dict[str, Any]]) -> str:
+    names = [("distilled_probe_accuracy", "KRR-ST distilled"), ("random_real_subset_probe_accuracy", "random real subset"),
+             ("no_pretraining_probe_accuracy", "no pretraining"), ("teacher_probe_accuracy", "teacher (full pool)")]
+    lines = ["| images per class | " + " | ".join(label for _, label in names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {row['ipc']} | " + " | ".join(_cell(row[key]) for key, _ in names) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10], help="images per class (default: 1 10)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--models", type=int, default=5, help="fresh evaluation models per set (default 5)")
+    parser.add_argument("--steps", type=int, default=300, help="outer steps of each distillation (default 300)")
+    parser.add_argument("--transfer", action="store_true", help="also the KRR-ST transfer table")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    args = parser.parse_args(argv)
+    results = compare(args.ipc, args.methods, args.models, args.steps, args.device)
+    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
+                              "device": args.device, "command": "python -m problems.distill.compare " + " ".join(argv if argv is not None else sys.argv[1:])}
+    text = table(results)
+    if args.transfer:
+        results["transfer"] = transfer(args.ipc, args.models, args.steps, args.device)
+        text += "\n\n" + transfer_table(results["transfer"])
+    print(text)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

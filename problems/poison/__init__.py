@@ -1,0 +1,39 @@
+"""Data poisoning studies, for robustness research: measure how much a bounded change to a
+fraction of a training set can hurt a model, to evaluate and build defenses.
+
+* Availability poisoning (Munoz-Gonzalez et al. 2017, back-gradient optimization; Huang et al.
+  2020, MetaPoison): perturb a fraction of the training images within an L-infinity ball so that
+  the victim trained on them does worse on clean data.
+* Backdoor trigger optimization (Sun et al. 2024, "Backdoor Contrastive Learning via Bi-level
+  Trigger Optimization"): optimize an additive trigger through a simulation of the victim's
+  training on data where the trigger is applied to a fraction of the examples.
+
+The budget (:class:`PoisonBudget`: fraction in [0, 1], epsilon >= 0) is declared in the spec,
+validated at its dotted path and enforced by construction and projection. See README.md."""
+
+from __future__ import annotations
+
+from problems.poison.budget import PoisonBudget
+from problems.poison.data import poisoned_index, test_data, train, val, zero_perturbation
+from problems.poison.evaluate import availability_report, backdoor_report, budget_check, corner_patch, train_victims
+from problems.poison.objectives import apply_perturbation, availability_loss, backdoor_loss, perturbation, victim_logits, victim_loss
+
+__all__ = [
+    "PoisonBudget",
+    "apply_perturbation",
+    "availability_loss",
+    "availability_report",
+    "backdoor_loss",
+    "backdoor_report",
+    "budget_check",
+    "corner_patch",
+    "perturbation",
+    "poisoned_index",
+    "test_data",
+    "train",
+    "train_victims",
+    "val",
+    "victim_logits",
+    "victim_loss",
+    "zero_perturbation",
+]

@@ -1,0 +1,124 @@
+"""The poisoning comparison of the README, over seeds: availability poisons against clean
+training, random noise and label flips with the same budget; the optimized backdoor trigger
+against a corner patch and a random pattern with the same budget. Each seed changes the data
+split, the poisoned examples, the noise and the victims' initializations. Prints Markdown tables
+(mean +- std over seeds) and writes JSON.
+
+    python -m problems.poison.compare                       # the README's tables (3 seeds)
+    python -m problems.poison.compare --seeds 0 --steps 40  # quicker
+    python -m problems.poison.compare --engine unrolled     # back-gradient through the training steps
+
+Every run also checks its budget on the poisons it writes; the script fails if one does not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+from bilevel import run  # noqa: E402
+from bilevel.presets import find_preset  # noqa: E402
+from bilevel.spec import EngineSpec, load_spec  # noqa: E402
+
+__all__ = ["AVAILABILITY", "BACKDOOR", "run_attack", "seed_overrides"]
+
+AVAILABILITY = {"clean": "clean", "random_noise": "random noise", "label_flip": "label flip", "optimized_poisons": "optimized poisons"}
+BACKDOOR = {"optimized_trigger": "optimized trigger", "corner_patch": "corner patch", "random_pattern": "random pattern"}
+
+
+def seed_overrides(preset: str, seed: int) -> list[str]:
+    """The seed of the data (split and poisoned examples), of the noise and of the run."""
+    variable = "delta" if "availability" in preset else "trigger"
+    places = ("levels.upper.data.kwargs", "levels.lower.data.kwargs", f"levels.upper.variables.{variable}.init_kwargs", "report_kwargs.data")
+    return [f"{place}.seed={seed}" for place in places] + [f"run.seed={seed}", f"report_kwargs.noise_seed={seed}"]
+
+
+def run_attack(preset: str, seed: int, steps: int, models: int, device: str, engine: str | None) -> dict[str, Any]:
+    overrides = [*seed_overrides(preset, seed), f"run.steps={steps}", f"report_kwargs.models={models}", f"run.device={device}",
+                 "run.checkpoint_every=null"]
+    config = None if engine is None else TypeAdapter(EngineSpec).validate_python({"kind": engine})
+    outcome = run(load_spec(find_preset(preset), overrides=overrides), engine=config, out=tempfile.mkdtemp(), progress=False)
+    report = outcome.result["report"]
+    if not report["budget_respected"]:
+        raise AssertionError(f"{preset} seed {seed}: budget exceeded: {report}")
+    return report
+
+
+def _summary(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _mlp(report: dict[str, Any], key: str) -> float | None:
+    value = report.get(key)
+    return value["mean"] if isinstance(value, dict) else None
+
+
+def availability_table(reports: list[dict[str, Any]]) -> str:
+    lines = ["| training set | linear victim: test accuracy | MLP victims: test accuracy |", "|---|---|---|"]
+    for key, label in AVAILABILITY.items():
+        linear = [r[f"{key}_linear_accuracy"] for r in reports]
+        mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_accuracy")) is not None]
+        lines.append(f"| {label} | {_summary(linear)} | {_summary(mlp) if mlp else ''} |")
+    return "\n".join(lines)
+
+
+def backdoor_table(reports: list[dict[str, Any]]) -> str:
+    lines = ["| trigger | linear: clean accuracy | linear: attack success | MLP: clean accuracy | MLP: attack success |",
+             "|---|---|---|---|---|"]
+    for key, label in BACKDOOR.items():
+        cells = [_summary([r[f"{key}_linear_accuracy"] for r in reports]), _summary([r[f"{key}_linear_attack_success"] for r in reports])]
+        for metric in ("accuracy", "attack_success"):
+            mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_{metric}")) is not None]
+            cells.append(_summary(mlp) if mlp else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(f"| none (clean training, optimized trigger at test time) | | {_summary([r['no_poisoning_linear_attack_success'] for r in reports])} | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=100, help="outer steps (default 100, as the presets)")
+    parser.add_argument("--models", type=int, default=3, help="MLP victims per training set (default 3)")
+    parser.add_argument("--attacks", nargs="+", default=["availability", "backdoor"], choices=["availability", "backdoor"])
+    parser.add_argument("--engine", default=None, help="engine kind (default: the planner's choice, implicit)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {"settings": vars(args) | {"json": str(args.json)}}
+    text = []
+    for attack in args.attacks:
+        preset = f"poison/digits_{attack}"
+        reports = []
+        for seed in args.seeds:
+            reports.append(run_attack(preset, seed, args.steps, args.models, args.device, args.engine))
+            print(f"{attack} seed {seed}: done", file=sys.stderr)
+        results[attack] = reports
+        budget = f"fraction {reports[0]['budget_fraction']:g}, epsilon {reports[0]['budget_epsilon']:g}"
+        table = availability_table(reports) if attack == "availability" else backdoor_table(reports)
+        text.append(f"{attack} ({budget}; {len(args.seeds)} seeds; largest perturbation used"
+                    f" {max(r['max_perturbation'] for r in reports):.4f})\n\n{table}")
+    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                              "command": "python -m problems.poison.compare " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print("\n\n".join(text))
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
