@@ -63,6 +63,11 @@ def test_each_rank_draws_minibatches_from_its_own_shard(two_ranks: list[dict]) -
     assert len(first) == 16 and len(second) == 12  # an epoch of 4 batches of 4 / 3 batches of 4 (15 rows)
 
 
+def test_a_closed_form_lower_level_over_sharded_data_is_refused(two_ranks: list[dict]) -> None:
+    message = two_ranks[0]["closed_form_error"]
+    assert "levels.lower.solution" in message and "shard" in message
+
+
 # --- runs: rank 0 writes; torchrun; resume after SIGKILL across ranks -------------------------------
 def test_a_data_parallel_run_matches_the_single_process_run(two_ranks: list[dict], tmp_path: Path) -> None:
     """Full batches upstairs, minibatches of 8 per rank downstairs: the same run in one process

@@ -148,6 +148,22 @@ def reference_run(out: Path) -> dict:
     return {"result": json.loads(json.dumps(result.result)), "metrics": metrics}
 
 
+def closed_form_error() -> str:
+    """The error compiling a closed-form lower level over sharded data gives (it would see a shard)."""
+    from bilevel import SpecError, compile_spec
+    from bilevel.spec import spec_from_data
+    from problems.toy import ridge_spec
+
+    data = ridge_spec(inner_steps=3).model_dump(mode="json")
+    data["levels"]["lower"]["solution"] = "runtime_data/closed_form.py:solution"
+    del data["levels"]["lower"]["solver"]
+    try:
+        compile_spec(spec_from_data(data, base_dir=Path(__file__).resolve().parent.parent))
+    except SpecError as exc:
+        return str(exc)
+    return ""
+
+
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank: join the gloo group, compute every case and a reference run, save the results."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -160,7 +176,8 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     try:
         with data_parallel(torch.device("cpu")) as (world, _):
             assert world.size == world_size and world.rank == rank
-            results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices()}
+            results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices(),
+                                       "closed_form_error": closed_form_error()}
             results["run"] = reference_run(Path(out_dir) / f"run-rank{rank}")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
