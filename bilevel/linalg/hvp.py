@@ -8,7 +8,12 @@ For G(x, y) with gradient g(x, y) = grad_y G:
 ``reverse`` mode builds the graph of g once (one backward with create_graph) and then each
 product is one more backward through it (double backward; Pearlmutter 1994). ``forward`` mode
 computes H v as a forward-mode JVP of torch.func.grad (forward-over-reverse), which does not keep
-the graph of g alive between products."""
+the graph of g alive between products.
+
+With ``create_graph=True`` the products are themselves differentiable: x and y stay attached to
+the graph they come from (each product is still the partial derivative at (x, y), taken through
+an alias of each input), and the products record their own graph. Differentiating through them
+gives the third-order terms that multilevel problems need (bilevel.multilevel.solution.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +29,26 @@ Params = tuple[Tensor, ...]
 
 
 def grad_and_value(
-    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False
+    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False, stop_at: Sequence[Tensor] = ()
 ) -> tuple[Params, Tensor]:
-    """(grad fn(params), fn(params)) with unused inputs getting zero gradients."""
-    value = fn(tuple(params))
+    """(grad fn(params), fn(params)) with unused inputs getting zero gradients.
+
+    ``stop_at``: other tensors fn depends on that carry a long graph history (the variables of
+    the levels above, in nested unrolling). Autograd skips graph nodes whose topological number is
+    below that of every tensor it differentiates with respect to, but walks all the others: a
+    history reached through another argument would be walked at every call, making a nest of N
+    unrolled steps cost O(N^2). So params are first lifted above those histories, p + 0 * s with
+    s a scalar read from each stop_at tensor: same values, same gradients (the added path carries
+    an exact zero), and the walk stops there. Tensors without history (leaves) need no lift. With
+    stop_at, fn must compute everything that depends on params from its argument: a tensor it
+    closes over that was computed from the un-lifted params would not be differentiated through."""
+    anchors = [t.reshape(-1)[0] for t in stop_at if t.grad_fn is not None and t.numel() > 0]
+    if anchors:
+        lift = 0 * torch.stack(anchors).sum()
+        params = tuple(p + lift for p in params)
+    else:
+        params = tuple(params)
+    value = fn(params)
     grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)), value
 
@@ -43,10 +64,19 @@ def joint_grad(
     return grads[:n], grads[n:], value.detach()
 
 
+def _alias(p: Tensor) -> Tensor:
+    """A new graph node equal to p: derivatives taken with respect to it are partial derivatives
+    (paths that reach the output through other inputs are not followed), while results stay
+    differentiable with respect to p itself. A tensor outside any graph becomes a fresh leaf."""
+    return p.view_as(p) if p.requires_grad else p.detach().requires_grad_(True)
+
+
 class Linearization:
     """Second-order information of G at (x, y), through products only (never a dense Hessian).
 
-    ``objective(x, y)`` must be G on a fixed batch. ``x`` and ``y`` are tuples of leaves."""
+    ``objective(x, y)`` must be G on a fixed batch. By default the products are plain tensors
+    (x and y are detached into fresh leaves); with ``create_graph=True`` they are differentiable
+    in x, y and the vector (reverse mode only; call it with grad mode enabled)."""
 
     def __init__(
         self,
@@ -54,18 +84,28 @@ class Linearization:
         x: Sequence[Tensor],
         y: Sequence[Tensor],
         mode: Literal["reverse", "forward"] = "reverse",
+        create_graph: bool = False,
     ):
+        if create_graph and mode == "forward":
+            raise ValueError("create_graph needs reverse-mode products")
         self.objective = objective
         self.mode = mode
-        self.x = tuple(p.detach().requires_grad_(True) for p in x)
-        self.y = tuple(p.detach().requires_grad_(True) for p in y)
+        self.create_graph = create_graph
+        if create_graph:
+            self.x = tuple(_alias(p) for p in x)
+            self.y = tuple(_alias(p) for p in y)
+        else:
+            self.x = tuple(p.detach().requires_grad_(True) for p in x)
+            self.y = tuple(p.detach().requires_grad_(True) for p in y)
         self.grad_y, self.value = grad_and_value(lambda yy: objective(self.x, yy), self.y, create_graph=True)
 
     def hvp(self, v: Sequence[Tensor]) -> Params:
         """grad^2_yy G v."""
         if self.mode == "forward":
             return self._hvp_forward(tuple(v))
-        out = torch.autograd.grad(self.grad_y, self.y, tuple(v), retain_graph=True, allow_unused=True)
+        out = torch.autograd.grad(
+            self.grad_y, self.y, tuple(v), retain_graph=True, create_graph=self.create_graph, allow_unused=True
+        )
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out))
 
     def _hvp_forward(self, v: Params) -> Params:
@@ -80,7 +120,10 @@ class Linearization:
 
     def vjp_x(self, v: Sequence[Tensor], retain_graph: bool = False) -> Params:
         """(grad^2_xy G)^T v, i.e. d/dx <grad_y G, v>."""
-        out = torch.autograd.grad(self.grad_y, self.x, tuple(v), retain_graph=retain_graph, allow_unused=True)
+        out = torch.autograd.grad(
+            self.grad_y, self.x, tuple(v), retain_graph=retain_graph or self.create_graph,
+            create_graph=self.create_graph, allow_unused=True,
+        )
         return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out))
 
     def hvp_batched(self, basis: Tensor) -> Tensor:
