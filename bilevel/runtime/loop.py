@@ -23,6 +23,8 @@ from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.linalg.tree import tree_norm
+from bilevel.multilevel.chain import ChainProblem
+from bilevel.multilevel.registry import build_chain_engine
 from bilevel.optim import InnerOptimizer
 from bilevel.planner import Plan, make_plan
 from bilevel.problem import Params, Problem
@@ -75,6 +77,8 @@ def _as_loaded(spec: LoadedSpec | BilevelSpec) -> LoadedSpec:
 def _prepare(loaded: LoadedSpec, engine: Any, device: str | None) -> tuple[Problem, Plan, Any]:
     problem = compile_spec(loaded, device)
     plan = make_plan(loaded, problem, engine)
+    if isinstance(problem, ChainProblem):  # more than two levels: the engine of that kind for chains
+        return problem, plan, build_chain_engine(plan.engine)
     return problem, plan, build_engine(plan.engine)
 
 
@@ -213,7 +217,7 @@ def run(
 
     save_checkpoint(out_dir, snapshot(final_step))
     wall = time.perf_counter() - began
-    y, final_loss = _final_evaluation(problem, x, state)
+    y, final_loss = _final_evaluation(problem, x, state, eng)
     result_json = _result_base(loaded, problem, plan, x, final_step, began) | {
         "status": "completed" if stop_reason is None else "stopped_early",
         "final_upper_loss": final_loss,
@@ -238,12 +242,16 @@ def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir
     return _jsonable(dict(values or {}))
 
 
-def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[Params, float]:
-    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data."""
-    lower = problem.lower
-    optimizer = InnerOptimizer(lower.solver)
-    y0 = lower_start(problem, state)
-    y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
+def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float]:
+    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data.
+    For a chain of levels, the engine solves all the levels below the top its own way."""
+    if isinstance(problem, ChainProblem):
+        y = engine.solve_below(problem, x, state)
+    else:
+        lower = problem.lower
+        optimizer = InnerOptimizer(lower.solver)
+        y0 = lower_start(problem, state)
+        y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
     batch = None if problem.upper.data is None else problem.upper.data.full
     with torch.no_grad():
         loss = problem.upper_objective(tuple(p.detach() for p in x), y, batch)
