@@ -58,7 +58,8 @@ def merge_levels(levels: Sequence[Level], name: str) -> Level:
 
 @dataclass
 class ChainProblem(Problem):
-    """A compiled chain of three or more levels (see the module docstring for the semantics).
+    """A compiled chain of levels (see the module docstring for the semantics). ``compile_spec``
+    builds one for three or more levels; a chain of two is the two-level problem.
 
     ``chain`` holds the levels from the top down. Per-level parameters are passed around as a
     list ``params`` with ``params[k]`` the flat tuple of level k."""
@@ -118,8 +119,7 @@ class ChainProblem(Problem):
         return tuple(p for level in params for p in level)
 
     def views(self, k: int, params: Sequence[Sequence[Tensor]]) -> tuple[VariableView, VariableView]:
-        """(upper, lower) as level k's objective sees them; ``params`` covers at least the levels
-        the split shows (levels 0..K-1 for k >= 1, or all of them for the top)."""
+        """(upper, lower) as level k's objective sees them; ``params`` holds every level's variables."""
         split = max(k, 1)
         upper: dict[str, Any] = {}
         lower: dict[str, Any] = {}

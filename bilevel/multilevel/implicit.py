@@ -39,9 +39,9 @@ from bilevel.engines.inner import solve_lower
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.solve import LinearSolver, make_linear_solver
 from bilevel.linalg.tree import tree_norm
-from bilevel.multilevel.solution import Objective, SolveLog, argmin
 from bilevel.multilevel.chain import ChainProblem
 from bilevel.multilevel.registry import register_chain_engine
+from bilevel.multilevel.solution import Objective, SolveLog, argmin
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params
 from bilevel.spec.engine import ImplicitConfig
@@ -50,11 +50,13 @@ __all__ = ["ChainImplicitEngine", "reduced_objective"]
 
 
 def reduced_objective(
-    problem: ChainProblem, k: int, solutions: list[Params | None], batches: list[Any], solvers: list[LinearSolver], log: SolveLog
+    problem: ChainProblem, k: int, solutions: list[Params | None], batches: list[Any], solvers: list[LinearSolver | None],
+    log: SolveLog,
 ) -> Objective:
     """phi_k(above, z_k): f_k with every level below k attached at its stored solution as an
     ``argmin`` node (differentiable in the levels above it). ``above`` is the flat tuple of
-    levels 0..k-1; ``solutions[j]`` and ``batches[j]`` belong to level j."""
+    levels 0..k-1; ``solutions[j]``, ``batches[j]`` and ``solvers[j]`` belong to level j (the
+    linear solver of level j's Hessian; the top level has none)."""
     sizes = [len(level.init) for level in problem.chain[:k]]
 
     def phi(above: Params, z: Params) -> torch.Tensor:
@@ -77,7 +79,9 @@ class _Nested:
 
     def __init__(self, problem: ChainProblem, config: ImplicitConfig):
         self.problem = problem
-        self.solvers = [make_linear_solver(config.linear_solver, level.solver.lr if level.solver else 0.1) for level in problem.chain]
+        # one per lower level (Neumann's default step is that level's inner lr); none for the top
+        self.solvers: list[LinearSolver | None] = [None]
+        self.solvers += [make_linear_solver(config.linear_solver, level.solver.lr) for level in problem.chain[1:]]
         self.log = SolveLog()
         self.steps = 0
 
