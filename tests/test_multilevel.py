@@ -217,20 +217,41 @@ def test_linearization_with_create_graph_gives_differentiable_partial_products()
     assert torch.allclose(jv, (3 * y**2 * v).sum() + v)
 
 
-def test_grad_and_value_stop_at_leaves_values_and_derivatives_unchanged() -> None:
-    x = torch.tensor([0.3, 1.1], dtype=torch.float64, requires_grad=True)
-    history = torch.tanh(x) * 3  # a tensor with a graph history
+def test_grad_and_value_stop_at_gives_the_partial_derivative() -> None:
+    """A warm-started iterate y that an upper variable x was computed from: the inner step needs
+    the partial derivative dG/dy at fixed x; differentiating y directly gives the total one."""
     y = torch.tensor([0.5, -0.2], dtype=torch.float64, requires_grad=True)
+    x = 3.0 * torch.tanh(y)  # x depends on y, as a middle variable updated from the previous bottom solution
 
-    def f(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return (torch.sin(p[0]) * history).sum() + (p[0] ** 4).sum()
+    def g(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return (torch.sin(p[0]) * x).sum() + (p[0] ** 4).sum()
 
-    plain, _ = grad_and_value(f, (y,), create_graph=True)
-    lifted, _ = grad_and_value(f, (y,), create_graph=True, stop_at=(history,))
-    assert torch.equal(plain[0], lifted[0])
-    first = torch.autograd.grad(plain[0].sum(), (x, y), retain_graph=True)
-    second = torch.autograd.grad(lifted[0].sum(), (x, y))
-    assert all(torch.allclose(a, b) for a, b in zip(first, second))
+    partial = torch.cos(y) * x + 4 * y**3
+    total = partial + torch.sin(y) * 3.0 / torch.cosh(y) ** 2
+    (plain,), _ = grad_and_value(g, (y,), create_graph=True)
+    (lifted,), _ = grad_and_value(g, (y,), create_graph=True, stop_at=(x,))
+    assert torch.allclose(plain, total) and torch.allclose(lifted, partial)
+    (second,) = torch.autograd.grad(lifted.sum(), y)  # still differentiable in y, through x too
+    expected = torch.autograd.functional.jacobian(lambda t: torch.cos(t) * 3 * torch.tanh(t) + 4 * t**3, y.detach()).sum(0)
+    assert torch.allclose(second, expected)
+
+
+def test_warm_started_nested_unrolling_is_the_derivative_of_its_algorithm() -> None:
+    """Warm starts within a call make each bottom start an ancestor of the middle variable; the
+    bottom steps must still use the partial gradient (stop_at). Without it the engine ran another
+    algorithm and was 5.6e-6 off here."""
+    problem = compile_spec(three_level_spec(middle_steps=10, bottom_steps=10, warm_start=True))
+    engine = build_chain_engine(UnrolledConfig())
+    x = problem.fresh(problem.upper.init)
+    batch = problem.upper.data.full
+    grad = engine.hypergrad(problem, x, engine.init(problem, x), batch).grad[0]
+
+    def algorithm(a: torch.Tensor) -> float:
+        return float(problem.upper_objective((a,), engine.solve_below(problem, (a,), engine.init(problem, (a,))), batch))
+
+    basis = torch.eye(2, dtype=torch.float64)
+    fd = torch.tensor([(algorithm(x[0] + 1e-5 * e) - algorithm(x[0] - 1e-5 * e)) / 2e-5 for e in basis], dtype=torch.float64)
+    assert _rel(grad, fd) < 1e-8
 
 
 # --- planner ----------------------------------------------------------------------------------

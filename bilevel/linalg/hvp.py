@@ -33,15 +33,21 @@ def grad_and_value(
 ) -> tuple[Params, Tensor]:
     """(grad fn(params), fn(params)) with unused inputs getting zero gradients.
 
-    ``stop_at``: other tensors fn depends on that carry a long graph history (the variables of
-    the levels above, in nested unrolling). Autograd skips graph nodes whose topological number is
-    below that of every tensor it differentiates with respect to, but walks all the others: a
-    history reached through another argument would be walked at every call, making a nest of N
-    unrolled steps cost O(N^2). So params are first lifted above those histories, p + 0 * s with
-    s a scalar read from each stop_at tensor: same values, same gradients (the added path carries
-    an exact zero), and the walk stops there. Tensors without history (leaves) need no lift. With
-    stop_at, fn must compute everything that depends on params from its argument: a tensor it
-    closes over that was computed from the un-lifted params would not be differentiated through."""
+    ``stop_at``: other tensors fn uses that are graph-connected (the variables of the levels
+    above, in nested unrolling). The params are first replaced by p + 0 * s, s a scalar read from
+    those tensors: the same values, but new graph nodes downstream of them. Two effects:
+
+    * the gradient is the partial derivative through fn's argument. Differentiated directly, a
+      param that one of those tensors was computed from (a warm-started lower iterate, which an
+      upper variable's last step depended on) would get the total derivative, the path through
+      that tensor included: a different gradient, hence a different inner algorithm;
+    * autograd skips graph nodes whose topological number is below that of every tensor it
+      differentiates with respect to and walks all the others, so the history behind stop_at is
+      no longer walked at each call (a nest of N unrolled steps costs O(N), not O(N^2)).
+
+    The added path carries an exact zero; leaves need no lift and are skipped. fn must compute
+    everything that depends on params from its argument: a tensor it closes over that was
+    computed from the un-lifted params is not differentiated through."""
     anchors = [t.reshape(-1)[0] for t in stop_at if t.grad_fn is not None and t.numel() > 0]
     if anchors:
         lift = 0 * torch.stack(anchors).sum()

@@ -76,7 +76,8 @@ class _Unroll:
                 ran["below"] = self.run(k + 1, [*above, zz], restart, keep_graph=True)  # the levels below, from zz
                 return problem.objective(k, [*above, zz, *ran["below"]], level.batch())
 
-            # the levels above and the starts of the run below carry the history of earlier steps
+            # the levels above and the starts of the run below carry the history of earlier steps:
+            # stop_at keeps the gradient partial in z and the call from walking that history
             grads, _ = grad_and_value(reduced, z, create_graph=keep_graph, stop_at=(*problem.join(above), *problem.join(restart)))
             below = ran["below"]
             z, state = optimizer.step(z, grads, state, hyper)
