@@ -129,7 +129,7 @@ def _implicit(facts: ChainFacts, first: str) -> Plan:
 
 def _unrolled(facts: ChainFacts, reasons: list[str]) -> Plan:
     memory = (f"nested unrolling stores every step of the nest ({_steps(facts)} steps per hypergradient), about"
-              f" {facts.unrolled_memory_mb:.0f} MiB")
+              f" {facts.unrolled_memory_mb:.3g} MiB")
     warnings = []
     if facts.unrolled_memory_mb <= facts.memory_mb:
         reasons = [*reasons, f"{memory}, within the {facts.memory_mb:.0f} MiB budget"]
