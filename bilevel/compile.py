@@ -354,7 +354,8 @@ def compile_spec(
     """Build the Problem a spec describes, on ``device`` (default: the spec's run.device).
 
     Raises SpecError with one issue per problem found (missing callables, wrong signatures,
-    data of the wrong form, shapes that make an objective fail at the initial point)."""
+    data of the wrong form, shapes that make an objective fail at the initial point). Three or
+    more levels forming a chain give a ``bilevel.multilevel.ChainProblem``."""
     if isinstance(loaded, BilevelSpec):
         loaded = LoadedSpec(loaded)
     spec = loaded.spec
@@ -363,9 +364,11 @@ def compile_spec(
         raise loaded.error("run.device", "cuda was requested but no CUDA device is available (use cpu or auto)")
     compiler = _Compiler(loaded, dev, _DTYPES[spec.run.dtype])
     graph = level_graph(spec.levels)
-    if len(graph) != 2:
-        raise loaded.error("levels", f"{len(graph)} levels declared; the engines in this release solve"
-                           " two-level problems (an upper level and one lower level)")
+    chain = None
+    if len(graph) > 2:  # more than two levels: a chain (bilevel/multilevel)
+        from bilevel.multilevel.compile import chain_order
+
+        chain = chain_order(loaded, graph)
     torch.manual_seed(spec.run.seed)
     levels: dict[str, Level] = {}
     for offset, (name, level_spec) in enumerate(spec.levels.items()):
@@ -391,6 +394,10 @@ def compile_spec(
                 monitor = functools.partial(monitor, **spec.monitor_kwargs)
     if compiler.issues:
         raise SpecError(compiler.issues)
+    if chain is not None:
+        from bilevel.multilevel.compile import build_chain
+
+        return build_chain(compiler, chain, levels, graph, dev, report, monitor)
     problem = Problem(spec.name, levels, graph, dev, compiler.dtype, report, monitor)
     lower_name = problem.lower.name
     if problem.lower.solver is None:

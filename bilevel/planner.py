@@ -18,11 +18,23 @@ from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
 from bilevel.spec.load import LoadedSpec
 
-__all__ = ["Plan", "ProblemFacts", "make_plan"]
+__all__ = ["Plan", "ProblemFacts", "make_plan", "memory_budget_mb"]
 
 DEFAULT_CPU_MEMORY_MB = 4096.0
 CLOSED_FORM_DIRECT_SIZE = 1024
 """Largest closed-form lower level whose Hessian the planner assembles and solves densely."""
+
+
+def memory_budget_mb(loaded: LoadedSpec, device: torch.device) -> float:
+    """run.budget.memory_mb, or 80% of the free GPU memory, or DEFAULT_CPU_MEMORY_MB on CPU."""
+    budget = loaded.spec.run.budget.memory_mb
+    if budget is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = 0.8 * free / 2**20
+        else:
+            budget = DEFAULT_CPU_MEMORY_MB
+    return float(budget)
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,7 @@ class ProblemFacts:
         if lower.data is not None:
             size = lower.data.batch_size or lower.data.size
             batch_numel = sum(v[0].numel() * size for v in lower.data.full.values())
-        budget = spec.run.budget.memory_mb
-        if budget is None:
-            if problem.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(problem.device)
-                budget = 0.8 * free / 2**20
-            else:
-                budget = DEFAULT_CPU_MEMORY_MB
+        budget = memory_budget_mb(loaded, problem.device)
         return cls(
             upper_level=upper.name,
             outer_optimizer=upper_spec.solver.name if upper_spec.solver is not None else "sgd",
@@ -152,9 +158,15 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     Rules, in order: declared constraints -> an engine that handles them; unbounded upper
     smoothness -> an engine designed for it; strongly convex lower level -> implicit; nonconvex
     lower level -> a first-order penalty engine; otherwise unrolled, checkpointed or truncated to
-    fit the memory budget."""
-    facts = ProblemFacts.of(loaded, problem)
+    fit the memory budget. Chains of more than two levels follow bilevel/multilevel/plan.py."""
     requested = requested if requested is not None else loaded.spec.engine
+    from bilevel.multilevel.chain import ChainProblem
+
+    if isinstance(problem, ChainProblem):  # more than two levels: their own rules
+        from bilevel.multilevel.plan import plan_chain
+
+        return plan_chain(loaded, problem, requested)
+    facts = ProblemFacts.of(loaded, problem)
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:

@@ -68,6 +68,11 @@ def test_a_closed_form_lower_level_over_sharded_data_is_refused(two_ranks: list[
     assert "levels.lower.solution" in message and "shard" in message
 
 
+def test_a_chain_of_levels_is_refused_in_a_data_parallel_run(two_ranks: list[dict]) -> None:
+    message = two_ranks[0]["chain_error"]
+    assert "levels" in message and "one process" in message
+
+
 # --- runs: rank 0 writes; torchrun; resume after SIGKILL across ranks -------------------------------
 def test_a_data_parallel_run_matches_the_single_process_run(two_ranks: list[dict], tmp_path: Path) -> None:
     """Full batches upstairs, minibatches of 8 per rank downstairs: the same run in one process

@@ -39,8 +39,10 @@ def inner_step(
     problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params, batch: Any, create_graph: bool
 ) -> tuple[Params, Params, Params]:
     """One optimizer step on G(x, .); returns (new y, new optimizer state, grad_y G at y).
-    With create_graph the step is differentiable in (x, y, state)."""
-    grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph)
+    With create_graph the step is differentiable in (x, y, state). The gradient is the partial
+    derivative in y even when x was computed from y (a warm start in nested unrolling), and it does
+    not walk x's graph history (grad_and_value's stop_at; nothing changes when x are leaves)."""
+    grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph, stop_at=x)
     new_y, new_state = optimizer.step(y, grads, state, problem.tuned_hyperparameters(x, optimizer.spec.tuned))
     return problem.lower.project(new_y), new_state, grads
 

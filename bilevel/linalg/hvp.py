@@ -15,7 +15,12 @@ what these functions return are the union's quantities, summed over ranks here a
 (bilevel.distributed.reduce states the semantics): gradients and values in grad_and_value (through a
 differentiable sum when the gradient is to be differentiated, as in unrolling), and each product
 of the Linearization, which keeps its local graph of grad_y G. A single process communicates
-nothing."""
+nothing.
+
+With ``create_graph=True`` the products are themselves differentiable: x and y stay attached to
+the graph they come from (each product is still the partial derivative at (x, y), taken through
+an alias of each input), and the products record their own graph. Differentiating through them
+gives the third-order terms that multilevel problems need (bilevel.multilevel.solution.py)."""
 
 from __future__ import annotations
 
@@ -33,14 +38,40 @@ Params = tuple[Tensor, ...]
 
 
 def grad_and_value(
-    fn: Callable[[Params], Tensor], params: Sequence[Tensor], create_graph: bool = False, local: bool = False
+    fn: Callable[[Params], Tensor],
+    params: Sequence[Tensor],
+    create_graph: bool = False,
+    local: bool = False,
+    stop_at: Sequence[Tensor] = (),
 ) -> tuple[Params, Tensor]:
     """(grad fn(params), fn(params)) with unused inputs getting zero gradients.
 
     Under data parallelism both are summed over ranks (one collective): as values, or through the
     differentiable sum when ``create_graph`` (the gradient is then differentiated, e.g. by
-    unrolling). ``local=True`` returns this rank's share unsummed."""
-    value = fn(tuple(params))
+    unrolling). ``local=True`` returns this rank's share unsummed.
+
+    ``stop_at``: other tensors fn uses that are graph-connected (the variables of the levels
+    above, in nested unrolling). The params are first replaced by p + 0 * s, s a scalar read from
+    those tensors: the same values, but new graph nodes downstream of them. Two effects:
+
+    * the gradient is the partial derivative through fn's argument. Differentiated directly, a
+      param that one of those tensors was computed from (a warm-started lower iterate, which an
+      upper variable's last step depended on) would get the total derivative, the path through
+      that tensor included: a different gradient, hence a different inner algorithm;
+    * autograd skips graph nodes whose topological number is below that of every tensor it
+      differentiates with respect to and walks all the others, so the history behind stop_at is
+      no longer walked at each call (a nest of N unrolled steps costs O(N), not O(N^2)).
+
+    The added path carries an exact zero; leaves need no lift and are skipped. fn must compute
+    everything that depends on params from its argument: a tensor it closes over that was
+    computed from the un-lifted params is not differentiated through."""
+    anchors = [t.reshape(-1)[0] for t in stop_at if t.grad_fn is not None and t.numel() > 0]
+    if anchors:
+        lift = 0 * torch.stack(anchors).sum()
+        params = tuple(p + lift for p in params)
+    else:
+        params = tuple(params)
+    value = fn(params)
     grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
     grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
     if local:
@@ -60,10 +91,19 @@ def joint_grad(
     return grads[:n], grads[n:], value.detach()
 
 
+def _alias(p: Tensor) -> Tensor:
+    """A new graph node equal to p: derivatives taken with respect to it are partial derivatives
+    (paths that reach the output through other inputs are not followed), while results stay
+    differentiable with respect to p itself. A tensor outside any graph becomes a fresh leaf."""
+    return p.view_as(p) if p.requires_grad else p.detach().requires_grad_(True)
+
+
 class Linearization:
     """Second-order information of G at (x, y), through products only (never a dense Hessian).
 
-    ``objective(x, y)`` must be G on a fixed batch. ``x`` and ``y`` are tuples of leaves."""
+    ``objective(x, y)`` must be G on a fixed batch. By default the products are plain tensors
+    (x and y are detached into fresh leaves); with ``create_graph=True`` they are differentiable
+    in x, y and the vector (reverse mode only; call it with grad mode enabled)."""
 
     def __init__(
         self,
@@ -71,11 +111,19 @@ class Linearization:
         x: Sequence[Tensor],
         y: Sequence[Tensor],
         mode: Literal["reverse", "forward"] = "reverse",
+        create_graph: bool = False,
     ):
+        if create_graph and mode == "forward":
+            raise ValueError("create_graph needs reverse-mode products")
         self.objective = objective
         self.mode = mode
-        self.x = tuple(p.detach().requires_grad_(True) for p in x)
-        self.y = tuple(p.detach().requires_grad_(True) for p in y)
+        self.create_graph = create_graph
+        if create_graph:
+            self.x = tuple(_alias(p) for p in x)
+            self.y = tuple(_alias(p) for p in y)
+        else:
+            self.x = tuple(p.detach().requires_grad_(True) for p in x)
+            self.y = tuple(p.detach().requires_grad_(True) for p in y)
         # the local graph of grad_y G^(r): products are taken through it and then summed over ranks
         self._local_grad_y, value = grad_and_value(lambda yy: objective(self.x, yy), self.y, create_graph=True, local=True)
         *grad_y, self.value = sum_over_ranks((*self._local_grad_y, value))
@@ -86,7 +134,9 @@ class Linearization:
         """grad^2_yy G v."""
         if self.mode == "forward":
             return self._hvp_forward(tuple(v))
-        out = torch.autograd.grad(self._local_grad_y, self.y, tuple(v), retain_graph=True, allow_unused=True)
+        out = torch.autograd.grad(
+            self._local_grad_y, self.y, tuple(v), retain_graph=True, create_graph=self.create_graph, allow_unused=True
+        )
         return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out)))
 
     def _hvp_forward(self, v: Params) -> Params:
@@ -101,7 +151,10 @@ class Linearization:
 
     def vjp_x(self, v: Sequence[Tensor], retain_graph: bool = False) -> Params:
         """(grad^2_xy G)^T v, i.e. d/dx <grad_y G, v>."""
-        out = torch.autograd.grad(self._local_grad_y, self.x, tuple(v), retain_graph=retain_graph, allow_unused=True)
+        out = torch.autograd.grad(
+            self._local_grad_y, self.x, tuple(v), retain_graph=retain_graph or self.create_graph,
+            create_graph=self.create_graph, allow_unused=True,
+        )
         return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out)))
 
     def hvp_batched(self, basis: Tensor) -> Tensor:

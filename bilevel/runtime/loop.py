@@ -29,6 +29,8 @@ from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.linalg.tree import tree_norm
+from bilevel.multilevel.chain import ChainProblem
+from bilevel.multilevel.registry import build_chain_engine
 from bilevel.optim import InnerOptimizer
 from bilevel.planner import Plan, make_plan
 from bilevel.problem import Params, Problem
@@ -88,6 +90,8 @@ def _prepare(loaded: LoadedSpec, engine: Any, device: str | torch.device | None)
     # data parallel: every rank runs rank 0's plan (shard sizes and free device memory, which the
     # planner reads, can differ between ranks, and so could the engine configuration)
     plan = broadcast_from_main(make_plan(loaded, problem, engine))
+    if isinstance(problem, ChainProblem):  # more than two levels: the engine of that kind for chains
+        return problem, plan, build_chain_engine(plan.engine)
     return problem, plan, build_engine(plan.engine)
 
 
@@ -295,7 +299,7 @@ def _run(
 
     snapshot(final_step)
     wall = time.perf_counter() - began
-    y, final_loss = _final_evaluation(problem, x, state)
+    y, final_loss = _final_evaluation(problem, x, state, eng)
     result_json = _result_base(loaded, problem, plan, x, final_step, began) | {
         "status": "completed" if stop_reason is None else "stopped_early",
         "final_upper_loss": final_loss,
@@ -340,12 +344,16 @@ def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir
     return _jsonable(dict(values or {}))
 
 
-def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[Params, float]:
-    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data."""
-    lower = problem.lower
-    optimizer = InnerOptimizer(lower.solver)
-    y0 = lower_start(problem, state)
-    y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
+def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float]:
+    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data.
+    For a chain of levels, the engine solves all the levels below the top its own way."""
+    if isinstance(problem, ChainProblem):
+        y = engine.solve_below(problem, x, state)
+    else:
+        lower = problem.lower
+        optimizer = InnerOptimizer(lower.solver)
+        y0 = lower_start(problem, state)
+        y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
     batch = None if problem.upper.data is None else problem.upper.data.full
     with torch.no_grad():
         (loss,) = sum_over_ranks((problem.upper_objective(tuple(p.detach() for p in x), y, batch),))

@@ -164,6 +164,18 @@ def closed_form_error() -> str:
     return ""
 
 
+def chain_error() -> str:
+    """The error compiling a three-level chain in a data-parallel run gives."""
+    from bilevel import SpecError, compile_spec, load_spec
+    from bilevel.presets import find_preset
+
+    try:
+        compile_spec(load_spec(find_preset("toy/three_level")))
+    except SpecError as exc:
+        return str(exc)
+    return ""
+
+
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank: join the gloo group, compute every case and a reference run, save the results."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -177,7 +189,7 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         with data_parallel(torch.device("cpu")) as (world, _):
             assert world.size == world_size and world.rank == rank
             results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices(),
-                                       "closed_form_error": closed_form_error()}
+                                       "closed_form_error": closed_form_error(), "chain_error": chain_error()}
             results["run"] = reference_run(Path(out_dir) / f"run-rank{rank}")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
