@@ -105,6 +105,9 @@ class _Compiler:
             except SearchSpaceError as exc:
                 self.fail(f"{path}{exc.field}", exc.message)
                 return None
+            except Exception as exc:  # a search space the network cannot be built from
+                self.fail(path, f"building the {var.kind} variable raised {type(exc).__name__}: {exc}")
+                return None
         factory = self.ref(var.factory, f"{path}.factory")
         if factory is None:
             return None
