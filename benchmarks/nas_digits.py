@@ -8,6 +8,7 @@ accuracy mean +- std, search time) and writes the full figures as JSON.
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/nas_digits.py                 # the README table
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/nas_digits.py --methods "DARTS 2nd order" --seeds 1 \
         --random 0 --figure docs/figures/darts_cell.png                            # the how-to's figure
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/nas_digits.py --step-times 10  # cost per outer step
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/nas_digits.py --seeds 1 --random 2 --steps 20   # quick look
 """
 
@@ -38,6 +39,7 @@ METHODS = {
     "DARTS 2nd order": DartsConfig(order=2),
     "DARTS 2nd order, exact": DartsConfig(order=2, hessian="exact"),
     "RARTS": RartsConfig(),
+    "RARTS (beta = 1)": RartsConfig(beta=1.0),
 }
 
 
@@ -77,17 +79,59 @@ def random_cells(count: int, overrides: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def step_times(methods: list[str], steps: int, rounds: int = 3) -> dict[str, float]:
+    """Median time (ms) of one outer step (weight step + architecture direction + Adam step) per
+    method on the preset, timed round-robin after a warm-up so that machine load falls on all alike."""
+    import statistics as stats
+
+    from bilevel import build_engine, compile_spec
+    from bilevel.runtime.outer import build_outer_optimizer
+
+    loaded = load_spec(find_preset("nas/digits"), overrides=["levels.upper.variables.arch.warmup_steps=0"])
+    setups = {}
+    for name in methods:
+        problem = compile_spec(loaded, "cpu")
+        x = problem.fresh(problem.upper.init, requires_grad=True)
+        engine = build_engine(METHODS[name])
+        setups[name] = [problem, x, engine, engine.init(problem, x), build_outer_optimizer(loaded.spec.levels["upper"].solver, x)]
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for round_index in range(rounds + 1):
+        for name in methods:
+            problem, x, engine, state, optimizer = setups[name]
+            began = time.perf_counter()
+            for _ in range(steps):
+                out = engine.hypergrad(problem, x, state, problem.upper.batch())
+                for p, g in zip(x, out.grad):
+                    p.grad = g
+                optimizer.step()
+                state = out.state
+            setups[name][3] = state
+            if round_index:  # the first round warms up
+                times[name].append((time.perf_counter() - began) / steps * 1000)
+    return {name: stats.median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="search seeds per method")
     parser.add_argument("--random", type=int, default=5, help="random cells")
     parser.add_argument("--steps", type=int, default=None, help="override run.steps (quick looks)")
-    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + ", ".join(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), help="subset of: " + "; ".join(METHODS))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "nas_digits")
     parser.add_argument("--figure", type=Path, default=None,
                         help="also draw the cell found by the first method's first seed here (docs/figures/darts_cell.png)")
+    parser.add_argument("--step-times", type=int, default=0, metavar="N",
+                        help="only time N outer steps per method, round-robin, and print ms per step")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.step_times:
+        medians = step_times(args.methods, args.step_times)
+        print("| method | ms per outer step (median of 3 rounds) | relative to DARTS 1st order |")
+        print("|---|---|---|")
+        base = medians.get("DARTS 1st order", next(iter(medians.values())))
+        for name, value in medians.items():
+            print(f"| {name} | {value:.0f} | {value / base:.2f} |")
+        return {"step_times_ms": medians}
     overrides = [] if args.steps is None else [f"run.steps={args.steps}"]
     rows: list[dict[str, Any]] = []
     for name in args.methods:

@@ -14,7 +14,7 @@ Presets:
 * ``nas/cifar10``: the DARTS CIFAR-10 layout (8 cells, 16 channels, 8 operations, 25k/25k split).
   CIFAR-10 is read from a local folder holding the python-pickle batches (``cifar-10-batches-py``)
   when ``root`` (or the CIFAR10_ROOT environment variable) names one; otherwise synthetic images of
-  the same shape stand in so the pipeline runs anywhere."""
+  the same shape (10k training, 2k test) stand in so the pipeline runs anywhere."""
 
 from __future__ import annotations
 
@@ -115,11 +115,12 @@ def _batches_folder(root: str | Path) -> Path | None:
 
 
 @lru_cache(maxsize=2)
-def load_cifar10(root: str | None = None, synthetic_train: int = 50000, synthetic_test: int = 10000, seed: int = 0) -> dict[str, Split]:
+def load_cifar10(root: str | None = None, synthetic_train: int = 10000, synthetic_test: int = 2000, seed: int = 0) -> dict[str, Split]:
     """CIFAR-10 train (50k) and test (10k) images, normalized per channel, from ``root`` (a folder
-    with the python batches, or its parent). Without it, synthetic images of the same shape: each
-    class has a fixed random smooth pattern, an image is 0.6 pattern + N(0, 1) noise (learnable,
-    not trivial)."""
+    with the python batches, or its parent). Without it, synthetic images of the same shape (10k
+    training and 2k test images by default: the cost per step does not depend on the set's size):
+    each class has a fixed random smooth pattern, an image is 0.6 pattern + N(0, 1) noise
+    (learnable, not trivial)."""
     folder = _batches_folder(root) if root else None
     if folder is not None:
         parts = [_read_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
@@ -145,17 +146,14 @@ def load_cifar10(root: str | None = None, synthetic_train: int = 50000, syntheti
 
 
 def _root(root: str | None) -> str | None:
-    """The CIFAR-10 folder: ``root``, else the CIFAR10_ROOT environment variable; warns once when
+    """The CIFAR-10 folder: ``root``, else the CIFAR10_ROOT environment variable; warns when
     neither holds the batches and synthetic images are used."""
     root = root or os.environ.get("CIFAR10_ROOT") or None
-    if (root is None or _batches_folder(root) is None) and not _warned:
-        _warned.append(True)
+    if root is None or _batches_folder(root) is None:
         where = f"no CIFAR-10 python batches under {root!r}" if root else "CIFAR10_ROOT is not set"
         warnings.warn(f"{where}: using synthetic images of the CIFAR-10 shape", stacklevel=3)
     return root if root is not None and _batches_folder(root) is not None else None
 
-
-_warned: list[bool] = []
 
 
 def cifar10_data(part: str = "train", root: str | None = None, n: int | None = None, seed: int = 0) -> Split:
@@ -165,8 +163,8 @@ def cifar10_data(part: str = "train", root: str | None = None, n: int | None = N
     if part not in ("train", "val"):
         raise ValueError(f"part must be train or val (got {part!r})")
     root = _root(root)
-    synthetic = 2 * n if n is not None and not root else 50000
-    train = load_cifar10(root, synthetic_train=synthetic, synthetic_test=max(2, min(10000, synthetic // 5)), seed=seed)["train"]
+    synthetic = 2 * n if n is not None and not root else 10000
+    train = load_cifar10(root, synthetic_train=synthetic, synthetic_test=max(2, synthetic // 5), seed=seed)["train"]
     half = train["y"].shape[0] // 2
     part_slice = slice(0, half) if part == "train" else slice(half, 2 * half)
     x, y = train["x"][part_slice], train["y"][part_slice]
@@ -178,8 +176,8 @@ def cifar10_data(part: str = "train", root: str | None = None, n: int | None = N
 def cifar10_retrain_data(root: str | None = None, n: int | None = None, seed: int = 0) -> dict[str, Split]:
     """Retraining data: all training images (or the first n) and the test images."""
     root = _root(root)
-    synthetic = 2 * n if n is not None and not root else 50000
-    data = load_cifar10(root, synthetic_train=synthetic, synthetic_test=max(2, min(10000, synthetic // 5)), seed=seed)
+    synthetic = 2 * n if n is not None and not root else 10000
+    data = load_cifar10(root, synthetic_train=synthetic, synthetic_test=max(2, synthetic // 5), seed=seed)
     train, test = data["train"], data["test"]
     if n is not None:
         train = {k: v[:n] for k, v in train.items()}
