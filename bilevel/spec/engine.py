@@ -188,8 +188,10 @@ class RartsConfig(SpecModel):
     """Discriminator: the RARTS engine."""
     lam: Annotated[float, Field(gt=0)] = 1.0
     """lambda: weight of the training loss."""
-    beta: Annotated[float, Field(gt=0)] = 1.0
-    """beta: coupling of the two weight copies."""
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    """beta: coupling of the two weight copies. The fixed point is biased by about
+    (1/beta + 1/(2 lam)) / 2 on the analytic toy, so a coupling well above 1 is needed (the step
+    sizes must stay below about 1 / (lam + beta))."""
     y_lr: Annotated[float, Field(gt=0)] | None = None
     """Step size of y (same optimizer kind as the lower solver); None: the lower solver's lr."""
     warmup_steps: Annotated[int, Field(ge=0)] | None = None
