@@ -99,6 +99,9 @@ BAD = {
                    d["levels"]["lower"]["variables"]["net"].update(architecture="arch2")),
         "levels.lower.variables.net.architecture", "not above level 'lower'",
     ),
+    "early stop without estimates": (
+        lambda d: d.update(engine={"kind": "darts", "early_stop_ratio": 0.75}), "engine", "needs eigen_every",
+    ),
     "retrain without data": (
         lambda d: d["levels"]["upper"]["variables"]["arch"]["retrain"].pop("data"),
         "levels.upper.variables.arch.retrain.data", "required",

@@ -29,8 +29,6 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-import torch
-
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.darts import grad_x, lower_steps, warmup_steps
 from bilevel.engines.registry import register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bilevel.spec._base import SpecModel
 
@@ -173,6 +173,12 @@ class DartsConfig(SpecModel):
     """Estimates averaged on each side of the early-stopping comparison."""
     eigen_lookback: Annotated[int, Field(ge=1)] = 5
     """k: the comparison is with the window k estimates earlier, whose architecture is restored."""
+
+    @model_validator(mode="after")
+    def _early_stop_needs_estimates(self) -> "DartsConfig":
+        if self.early_stop_ratio is not None and self.eigen_every is None:
+            raise ValueError("early_stop_ratio needs eigen_every (how often the eigenvalue is estimated)")
+        return self
 
 
 class RartsConfig(SpecModel):
