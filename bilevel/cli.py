@@ -1,5 +1,5 @@
 """The `bilevel` command line: run | plan | validate | hypergrad | schema | engines | problems |
-report | sweep.
+report | sweep | retrain.
 
 Errors in a spec print one line per problem (file, dotted field path, what was expected) and exit
 with code 2, without a traceback unless --debug is given. A run stopped by the NaN/inf guard
@@ -319,6 +319,43 @@ def sweep(
             _echo(f"best: trial {best.number}  {plan.sweep.objective} = {best.value:.6g}  {json.dumps(best.params)}")
             _echo(f"  run directory: {best.user_attrs.get('run_dir')}")
         _echo(f"compare the trials: bilevel report {plan.out}/trial-*")
+
+    _guard(go)
+
+
+@app.command()
+def retrain(
+    run_dir: Path = typer.Argument(..., help="Output directory of an architecture search (holds genotype.json)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Retrain the genotype the monitor wrote at this outer step."),
+    genotype: Optional[Path] = typer.Option(None, "--genotype", help="Retrain this genotype file instead."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Training epochs (default: the spec's retrain.epochs)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Initial learning rate (cosine to 0)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per step."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="Channels (conv) or width (mlp) of the network."),
+    cells: Optional[int] = typer.Option(None, "--cells", help="Cells of the network."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the first training run."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Training runs from scratch (seeds seed, seed + 1, ...)."),
+    device: Optional[str] = DeviceOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train a searched architecture from scratch, with the spec's retraining settings or others,
+    and print its test accuracy; writes RUN_DIR/retrain.json (retrain-step-N.json with --step)."""
+    from bilevel.nas.retrain import retrain_run
+
+    overrides = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "channels": channels, "cells": cells,
+                 "seed": seed, "repeats": repeats}
+
+    def go() -> None:
+        result = retrain_run(run_dir, step, genotype, overrides, device)
+        if as_json:
+            typer.echo(json.dumps(result))
+            return
+        spread = f" +- {result['test_accuracy_std']:.4f} over {len(result['test_accuracies'])} runs" if len(result["test_accuracies"]) > 1 else ""
+        typer.echo(f"genotype: {result['genotype_file']}")
+        for cell_type, edges in result["genotype"].items():
+            typer.echo(f"  {cell_type}: " + ", ".join(f"{op} {s}->{d}" for op, s, d in edges))
+        typer.echo(f"test accuracy: {result['test_accuracy']:.4f}{spread}  params: {result['params']}"
+                   f"  epochs: {result['epochs']}  time: {result['time_s']:.1f}s")
 
     _guard(go)
 

@@ -109,6 +109,33 @@ class _Compiler:
             return None
         return value
 
+    def module(self, level: str, vname: str, var: Any, path: str) -> torch.nn.Module | None:
+        """The module of a module variable (built by its factory) or of an architecture or
+        supernet variable (built from the declared search space)."""
+        if not isinstance(var, ModuleVariable):
+            from bilevel.nas.build import SearchSpaceError, build_variable_module
+
+            try:
+                return build_variable_module(self.loaded.spec, level, vname, self.loaded.base_dir)
+            except SearchSpaceError as exc:
+                self.fail(f"{path}{exc.field}", exc.message)
+                return None
+            except Exception as exc:  # a search space the network cannot be built from
+                self.fail(path, f"building the {var.kind} variable raised {type(exc).__name__}: {exc}")
+                return None
+        factory = self.ref(var.factory, f"{path}.factory")
+        if factory is None:
+            return None
+        try:
+            module = factory(**var.kwargs)
+        except Exception as exc:  # user code
+            self.fail(f"{path}.factory", f"calling {var.factory} raised {type(exc).__name__}: {exc}")
+            return None
+        if not isinstance(module, torch.nn.Module):
+            self.fail(f"{path}.factory", f"{var.factory} returned {type(module).__name__}, expected an nn.Module")
+            return None
+        return module
+
     def level(self, name: str, spec: LevelSpec, seed: int) -> Level | None:
         base = f"levels.{name}"
         n_before = len(self.issues)
@@ -129,17 +156,8 @@ class _Compiler:
                 init.append(value)
                 sets.append(var.set)
             else:
-                assert isinstance(var, ModuleVariable)
-                factory = self.ref(var.factory, f"{path}.factory")
-                if factory is None:
-                    continue
-                try:
-                    module = factory(**var.kwargs)
-                except Exception as exc:  # user code
-                    self.fail(f"{path}.factory", f"calling {var.factory} raised {type(exc).__name__}: {exc}")
-                    continue
-                if not isinstance(module, torch.nn.Module):
-                    self.fail(f"{path}.factory", f"{var.factory} returned {type(module).__name__}, expected an nn.Module")
+                module = self.module(name, vname, var, path)
+                if module is None:
                     continue
                 module = module.to(device=self.device, dtype=self.dtype)
                 pnames = tuple(n for n, _ in module.named_parameters())

@@ -18,7 +18,7 @@ from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
 from bilevel.spec.load import LoadedSpec
 
-__all__ = ["Plan", "ProblemFacts", "make_plan", "memory_budget_mb"]
+__all__ = ["Plan", "ProblemFacts", "architecture_memory_mb", "make_plan", "memory_budget_mb"]
 
 DEFAULT_CPU_MEMORY_MB = 4096.0
 CLOSED_FORM_DIRECT_SIZE = 1024
@@ -59,6 +59,12 @@ class ProblemFacts:
     device: str
     closed_form: bool = False
     """The lower level declares a closed-form solution (``solution``): it is solved exactly."""
+    architecture: tuple[str, ...] = ()
+    """Upper variables declared as architecture mixtures ({kind: architecture})."""
+    lower_solver: str = "sgd"
+    """The lower level's inner solver (sgd, momentum, adam)."""
+    activation_mb: float = 0.0
+    """Estimated activation memory of one forward/backward of the lower level's supernet on a batch."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -88,6 +94,7 @@ class ProblemFacts:
             memory_mb=float(budget),
             device=str(problem.device),
             closed_form=lower.solution is not None,
+            **_architecture_facts(upper_spec, lower_spec, problem),
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -170,11 +177,12 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:
-        for rule in (_constrained, _closed_form, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
+        for rule in (_architecture, _constrained, _closed_form, _tuned_optimizer, _unbounded_smoothness, _strongly_convex,
+                     _nonconvex, _unrolled):
             plan = rule(facts, loaded)
             if plan is not None:
                 break
-    return _with_outer_optimizer_advice(plan, facts)
+    return _with_architecture_advice(_with_outer_optimizer_advice(plan, facts), facts)
 
 
 def _with_outer_optimizer_advice(plan: Plan, facts: ProblemFacts) -> Plan:
@@ -344,3 +352,111 @@ def _unrolled(facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
                 f" through the last {config.truncate} steps only (truncated, biased)"
             )
     return Plan(config, reasons, [], facts)
+
+
+# --- architecture search ------------------------------------------------------------------------
+def _architecture_facts(upper_spec: Any, lower_spec: Any, problem: Problem) -> dict[str, Any]:
+    names = tuple(n for n, v in upper_spec.variables.items() if getattr(v, "kind", None) == "architecture")
+    if not names:
+        return {}
+    from bilevel.nas.memory import supernet_activation_mb
+
+    return {
+        "architecture": names,
+        "lower_solver": lower_spec.solver.name if lower_spec.solver is not None else "sgd",
+        "activation_mb": supernet_activation_mb(problem),
+    }
+
+
+def architecture_memory_mb(facts: ProblemFacts) -> dict[str, float]:
+    """Peak memory estimates (MiB) of one outer step of the architecture engines: activations A of
+    one forward/backward plus copies of the weights W held at the peak (first-order DARTS: w, its
+    momentum, a gradient; second order adds the virtual weights w' and v = grad_w' L_val, a gradient
+    at a time; its exact mixed product keeps the graph of grad_w L_train for a second backward,
+    about twice the activations; RARTS: w, y, both momenta and a gradient)."""
+    weights = facts.bytes_per_scalar * facts.n_lower / 2**20
+    return {
+        "darts_first_order": facts.activation_mb + 3 * weights,
+        "darts_second_order": facts.activation_mb + 4 * weights,
+        "darts_second_order_exact": 2 * facts.activation_mb + 4 * weights,
+        "rarts": facts.activation_mb + 5 * weights,
+    }
+
+
+def _architecture(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.architecture:
+        return None
+    from bilevel.spec.engine import DartsConfig, RartsConfig
+
+    caps = engine_capabilities()
+    if "darts" not in caps:
+        able = _able(lambda c: c.handles_architecture)
+        if not able:
+            return None
+        return Plan(_default_config(able[0]), [f"architecture mixture upstairs: {able[0]} handles it"], [], facts)
+    names = ", ".join(f"levels.{facts.upper_level}.variables.{n}" for n in facts.architecture)
+    memory = architecture_memory_mb(facts)
+    budget = facts.memory_mb
+    reasons = [
+        f"{names} is an architecture mixture (kind: architecture): differentiable architecture search, one"
+        " warm-started weight step and one architecture step per outer step (the DARTS family) instead of"
+        " solving the supernet's training to convergence for every hypergradient"
+    ]
+    estimate = (f"estimated peak memory: supernet activations {facts.activation_mb:.0f} MiB for a batch, plus"
+                f" {facts.bytes_per_scalar * facts.n_lower / 2**20:.1f} MiB per copy of the {facts.n_lower} weights")
+    warnings: list[str] = []
+    second_order = ("its virtual weight step w' = w - xi (mu m + grad_w L_train) lets the architecture gradient see how"
+                    " the weights respond (first order ignores it and is biased: on the analytic toy it ends at alpha = 2, not 1)")
+    if facts.lower_solver in ("sgd", "momentum") and memory["darts_second_order_exact"] <= budget:
+        config: Any = DartsConfig(order=2, hessian="exact")
+        reasons.append(
+            f"second-order DARTS with the exact mixed product fits the {budget:.0f} MiB budget (about"
+            f" {memory['darts_second_order_exact']:.0f} MiB; {estimate}): {second_order}; the mixed second derivative is"
+            " one exact vector-Jacobian product, because the paper's central difference (radius 0.01) crosses ReLU kinks"
+            " and was measured 100% off (cosine 0.66) on the digits supernet (docs/engines/darts.md)"
+        )
+    elif facts.lower_solver in ("sgd", "momentum") and memory["darts_second_order"] <= budget:
+        config = DartsConfig(order=2)
+        reasons.append(
+            f"second-order DARTS fits the {budget:.0f} MiB budget (about {memory['darts_second_order']:.0f} MiB; {estimate}),"
+            f" but not its exact mixed product (about {memory['darts_second_order_exact']:.0f} MiB): {second_order}; the"
+            " mixed second derivative is a central finite difference of two gradients (as the paper), no double backward"
+        )
+    elif facts.lower_solver not in ("sgd", "momentum") and memory["rarts"] <= budget:
+        config = RartsConfig()
+        reasons.append(
+            f"levels.{facts.lower_level}.solver.name = {facts.lower_solver}: DARTS's second-order virtual step is defined"
+            " for sgd and momentum weight updates, so RARTS is used: first order (no mixed second derivatives), it"
+            " trains a tied copy of the weights on the validation data and, unlike first-order DARTS, reaches the"
+            f" bilevel optimum of the analytic toy as its coupling grows (about {memory['rarts']:.0f} MiB; {estimate})"
+        )
+    else:
+        config = DartsConfig(order=1)
+        reasons.append(
+            f"second order does not fit the {budget:.0f} MiB budget (about {memory['darts_second_order']:.0f} MiB"
+            f" against {memory['darts_first_order']:.0f} MiB for first order; {estimate}): first-order DARTS, the"
+            " cheapest (one gradient for the weights, one for the architecture), biased where the weights' response matters"
+        )
+        if memory["darts_first_order"] > budget:
+            warnings.append(
+                f"even first-order DARTS needs about {memory['darts_first_order']:.0f} MiB, over the {budget:.0f} MiB budget:"
+                " set the search space's partial_channels (PC-DARTS, e.g. 4) or lower the batch size"
+            )
+    return Plan(config, reasons, warnings, facts)
+
+
+def _with_architecture_advice(plan: Plan, facts: ProblemFacts) -> Plan:
+    caps = engine_capabilities().get(plan.engine.kind)
+    if caps is None:
+        return plan
+    if facts.architecture and not caps.handles_architecture:
+        advice = (f"levels.{facts.upper_level} declares architecture mixtures ({', '.join(facts.architecture)}), which the"
+                  f" {plan.engine.kind} engine does not declare it handles; engines that do: "
+                  + ", ".join(_able(lambda c: c.handles_architecture)))
+    elif not facts.architecture and caps.handles_architecture:
+        advice = (f"the {plan.engine.kind} engine alternates single weight and upper steps (architecture search);"
+                  " on a problem without architecture variables it converges to its own fixed point, not necessarily"
+                  " the bilevel solution")
+    else:
+        return plan
+    return Plan(plan.engine, plan.reasons, [*plan.warnings, advice], plan.facts)

@@ -97,6 +97,32 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _wait_gone(pids: list[int], timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in pids):
+        time.sleep(0.01)
+
+
 def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dict], tmp_path: Path) -> None:
     steps = cases.KILLABLE_STEPS
     spec = tmp_path / "ridge.yaml"
@@ -113,8 +139,15 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
             break
         time.sleep(0.005)
     assert proc.poll() is None, f"the run ended (exit code {proc.returncode}) before it could be killed"
+    ranks = _descendants(proc.pid)  # torchrun may start its workers in sessions of their own
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks at once
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait()
+    _wait_gone(ranks)
     assert not (out / "result.json").exists(), "the run finished before it could be killed"
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert 0 < saved["step"] < steps and saved["world_size"] == WORLD and len(saved["ranks"]) == WORLD

@@ -5,7 +5,9 @@ Two checks per engine, whichever its kind supports:
   relative error (float64, converged inner solve);
 * single-loop engines (penalty, BO-REP, LV-HBA), whose per-step direction is not the hypergradient:
   running them on the strongly convex quadratic reaches the same upper solution as the implicit
-  engine, within the tolerance documented per engine (docs/engines/).
+  engine, within the tolerance documented per engine (docs/engines/);
+* the DARTS family (darts, rarts), which alternate single weight and upper steps: each comes to rest
+  at its own closed-form fixed point (docs/engines/darts.md).
 A newly registered engine fails the suite until it is given an entry here."""
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from bilevel.compile import compile_spec
 from bilevel.engines import build_engine, engine_kinds
 from bilevel.spec import (
     BORepConfig,
+    DartsConfig,
     ImplicitConfig,
     LinearSolverSpec,
     LVHBAConfig,
     PenaltyConfig,
+    RartsConfig,
     UnrolledConfig,
     spec_from_data,
 )
@@ -67,8 +71,50 @@ SOLUTION_CONFIGS = {
 
 
 def test_every_registered_engine_is_covered() -> None:
-    assert set(engine_kinds()) <= set(SOLUTION_CONFIGS), "add the new engine to the conformance suite"
+    assert set(engine_kinds()) <= set(SOLUTION_CONFIGS) | set(FIXED_POINT_CONFIGS), "add the new engine to the conformance suite"
     assert set(HYPERGRADIENT_CONFIGS) <= set(engine_kinds())
+
+
+# --- the DARTS family: single weight and upper steps, each with its own closed-form fixed point -----------
+def _darts_fixed_point(order: int, xi: float = 0.09, rho: float = 0.1) -> torch.Tensor:
+    """First order: grad_x F(x, y*(x)) = rho x = 0. Second order (sgd virtual step xi): rho x + xi B^T (y*(x) - c) = 0,
+    i.e. A^{-1} of the implicit solution replaced by xi I."""
+    data = quadratic_data()
+    B, c = data["B"], data["c"]
+    if order == 1:
+        return torch.zeros(B.shape[1], dtype=B.dtype)
+    M = rho * torch.eye(B.shape[1], dtype=B.dtype) + xi * B.T @ torch.linalg.solve(data["A"], B)
+    return torch.linalg.solve(M, xi * B.T @ c)
+
+
+def _run_darts_on_the_quadratic(config, tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
+    data = quadratic_spec(inner_steps=1, steps=1000, checkpoint_every=None).model_dump(mode="json")
+    data["levels"]["upper"]["solver"] = {"name": "sgd", "lr": 0.5}
+    result = run(spec_from_data(data), engine=config, out=tmp_path, progress=False)
+    return result.x[0], _darts_fixed_point(config.order)
+
+
+def _run_rarts_on_the_analytic_toy(config, tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
+    # RARTS minimizes lam G jointly in x as well: on the quadratic, whose G is linear in x, that is unbounded;
+    # the DARTS toy's relaxed objective is convex with a closed-form stationary point
+    from problems.nas.toy import rarts_fixed_point, toy_spec
+
+    result = run(toy_spec(steps=3000, inner_lr=0.02, outer_lr=0.02), engine=config, out=tmp_path, progress=False)
+    return result.x[0].reshape(1), torch.tensor([rarts_fixed_point(config.lam, config.beta)[0]], dtype=torch.float64)
+
+
+FIXED_POINT_CONFIGS = {
+    "darts": [(DartsConfig(order=1), _run_darts_on_the_quadratic), (DartsConfig(order=2), _run_darts_on_the_quadratic),
+              (DartsConfig(order=2, hessian="exact"), _run_darts_on_the_quadratic)],
+    "rarts": [(RartsConfig(lam=10.0, beta=10.0), _run_rarts_on_the_analytic_toy)],
+}
+
+
+@pytest.mark.parametrize("case", [c for cs in FIXED_POINT_CONFIGS.values() for c in cs], ids=lambda c: repr(c[0]))
+def test_alternating_engine_reaches_its_closed_form_fixed_point(case, tmp_path) -> None:
+    config, runner = case
+    reached, expected = runner(config, tmp_path)
+    assert float((reached - expected).norm()) <= 1e-8 * max(1.0, float(expected.norm()))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -79,7 +80,22 @@ def data_parallel(device: torch.device, backend: str = "auto", timeout_s: float 
     previous = activate(World(rank, size, local_rank, group_backend))
     try:
         yield current_world(), device
-    finally:
+    except BaseException:
         activate(previous)
         if created:
             dist.destroy_process_group()
+        raise
+    activate(previous)
+    if created:
+        _leave(dist)
+
+
+def _leave(dist: Any) -> None:
+    """Tear the process group down together after a run that ended well: a rank that destroys its
+    group while another still talks to it (rank 0 writing results while rank 1 has finished) can
+    abort the process at exit ("terminate called without an active exception"). After an error
+    no barrier is waited for: the other ranks may be gone."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

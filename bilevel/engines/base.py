@@ -116,6 +116,9 @@ class Hypergrad:
     stop: str | None = None
     """Set by an engine whose own criterion ends the run (e.g. an early-stopping guard): the outer
     loop applies no step for this call, writes a checkpoint and finishes with this reason."""
+    upper: Params | None = None
+    """With ``stop``: the upper values the run ends with (e.g. the earlier architecture an
+    early-stopping rule returns to); None keeps the current ones."""
 
 
 @runtime_checkable

@@ -238,6 +238,10 @@ def _run(
             if result.stop is not None:
                 final_step, stop_reason = step, result.stop
                 state = result.state
+                if result.upper is not None:
+                    with torch.no_grad():
+                        for p, value in zip(x, result.upper):
+                            p.copy_(value)
                 say(f"stopped after {step} steps: {stop_reason}")
                 break
             read = [result.upper_loss.reshape(1), tree_norm(result.grad).reshape(1)]

@@ -6,11 +6,13 @@ from bilevel.spec.constraints import BoxSet, ConstraintSpec, SimplexSet, Variabl
 from bilevel.spec.engine import (
     AutoEngine,
     BORepConfig,
+    DartsConfig,
     EngineSpec,
     ImplicitConfig,
     LinearSolverSpec,
     LVHBAConfig,
     PenaltyConfig,
+    RartsConfig,
     UnrolledConfig,
 )
 from bilevel.spec.errors import SpecError, SpecIssue, VariableError
@@ -26,16 +28,29 @@ from bilevel.spec.level import (
 from bilevel.spec.load import LoadedSpec, apply_overrides, load_spec, spec_from_data
 from bilevel.spec.problem import BilevelSpec, level_graph
 from bilevel.spec.run import BudgetSpec, DistributedSpec, RunSpec
+from bilevel.spec.search_space import (
+    ArchitectureVariable,
+    CellSpec,
+    ConvSearchSpace,
+    MLPSearchSpace,
+    RetrainSpec,
+    SearchSpace,
+    SupernetVariable,
+)
 from bilevel.spec.schema import spec_schema
 
 __all__ = [
+    "ArchitectureVariable",
     "Assumptions",
     "AutoEngine",
     "BORepConfig",
     "BilevelSpec",
     "BoxSet",
     "BudgetSpec",
+    "CellSpec",
     "ConstraintSpec",
+    "ConvSearchSpace",
+    "DartsConfig",
     "DataSpec",
     "DistributedSpec",
     "EngineSpec",
@@ -44,13 +59,18 @@ __all__ = [
     "LevelSpec",
     "LinearSolverSpec",
     "LoadedSpec",
+    "MLPSearchSpace",
     "ModuleVariable",
     "OptimizerSpec",
     "PenaltyConfig",
+    "RartsConfig",
+    "RetrainSpec",
     "RunSpec",
+    "SearchSpace",
     "SimplexSet",
     "SpecError",
     "SpecIssue",
+    "SupernetVariable",
     "TensorVariable",
     "UnrolledConfig",
     "Variable",

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from bilevel.spec._base import SpecModel
 
 __all__ = [
     "AutoEngine",
     "BORepConfig",
+    "DartsConfig",
     "EngineSpec",
     "ImplicitConfig",
     "LVHBAConfig",
     "LinearSolverSpec",
     "PenaltyConfig",
+    "RartsConfig",
     "UnrolledConfig",
 ]
 
@@ -133,6 +135,77 @@ class LVHBAConfig(SpecModel):
     """Box for the multipliers: [0, B] for inequalities, [-B, B] for equalities."""
 
 
+class DartsConfig(SpecModel):
+    """DARTS (Liu et al. 2019): per outer step, ``steps`` warm-started steps of the lower solver on
+    the weights w, then the architecture direction
+
+        order 1:  grad_alpha L_val(w, alpha)
+        order 2:  grad_alpha L_val(w', alpha) - xi grad^2_{alpha,w} L_train(w, alpha) grad_w' L_val(w', alpha),
+
+    w' = one virtual step of the lower solver from w (momentum and weight decay included). The
+    mixed product is a central finite difference (as the paper) or exact (one mixed VJP)."""
+
+    kind: Literal["darts"] = "darts"
+    """Discriminator: the DARTS engine."""
+    order: Literal[1, 2] = 2
+    """1: first-order DARTS (w' = w); 2: second order, with the virtual step."""
+    hessian: Literal["finite_difference", "exact"] = "finite_difference"
+    """Order 2: the mixed product by central differences of grad_alpha L_train at w +- eps v,
+    eps = fd_radius / ||v|| (DARTS), or exactly by one mixed vector-Jacobian product."""
+    fd_radius: Annotated[float, Field(gt=0)] = 0.01
+    """r in eps = r / ||grad_w' L_val|| (DARTS: 0.01)."""
+    xi: Annotated[float, Field(gt=0)] | None = None
+    """Virtual step size; None: the lower solver's learning rate (as the DARTS code)."""
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    """Weight steps before the first architecture step (in the first outer step), so that the
+    parametric operations are trained before the architecture judges them (PC-DARTS warms up for
+    15 of 50 epochs). None: the architecture variable's warmup_steps (0 without one)."""
+    eigen_every: Annotated[int, Field(ge=1)] | None = None
+    """Estimate the dominant eigenvalue of grad^2_alpha L_val (power iteration on Hessian-vector
+    products) every N outer steps, logged as ``eigenvalue``; None: never."""
+    eigen_iters: Annotated[int, Field(ge=1)] = 20
+    """Power-iteration steps per estimate (warm-started from the previous eigenvector)."""
+    early_stop_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """DARTS-ES (Zela et al. 2020): stop when mean(eigenvalues of the window ``lookback`` estimates
+    ago) / mean(eigenvalues of the current window) falls below this ratio (paper: 0.75), and end
+    with the architecture of ``lookback`` estimates ago. None: no early stop. Needs eigen_every."""
+    eigen_window: Annotated[int, Field(ge=1)] = 5
+    """Estimates averaged on each side of the early-stopping comparison."""
+    eigen_lookback: Annotated[int, Field(ge=1)] = 5
+    """k: the comparison is with the window k estimates earlier, whose architecture is restored."""
+
+    @model_validator(mode="after")
+    def _early_stop_needs_estimates(self) -> "DartsConfig":
+        if self.early_stop_ratio is not None and self.eigen_every is None:
+            raise ValueError("early_stop_ratio needs eigen_every (how often the eigenvalue is estimated)")
+        return self
+
+
+class RartsConfig(SpecModel):
+    """RARTS (Xue, Qi & Xin 2021, "RARTS: An Efficient First-Order Relaxed Architecture Search
+    Method"): network splitting with a second copy y of the weights, trained on validation data,
+    and Gauss-Seidel steps on the relaxed single-level objective
+
+        L(w, y, alpha) = L_val(y, alpha) + lam L_train(w, alpha) + beta/2 ||y - w||^2
+
+    (w, then y, then alpha); first order, no mixed second derivatives."""
+
+    kind: Literal["rarts"] = "rarts"
+    """Discriminator: the RARTS engine."""
+    lam: Annotated[float, Field(gt=0)] = 1.0
+    """lambda: weight of the training loss."""
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    """beta: coupling of the two weight copies. The fixed point is biased by about
+    (1/beta + 1/(2 lam)) / 2 on the analytic toy, so a coupling well above 1 is needed (the step
+    sizes must stay below about 1 / (lam + beta))."""
+    y_lr: Annotated[float, Field(gt=0)] | None = None
+    """Step size of y (same optimizer kind as the lower solver); None: the lower solver's lr."""
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps of the lower solver on L_train alone before the first architecture step (in the first
+    outer step); y then starts as a copy of the warmed-up w. None: the architecture variable's
+    warmup_steps (0 without one)."""
+
+
 class AutoEngine(SpecModel):
     """Let the planner choose the engine from the declared facts and the budget."""
 
@@ -141,6 +214,6 @@ class AutoEngine(SpecModel):
 
 
 EngineSpec = Annotated[
-    Union[AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig],
+    Union[AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig, DartsConfig, RartsConfig],
     Field(discriminator="kind"),
 ]

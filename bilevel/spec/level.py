@@ -8,6 +8,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from bilevel.spec._base import SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
+from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 
 __all__ = [
     "Assumptions",
@@ -77,7 +78,12 @@ def _variable_kind(value: Any) -> str | None:
 
 
 Variable = Annotated[
-    Union[Annotated[TensorVariable, Tag("tensor")], Annotated[ModuleVariable, Tag("module")]],
+    Union[
+        Annotated[TensorVariable, Tag("tensor")],
+        Annotated[ModuleVariable, Tag("module")],
+        Annotated[ArchitectureVariable, Tag("architecture")],
+        Annotated[SupernetVariable, Tag("supernet")],
+    ],
     Discriminator(_variable_kind),
 ]
 

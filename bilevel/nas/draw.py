@@ -1,0 +1,125 @@
+"""Figures of a search: the derived cells (networkx drawing) and the history of the softmaxed
+architecture weights (from the monitor's records in metrics.jsonl). Written with matplotlib's
+Agg canvas, so no display and no global backend change are needed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from bilevel.nas.genotype import Genotype
+
+__all__ = ["cell_drawing_graph", "draw_genotype", "plot_alpha_history"]
+
+
+def _input_label(index: int, inputs: int) -> str:
+    return "c_{k-1}" if index == inputs - 1 else "c_{k-2}"
+
+
+def cell_drawing_graph(genotype: Genotype, space: Any, cell_type: str) -> nx.DiGraph:
+    """The derived cell as a labelled DiGraph: input nodes c_{k-2}, c_{k-1}, intermediate nodes
+    0..n-1, the output c_{k}; edges carry their operation in the ``op`` attribute (the output's
+    incoming edges: ``concat``). Node attribute ``layer``: depth from the inputs (for layout)."""
+    inputs, nodes = space.cell.inputs, space.cell.nodes
+    label = {i: _input_label(i, inputs) for i in range(inputs)}
+    label.update({inputs + j: str(j) for j in range(nodes)})
+    graph = nx.DiGraph()
+    for i in range(inputs + nodes):
+        graph.add_node(label[i])
+    for op, src, dst in genotype.cells[cell_type]:
+        graph.add_edge(label[src], label[dst], op=op)
+    depth = {label[i]: 0 for i in range(inputs)}
+    for name in nx.topological_sort(graph):
+        if name not in depth:
+            depth[name] = 1 + max((depth[p] for p in graph.predecessors(name)), default=0)
+    graph.add_node("c_{k}")
+    for j in range(nodes):
+        graph.add_edge(str(j), "c_{k}", op="concat")
+    depth["c_{k}"] = 1 + max(depth.values())
+    nx.set_node_attributes(graph, depth, "layer")
+    return graph
+
+
+def _positions(graph: nx.DiGraph, space: Any) -> dict[str, tuple[float, float]]:
+    """Inputs on the left, intermediate nodes left to right in order, zig-zagging up and down so
+    that edges between neighbours and their labels do not overlap, the output on the right."""
+    inputs, nodes = space.cell.inputs, space.cell.nodes
+    pos: dict[str, tuple[float, float]] = {}
+    for i in range(inputs):
+        pos[_input_label(i, inputs)] = (0.0, 1.0 - 2.0 * i if inputs == 2 else 0.0)
+    for j in range(nodes):
+        pos[str(j)] = (1.0 + j, 0.55 if j % 2 == 0 else -0.55)
+    pos["c_{k}"] = (nodes + 1.0, 0.0)
+    return pos
+
+
+def draw_genotype(genotype: Genotype, space: Any, path: str | Path, title: str | None = None) -> Path:
+    """One panel per cell type; edges labelled with their operation. Returns the PNG's path."""
+    path = Path(path)
+    types = [t for t in ("normal", "reduce") if t in genotype.cells]
+    figure = Figure(figsize=(7.5 * len(types), 4.5))
+    FigureCanvasAgg(figure)
+    for index, cell_type in enumerate(types):
+        ax = figure.add_subplot(1, len(types), index + 1)
+        graph = cell_drawing_graph(genotype, space, cell_type)
+        pos = _positions(graph, space)
+        colors = ["#d9e8f5" if n.startswith("c_") else "#fde5c8" for n in graph.nodes]
+        nx.draw_networkx_nodes(graph, pos, ax=ax, node_color=colors, node_size=900, edgecolors="#444444")
+        nx.draw_networkx_labels(graph, pos, ax=ax, font_size=8)
+        ops = [(u, v) for u, v, d in graph.edges(data=True) if d["op"] != "concat"]
+        concat = [(u, v) for u, v, d in graph.edges(data=True) if d["op"] == "concat"]
+        nx.draw_networkx_edges(graph, pos, edgelist=ops, ax=ax, arrows=True, node_size=900, connectionstyle="arc3,rad=0.1")
+        nx.draw_networkx_edges(graph, pos, edgelist=concat, ax=ax, arrows=True, style="dashed", edge_color="#999999", node_size=900)
+        labels = {(u, v): d["op"] for u, v, d in graph.edges(data=True) if d["op"] != "concat"}
+        nx.draw_networkx_edge_labels(graph, pos, edge_labels=labels, ax=ax, font_size=7, connectionstyle="arc3,rad=0.1")
+        skips = genotype.skip_count(cell_type)
+        ax.set_title(f"{cell_type} cell ({skips} skip connection{'s' if skips != 1 else ''})", fontsize=10)
+        ax.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_alpha_history(metrics: str | Path, space: Any, path: str | Path) -> Path | None:
+    """The mean over edges of each operation's softmaxed weight against the step, one panel per
+    cell type, from the ``alpha_<type>`` values the NAS monitor logs. None when nothing was logged."""
+    records = []
+    for line in Path(metrics).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "alpha_normal" in record.get("monitor", {}):
+            records.append(record)
+    if not records:
+        return None
+    path = Path(path)
+    types = [t for t in space.cell_types if f"alpha_{t}" in records[0]["monitor"]]
+    figure = Figure(figsize=(6 * len(types), 4))
+    FigureCanvasAgg(figure)
+    steps = [r["step"] for r in records]
+    for index, cell_type in enumerate(types):
+        ax = figure.add_subplot(1, len(types), index + 1)
+        for o, name in enumerate(space.ops):
+            means = []
+            for record in records:
+                rows = record["monitor"][f"alpha_{cell_type}"]
+                means.append(sum(row[o] for row in rows) / len(rows))
+            ax.plot(steps, means, label=name, linestyle="--" if name in ("none", "skip_connect") else "-")
+        ax.axhline(1.0 / len(space.ops), color="#bbbbbb", linewidth=0.8)
+        ax.set_xlabel("outer step")
+        ax.set_ylabel("softmax weight (mean over edges)")
+        ax.set_title(f"{cell_type} cell")
+        ax.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,139 @@
+"""Discrete cells: derived from the architecture weights, or sampled at random from the space.
+
+Derivation (DARTS, Liu et al. 2019, section 2.4): for each intermediate node keep the ``keep``
+incoming edges of largest strength max_{o != none} w_{e,o} (times the edge-normalization weight
+with PC-DARTS), each with its strongest operation other than ``none``.
+
+Skip limit (P-DARTS, Chen et al. 2019, "Progressive Differentiable Architecture Search", ICCV):
+DARTS tends to collapse to parameter-free skip connections. With ``max_skip = M`` the derived
+normal cell keeps the M skip connections of largest weight; each other kept edge whose best
+operation is a skip takes its best operation other than none and skip_connect instead."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.nas.search_space import cell_edges, cell_graph, incoming
+
+__all__ = ["Genotype", "derive_genotype", "random_genotype"]
+
+SKIP = "skip_connect"
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A discrete architecture: per cell type, the kept edges as (operation, source, destination)."""
+
+    cells: dict[str, tuple[tuple[str, int, int], ...]]
+
+    def skip_count(self, cell_type: str = "normal") -> int:
+        return sum(op == SKIP for op, _, _ in self.cells.get(cell_type, ()))
+
+    def edges(self, cell_type: str) -> list[tuple[int, int]]:
+        """The kept edges of a cell type in canonical order (destination, then source)."""
+        return sorted(((s, d) for _, s, d in self.cells[cell_type]), key=lambda e: (e[1], e[0]))
+
+    def op(self, cell_type: str, src: int, dst: int) -> str:
+        for name, s, d in self.cells[cell_type]:
+            if (s, d) == (src, dst):
+                return name
+        raise KeyError(f"no edge [{src}, {dst}] in the {cell_type} cell")
+
+    def to_json(self) -> dict[str, list[list[Any]]]:
+        return {t: [[op, s, d] for op, s, d in edges] for t, edges in self.cells.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "Genotype":
+        return cls({t: tuple((str(op), int(s), int(d)) for op, s, d in edges) for t, edges in data.items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Genotype":
+        data = json.loads(Path(path).read_text())
+        return cls.from_json(data["genotype"] if "genotype" in data else data)
+
+
+def _strongest(row: Tensor, names: list[str], excluded: set[str]) -> tuple[int, float] | None:
+    best: tuple[int, float] | None = None
+    for index, name in enumerate(names):
+        if name in excluded:
+            continue
+        value = float(row[index])
+        if best is None or value > best[1]:
+            best = (index, value)
+    return best
+
+
+def derive_genotype(weights: Mapping[str, Tensor], space: Any, max_skip: int | None | str = "space") -> Genotype:
+    """The discrete cell of each cell type from mixture weights (``upper["arch"]()``).
+
+    ``max_skip``: "space" uses the space's limit; an int overrides it; None derives without one."""
+    limit = space.max_skip if max_skip == "space" else max_skip
+    graph = cell_graph(space.cell.inputs, space.cell.nodes, space.cell.edges)
+    edges = cell_edges(graph)
+    names = list(space.ops)
+    cells: dict[str, tuple[tuple[str, int, int], ...]] = {}
+    for cell_type in space.cell_types:
+        w = weights[cell_type].detach().double().cpu()
+        edge_w = weights.get(f"edge_{cell_type}")
+        edge_w = torch.ones(len(edges), dtype=torch.float64) if edge_w is None else edge_w.detach().double().cpu()
+        kept: list[tuple[int, str]] = []  # (edge index, op)
+        for node, rows in sorted(incoming(graph).items()):
+            scored = []
+            for e in rows:
+                best = _strongest(w[e], names, {"none"})
+                assert best is not None  # the spec requires an operation other than none
+                scored.append((best[1] * float(edge_w[e]), -e, e, names[best[0]]))
+            scored.sort(reverse=True)
+            kept += [(e, op) for _, _, e, op in scored[: space.cell.keep]]
+        if limit is not None and cell_type == "normal":
+            kept = _limit_skips(kept, w, edge_w, names, limit)
+        cells[cell_type] = tuple((op, edges[e][0], edges[e][1]) for e, op in sorted(kept, key=lambda k: (edges[k[0]][1], edges[k[0]][0])))
+    return Genotype(cells)
+
+
+def _limit_skips(kept: list[tuple[int, str]], w: Tensor, edge_w: Tensor, names: list[str], limit: int) -> list[tuple[int, str]]:
+    skips = [e for e, op in kept if op == SKIP]
+    if len(skips) <= limit or SKIP not in names:
+        return kept
+    skip_index = names.index(SKIP)
+    ranked = sorted(skips, key=lambda e: (-float(w[e, skip_index] * edge_w[e]), e))
+    demoted = set(ranked[limit:])
+    out = []
+    for e, op in kept:
+        if e in demoted:
+            best = _strongest(w[e], names, {"none", SKIP})
+            if best is not None:
+                op = names[best[0]]
+        out.append((e, op))
+    return out
+
+
+def random_genotype(space: Any, generator: torch.Generator, max_skip: int | None | str = "space") -> Genotype:
+    """A cell drawn uniformly from the derived cells of the space: for each node, ``keep`` distinct
+    incoming edges and an operation other than none for each; redrawn while the normal cell has more
+    skip connections than the limit (uniform over the cells the derivation can produce)."""
+    limit = space.max_skip if max_skip == "space" else max_skip
+    graph = cell_graph(space.cell.inputs, space.cell.nodes, space.cell.edges)
+    edges = cell_edges(graph)
+    names = [n for n in space.ops if n != "none"]
+    for _ in range(10_000):
+        cells: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        for cell_type in space.cell_types:
+            chosen: list[tuple[str, int, int]] = []
+            for _, rows in sorted(incoming(graph).items()):
+                order = torch.randperm(len(rows), generator=generator)[: space.cell.keep].tolist()
+                for k in sorted(order):
+                    op = names[int(torch.randint(len(names), (1,), generator=generator))]
+                    chosen.append((op, *edges[rows[k]]))
+            cells[cell_type] = tuple(sorted(chosen, key=lambda c: (c[2], c[1])))
+        genotype = Genotype(cells)
+        if limit is None or genotype.skip_count("normal") <= limit:
+            return genotype
+    raise ValueError(f"no random cell satisfies max_skip = {limit}")

@@ -1,0 +1,274 @@
+"""Search spaces for differentiable architecture search: cells, candidate operations, the
+architecture variable (upper level) and the supernet variable (lower level) that relaxes it.
+
+One declaration serves both levels: the architecture variable holds the search space, and the
+supernet variable names the architecture variable it relaxes::
+
+    upper:  variables: {arch: {kind: architecture, space: {kind: conv, ops: [...], cell: {...}}}}
+    lower:  variables: {net: {kind: supernet, architecture: arch}}
+
+Cells are validated here (acyclic, every node reachable from an input, known operation names),
+so a bad cell is a spec error with a dotted path before anything is built."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from bilevel.nas.search_space import cell_graph
+from bilevel.spec._base import SpecModel
+
+__all__ = [
+    "ArchitectureVariable",
+    "CellSpec",
+    "ConvOp",
+    "ConvSearchSpace",
+    "MLPOp",
+    "MLPSearchSpace",
+    "RetrainSpec",
+    "SearchSpace",
+    "SupernetVariable",
+]
+
+_Ref = Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")]
+
+ConvOp = Literal[
+    "none",
+    "skip_connect",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "conv_1x1",
+    "conv_3x3",
+]
+"""Candidate operations of convolutional cells (DARTS's eight, plus plain ReLU-conv-BN 1x1 / 3x3)."""
+
+MLPOp = Literal["none", "skip_connect", "linear", "linear_relu", "linear_tanh", "linear_sigmoid", "relu", "tanh"]
+"""Candidate operations of MLP cells on feature vectors (tabular data)."""
+
+
+class CellSpec(SpecModel):
+    """A cell: a directed acyclic graph whose edges carry mixed operations.
+
+    Nodes are numbered: 0 .. inputs-1 are the inputs (the outputs of the previous cells),
+    inputs .. inputs+nodes-1 the intermediate nodes; each intermediate node sums its incoming
+    edges, and the cell's output concatenates all intermediate nodes."""
+
+    inputs: Annotated[int, Field(ge=1, le=2)] = 2
+    """Input nodes: 2 (the previous two cells, as DARTS) or 1 (the previous cell only)."""
+    nodes: Annotated[int, Field(ge=1)] = 4
+    """Intermediate nodes."""
+    edges: list[tuple[int, int]] | None = None
+    """Edges as [source, destination] pairs; None: the dense DARTS cell (every input and every
+    earlier intermediate node feeds each intermediate node; 14 edges for 2 inputs and 4 nodes).
+    Must form a DAG in which every intermediate node is reachable from an input."""
+    keep: Annotated[int, Field(ge=1)] = 2
+    """Incoming edges kept per intermediate node when a discrete cell is derived (the strongest,
+    excluding none; DARTS keeps 2)."""
+
+    @field_validator("edges")
+    @classmethod
+    def _valid_graph(cls, edges: list[tuple[int, int]] | None, info: ValidationInfo) -> list[tuple[int, int]] | None:
+        if "inputs" in info.data and "nodes" in info.data:
+            cell_graph(info.data["inputs"], info.data["nodes"], edges)  # ValueError names the problem
+        return edges
+
+
+def _check_ops(ops: list[str]) -> list[str]:
+    duplicates = sorted({op for op in ops if ops.count(op) > 1})
+    if duplicates:
+        raise ValueError(f"operations listed more than once: {', '.join(duplicates)}")
+    if not [op for op in ops if op != "none"]:
+        raise ValueError("at least one operation other than none is needed")
+    return ops
+
+
+def _check_partial(value: int, info: ValidationInfo, width_field: str) -> int:
+    width = info.data.get(width_field)
+    if width is not None and width % value:
+        raise ValueError(f"{width_field} ({width}) must be divisible by partial_channels ({value})")
+    return value
+
+
+class ConvSearchSpace(SpecModel):
+    """Convolutional cells stacked into a network (the DARTS CNN space): a 3x3 conv stem, ``cells``
+    cells of which the reduction cells halve the resolution and double the channels, global
+    average pooling and a linear classifier. Normal and reduction cells have their own architecture."""
+
+    kind: Literal["conv"] = "conv"
+    """Discriminator: convolutional cells on images."""
+    ops: list[ConvOp]
+    """Candidate operations on every edge (none = zero, skip_connect = identity, or a factorized
+    reduction on stride-2 edges)."""
+    cell: CellSpec = Field(default_factory=CellSpec)
+    """The cell graph shared by normal and reduction cells."""
+    cells: Annotated[int, Field(ge=1)] = 8
+    """Cells in the network."""
+    reductions: list[Annotated[int, Field(ge=0)]] | None = None
+    """Indices of the reduction cells; None: cells // 3 and 2 * cells // 3 (as DARTS)."""
+    channels: Annotated[int, Field(ge=1)] = 16
+    """Channels of the first cells (doubled at each reduction)."""
+    stem_multiplier: Annotated[int, Field(ge=1)] = 3
+    """The stem outputs stem_multiplier * channels channels."""
+    in_channels: Annotated[int, Field(ge=1)] = 3
+    """Channels of the input images."""
+    classes: Annotated[int, Field(ge=2)] = 10
+    """Output classes."""
+    partial_channels: Annotated[int, Field(ge=1)] = 1
+    """PC-DARTS (Xu et al. 2020): 1/K of the channels go through each mixed operation, the rest
+    bypass it, then channels are shuffled; 1 = off (every channel, as DARTS). Cuts the memory of
+    the mixed operations about K times."""
+    edge_normalization: bool = False
+    """PC-DARTS edge normalization: each node weighs its incoming edges by softmax(beta) over
+    them, beta being extra architecture parameters; edges are selected by beta times alpha."""
+    max_skip: Annotated[int, Field(ge=0)] | None = None
+    """At most this many skip connections in the derived normal cell (P-DARTS, Chen et al. 2019):
+    the weakest extra skips are replaced by their edge's best other operation. None: no limit."""
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        return _check_ops(ops)
+
+    @field_validator("reductions")
+    @classmethod
+    def _reductions(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        cells = info.data.get("cells")
+        if value is not None and cells is not None:
+            bad = [i for i in value if i >= cells]
+            if bad:
+                raise ValueError(f"reduction cell indices {bad} are out of range; cells are 0..{cells - 1}")
+        return value
+
+    @field_validator("partial_channels")
+    @classmethod
+    def _partial(cls, value: int, info: ValidationInfo) -> int:
+        return _check_partial(value, info, "channels")
+
+    def reduction_cells(self) -> list[int]:
+        """Indices of the reduction cells."""
+        if self.reductions is not None:
+            return sorted(set(self.reductions))
+        return sorted({self.cells // 3, 2 * self.cells // 3})
+
+    @property
+    def cell_types(self) -> tuple[str, ...]:
+        """The kinds of cells that have their own architecture."""
+        return ("normal", "reduce") if self.reduction_cells() else ("normal",)
+
+
+class MLPSearchSpace(SpecModel):
+    """MLP cells on feature vectors (tabular data): a linear stem to ``width`` features, ``cells``
+    cells whose edges choose among linear maps and activations, and a linear classifier."""
+
+    kind: Literal["mlp"] = "mlp"
+    """Discriminator: MLP cells on feature vectors."""
+    ops: list[MLPOp]
+    """Candidate operations on every edge."""
+    cell: CellSpec = Field(default_factory=CellSpec)
+    """The cell graph."""
+    cells: Annotated[int, Field(ge=1)] = 2
+    """Cells in the network."""
+    width: Annotated[int, Field(ge=1)] = 64
+    """Features of every node."""
+    in_features: Annotated[int, Field(ge=1)]
+    """Features of the input."""
+    classes: Annotated[int, Field(ge=2)]
+    """Output classes."""
+    partial_channels: Annotated[int, Field(ge=1)] = 1
+    """As for conv spaces: 1/K of the features go through each mixed operation."""
+    edge_normalization: bool = False
+    """As for conv spaces: softmax(beta) weights over each node's incoming edges."""
+    max_skip: Annotated[int, Field(ge=0)] | None = None
+    """At most this many skip connections in the derived cell. None: no limit."""
+
+    @field_validator("ops")
+    @classmethod
+    def _ops(cls, ops: list[str]) -> list[str]:
+        return _check_ops(ops)
+
+    @field_validator("partial_channels")
+    @classmethod
+    def _partial(cls, value: int, info: ValidationInfo) -> int:
+        return _check_partial(value, info, "width")
+
+    def reduction_cells(self) -> list[int]:
+        return []
+
+    @property
+    def cell_types(self) -> tuple[str, ...]:
+        return ("normal",)
+
+
+SearchSpace = Annotated[Union[ConvSearchSpace, MLPSearchSpace], Field(discriminator="kind")]
+"""A search space: {kind: conv, ...} or {kind: mlp, ...}."""
+
+
+class RetrainSpec(SpecModel):
+    """How a derived architecture is trained from scratch and evaluated (the report and
+    `bilevel retrain` use it): SGD with momentum, cosine learning rate to zero, weight decay."""
+
+    data: _Ref
+    """Callable returning {"train": {"x": X, "y": Y}, "test": {"x": X, "y": Y}}."""
+    data_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments passed to data."""
+    epochs: Annotated[int, Field(ge=1)] = 20
+    """Passes over the training data."""
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    """Examples per step."""
+    lr: Annotated[float, Field(gt=0)] = 0.025
+    """Initial learning rate (cosine schedule down to 0)."""
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """Heavy-ball momentum."""
+    weight_decay: Annotated[float, Field(ge=0)] = 3e-4
+    """L2 weight decay."""
+    channels: Annotated[int, Field(ge=1)] | None = None
+    """Channels (conv) or width (mlp) of the retrained network; None: the search space's."""
+    cells: Annotated[int, Field(ge=1)] | None = None
+    """Cells of the retrained network; None: the search space's (reductions at cells // 3 and
+    2 * cells // 3 when this differs)."""
+    seed: int = 0
+    """Seed of the initialization and of the minibatch order."""
+    repeats: Annotated[int, Field(ge=1)] = 1
+    """Train from scratch this many times (seeds seed, seed + 1, ...) and report the mean test
+    accuracy and its spread: one retraining is a noisy measure of an architecture."""
+
+
+class ArchitectureVariable(SpecModel):
+    """Architecture mixture weights (upper level): one row of logits alpha over the candidate
+    operations per edge and cell type, softmaxed into mixture weights (DARTS); with edge
+    normalization also one logit beta per edge. Objectives call ``upper["arch"]()`` to get the
+    mixture weights, which the supernet takes: ``lower["net"](x, upper["arch"]())``."""
+
+    kind: Literal["architecture"] = "architecture"
+    """Discriminator: architecture mixture weights."""
+    space: SearchSpace
+    """The search space (shared with the supernet that names this variable)."""
+    init_scale: Annotated[float, Field(ge=0)] = 1e-3
+    """alpha starts at init_scale * N(0, 1) (DARTS: 1e-3, nearly uniform mixtures)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Weight steps before the architecture starts to move (taken in the first outer step), so that
+    parametric operations are trained before they are judged (PC-DARTS: 15 of 50 epochs). Read by
+    the engines of the DARTS family (darts, rarts) unless their own warmup_steps is set."""
+    retrain: RetrainSpec | None = None
+    """How the derived architecture is retrained and tested at the end of a run; None: not retrained."""
+
+
+class SupernetVariable(SpecModel):
+    """The weights of the supernet (lower level): the network of mixed operations built from the
+    search space of the architecture variable it names."""
+
+    kind: Literal["supernet"] = "supernet"
+    """Discriminator: the supernet of an architecture variable."""
+    architecture: str
+    """Name of the architecture variable (in a level above this one) whose search space is relaxed."""
+
+    @model_validator(mode="after")
+    def _identifier(self) -> "SupernetVariable":
+        if not self.architecture.isidentifier():
+            raise ValueError(f"architecture must name a variable (got {self.architecture!r})")
+        return self

@@ -1,0 +1,247 @@
+"""DARTS and RARTS: the analytic toy behaves as theory says, the finite-difference architecture
+gradient agrees with the exact one and with autograd through the virtual step, the power
+iteration finds the dominant eigenvalue, and the collapse guards act."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import bilevel
+from bilevel import build_engine, compile_spec
+from bilevel.engines.darts import grad_x, virtual_step
+from bilevel.linalg import Linearization, joint_grad, power_iteration
+from bilevel.nas.genotype import derive_genotype
+from bilevel.nas.supernet import Architecture
+from bilevel.spec import ArchitectureVariable, CellSpec, ConvSearchSpace, DartsConfig, RartsConfig, spec_from_data
+from problems.nas.toy import darts_fixed_point, rarts_fixed_point, toy_spec
+
+
+# --- the analytic toy -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("config", "xi"),
+    [
+        (DartsConfig(order=1), 0.1),
+        (DartsConfig(order=2), 0.1),
+        (DartsConfig(order=2), 0.5),
+        (DartsConfig(order=2, hessian="exact"), 0.25),
+    ],
+    ids=["first-order", "second-order-fd-xi0.1", "second-order-fd-xi0.5", "second-order-exact-xi0.25"],
+)
+def test_darts_on_the_analytic_toy(config: DartsConfig, xi: float, tmp_path: Path) -> None:
+    """First order ends at (2, 2); second order at alpha = 2 / (1 + 2 xi) (exact at xi = 1/2)."""
+    result = bilevel.run(toy_spec(steps=800, inner_lr=xi, outer_lr=0.2), engine=config, out=tmp_path, progress=False)
+    alpha, w = darts_fixed_point(config.order, xi)
+    assert float(result.x[0]) == pytest.approx(alpha, abs=1e-8)
+    assert float(result.y[0]) == pytest.approx(w, abs=1e-8)
+
+
+def _drive(config, spec, steps: int):
+    """The engine and an SGD step on alpha, keeping the engine state (RARTS's second copy y)."""
+    problem = compile_spec(spec)
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    state = engine.init(problem, x)
+    lr = spec.levels["upper"].solver.lr
+    for _ in range(steps):
+        out = engine.hypergrad(problem, x, state, problem.upper.batch())
+        x, state = tuple(p - lr * g for p, g in zip(x, out.grad)), out.state
+    return x, state
+
+
+@pytest.mark.parametrize(("lam", "beta", "lr", "steps"), [(1.0, 1.0, 0.05, 3000), (100.0, 100.0, 0.004, 8000)])
+def test_rarts_on_the_analytic_toy(lam: float, beta: float, lr: float, steps: int) -> None:
+    """RARTS comes to rest at its closed-form fixed point, which approaches the bilevel optimum
+    (1, 1) as lam and beta grow: alpha - 1 = s / (2 - s), s = 1/beta + 1/(2 lam)."""
+    x, state = _drive(RartsConfig(lam=lam, beta=beta), toy_spec(inner_lr=lr, outer_lr=lr), steps)
+    alpha, w, y = rarts_fixed_point(lam, beta)
+    assert float(x[0]) == pytest.approx(alpha, abs=1e-6)
+    assert float(state.lower[0]) == pytest.approx(w, abs=1e-6)
+    assert float(state.extra["y"][0]) == pytest.approx(y, abs=1e-6)
+    bias = 1.0 / beta + 1.0 / (2 * lam)
+    assert alpha - 1.0 == pytest.approx(bias / (2 - bias), rel=1e-12)
+    if lam >= 100:
+        assert abs(float(x[0]) - 1.0) < 0.01 and abs(float(state.lower[0]) - 1.0) < 0.01
+
+
+# --- tiny supernets in float64 --------------------------------------------------------------------
+def _tiny_spec(kind: str) -> dict:
+    flat = kind == "mlp"
+    if flat:  # smooth operations: finite differences converge like O(eps^2)
+        space = {"kind": "mlp", "ops": ["none", "skip_connect", "linear_tanh", "tanh"], "cell": {"nodes": 2}, "cells": 1,
+                 "width": 8, "in_features": 64, "classes": 10}
+    else:  # ReLU convolutions: piecewise smooth
+        space = {"kind": "conv", "ops": ["none", "skip_connect", "avg_pool_3x3", "sep_conv_3x3"], "cell": {"nodes": 2},
+                 "cells": 2, "reductions": [1], "channels": 4, "stem_multiplier": 1, "in_channels": 1, "classes": 10}
+    kwargs = {"n_train": 300, "n_val": 300, "flat": flat}
+    return {
+        "name": "tiny-nas",
+        "levels": {
+            "upper": {"variables": {"arch": {"kind": "architecture", "space": space, "init_scale": 0.5}},
+                      "objective": "bilevel.nas:supernet_loss",
+                      "data": {"source": "problems.nas:digits_data", "kwargs": {**kwargs, "part": "val"}, "batch_size": 16},
+                      "solver": {"name": "adam", "lr": 0.01}},
+            "lower": {"parent": "upper", "variables": {"net": {"kind": "supernet", "architecture": "arch"}},
+                      "objective": "bilevel.nas:supernet_loss",
+                      "data": {"source": "problems.nas:digits_data", "kwargs": {**kwargs, "part": "train"}, "batch_size": 16},
+                      "solver": {"name": "momentum", "lr": 0.1, "momentum": 0.9, "steps": 2, "weight_decay": 3e-4}},
+        },
+        "run": {"device": "cpu", "dtype": "float64", "seed": 3},
+    }
+
+
+def _setup(kind: str):
+    """A compiled tiny problem after one first-order DARTS step: trained weights, a momentum buffer."""
+    problem = compile_spec(spec_from_data(_tiny_spec(kind)))
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(DartsConfig(order=1))
+    state = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch()).state
+    return problem, x, state
+
+
+def _flat(parts) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+@pytest.mark.parametrize(("kind", "radius", "tolerance"), [("mlp", 0.01, 1e-4), ("conv", 1e-6, 1e-6)])
+def test_finite_difference_architecture_gradient_matches_the_exact_one(kind: str, radius: float, tolerance: float) -> None:
+    """Second-order DARTS: the central-difference mixed product agrees with the exact mixed VJP, and
+    the exact gradient equals autograd through the virtual step d/dalpha L_val(w'(alpha), alpha)
+    (float64). With ReLU operations the gradient is only piecewise smooth: the difference agrees
+    once the perturbation crosses no activation kink (a small radius)."""
+    problem, x, state = _setup(kind)
+    val_batch, train_batch = problem.upper.batch(), problem.lower.batch()
+    grads = {}
+    for hessian in ("finite_difference", "exact"):
+        engine = build_engine(DartsConfig(order=2, hessian=hessian, fd_radius=radius))
+        xi = engine.xi(problem, x)
+        moved, _ = virtual_step(problem, x, state.lower, state.inner_state, train_batch, xi)
+        f_x, f_w, _ = joint_grad(lambda xx, ww: problem.upper_objective(xx, ww, val_batch), x, moved)
+        mixed = engine._mixed_product(problem, x, state.lower, f_w, train_batch)
+        grads[hessian] = _flat(fx - xi * m for fx, m in zip(f_x, mixed))
+
+    # independent: autograd through w'(alpha) = w - xi (mu m + grad_w L_train(w, alpha))
+    alpha = tuple(p.detach().requires_grad_(True) for p in x)
+    w = tuple(p.detach().requires_grad_(True) for p in state.lower)
+    g = torch.autograd.grad(problem.lower_objective(alpha, w, train_batch), w, create_graph=True)
+    mu = problem.lower.solver.momentum
+    moved = tuple(p - xi * (mu * m + gi) for p, m, gi in zip(w, state.inner_state, g))
+    reference = _flat(torch.autograd.grad(problem.upper_objective(alpha, moved, val_batch), alpha))
+
+    scale = reference.norm()
+    assert float((grads["exact"] - reference).norm() / scale) < 1e-10
+    assert float((grads["finite_difference"] - grads["exact"]).norm() / scale) < tolerance
+    first_order, _ = grad_x(lambda xx: problem.upper_objective(xx, state.lower, val_batch), x)
+    assert float((_flat(first_order) - reference).norm() / scale) > 1e-3  # the second-order term matters
+
+
+def test_power_iteration_finds_the_dominant_eigenvalue_of_the_architecture_hessian() -> None:
+    problem, x, state = _setup("mlp")
+    batch = problem.upper.batch()
+    shapes = [p.shape for p in x]
+
+    def loss(v: torch.Tensor) -> torch.Tensor:
+        parts, start = [], 0
+        for shape in shapes:
+            n = int(torch.Size(shape).numel())
+            parts.append(v[start : start + n].reshape(shape))
+            start += n
+        return problem.upper_objective(tuple(parts), state.lower, batch)
+
+    eigenvalues = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, _flat(x)))
+    dominant = eigenvalues[eigenvalues.abs().argmax()]
+    lin = Linearization(lambda ww, aa: problem.upper_objective(aa, ww, batch), state.lower, x)
+    estimate, _ = power_iteration(lin.hvp, tuple(torch.randn_like(p) for p in x), 200)
+    assert float(estimate) == pytest.approx(float(dominant), rel=1e-4)
+
+
+# --- collapse guards ------------------------------------------------------------------------------
+def _growing_curvature_spec(tmp_path: Path, config: dict) -> dict:
+    """L_val = 1/2 w^2 (alpha - 1)^2 whose curvature in alpha, w^2, grows as the lower level
+    L_train = (w - 3)^2 trains w from 0.5 towards 3: the sharpening DARTS-ES watches for."""
+    module = tmp_path / "sharpening.py"
+    module.write_text(
+        "def val_loss(upper, lower, batch):\n    return 0.5 * lower['w'] ** 2 * ((upper['alpha'] - 1) ** 2).sum()\n"
+        "def train_loss(upper, lower, batch):\n    return (lower['w'] - 3) ** 2 + 0.0 * upper['alpha'].sum()\n"
+    )
+    return {
+        "name": "sharpening",
+        "levels": {
+            "upper": {"variables": {"alpha": {"shape": [3], "init": 0.0}}, "objective": f"{module}:val_loss",
+                      "solver": {"name": "sgd", "lr": 0.01}},
+            "lower": {"parent": "upper", "variables": {"w": {"shape": [], "init": 0.5}}, "objective": f"{module}:train_loss",
+                      "solver": {"name": "sgd", "lr": 0.02, "steps": 1}},
+        },
+        "engine": {"kind": "darts", "order": 1, **config},
+        "run": {"device": "cpu", "dtype": "float64", "steps": 200, "checkpoint_every": None, "out": str(tmp_path / "run")},
+    }
+
+
+def test_eigenvalue_early_stop_restores_the_earlier_architecture(tmp_path: Path) -> None:
+    config = {"eigen_every": 5, "eigen_iters": 5, "early_stop_ratio": 0.75, "eigen_window": 2, "eigen_lookback": 3}
+    trace: dict[int, torch.Tensor] = {}
+    result = bilevel.run(spec_from_data(_growing_curvature_spec(tmp_path, config)), progress=False,
+                         on_step=lambda step, x, y: trace.__setitem__(step, x[0].clone()))
+    assert result.result["status"] == "stopped_early"
+    assert "DARTS-ES" in result.result["stop_reason"]
+    stopped = result.result["steps"]
+    assert stopped < 200 and stopped % 5 == 4  # at an estimate step (the hypergradient call after step 5k - 1)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "eigenvalue" in r]
+    assert logged
+    for record in logged:  # the Hessian in alpha is w^2 I: power iteration is exact; w is the lower value then
+        assert record["eigenvalue"] > 0
+    values = [r["eigenvalue"] for r in logged]
+    assert values == sorted(values)  # the curvature grew
+    # the run ends with the architecture of 3 estimates (15 steps) before the stopping estimate
+    assert torch.allclose(result.x[0], trace[stopped - 15])
+
+
+def test_eigenvalue_estimate_is_exact_when_the_hessian_is_a_multiple_of_the_identity(tmp_path: Path) -> None:
+    config = {"eigen_every": 1, "eigen_iters": 3}
+    spec = _growing_curvature_spec(tmp_path, config)
+    spec["run"]["steps"] = 4
+    problem = compile_spec(spec_from_data(spec))
+    engine = build_engine(spec_from_data(spec).spec.engine)
+    x = problem.fresh(problem.upper.init)
+    state = engine.init(problem, x)
+    for _ in range(3):
+        out = engine.hypergrad(problem, x, state, None)
+        w = float(out.state.lower[0])
+        assert float(out.stats.extra["eigenvalue"]) == pytest.approx(w * w, rel=1e-12)
+        state = out.state
+
+
+def test_skip_collapse_is_limited_by_the_guard() -> None:
+    """The failure mode, constructed: architecture weights in which skip connections dominate every
+    edge of the normal cell (where long DARTS searches end). Without the guard the derived normal
+    cell is all skips; with max_skip = 2 the two strongest skips stay and every other kept edge
+    takes its best operation other than none and skip."""
+    space = ConvSearchSpace(ops=["none", "skip_connect", "avg_pool_3x3", "sep_conv_3x3", "dil_conv_3x3"],
+                            cell=CellSpec(nodes=3), cells=3, channels=8, in_channels=1, max_skip=2)
+    architecture = Architecture(ArchitectureVariable(space=space))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for cell_type in ("normal", "reduce"):
+            logits = getattr(architecture, cell_type)
+            logits.copy_(torch.rand(logits.shape, generator=generator))
+            logits[:, 1] += 3.0 + torch.rand(logits.shape[0], generator=generator)  # skip wins everywhere
+    weights = architecture()
+    collapsed = derive_genotype(weights, space, max_skip=None)
+    assert collapsed.skip_count("normal") == 6 == len(collapsed.cells["normal"])
+
+    guarded = derive_genotype(weights, space)  # the space's max_skip = 2
+    assert guarded.skip_count("normal") == 2
+    assert guarded.edges("normal") == collapsed.edges("normal")  # the same edges, other operations
+    w = weights["normal"].detach()
+    row = {edge: index for index, edge in enumerate(weights.edges)}
+    kept = [row[(s, d)] for op, s, d in guarded.cells["normal"] if op == "skip_connect"]
+    replaced = [(row[(s, d)], op) for op, s, d in guarded.cells["normal"] if op != "skip_connect"]
+    assert min(float(w[i, 1]) for i in kept) >= max(float(w[i, 1]) for i, _ in replaced)  # the strongest skips stay
+    for index, op in replaced:  # each replaced edge takes its best parametric or pooling operation
+        others = {name: float(w[index, j]) for j, name in enumerate(space.ops) if name not in ("none", "skip_connect")}
+        assert op == max(others, key=others.get)
+    assert guarded.cells["reduce"] == collapsed.cells["reduce"]  # P-DARTS limits the normal cell only
