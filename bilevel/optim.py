@@ -53,7 +53,7 @@ class InnerOptimizer:
             return tuple(_add_scaled(params, grads, -lr)), ()
         if spec.name == "momentum":
             momentum = spec.momentum if not hyper or "momentum" not in hyper else hyper["momentum"]
-            velocity = torch._foreach_add(torch._foreach_mul(list(state), momentum), grads)
+            velocity = torch._foreach_add(_scaled(list(state), momentum), grads)
             return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity)
         n = len(params)
         b1, b2 = spec.betas
@@ -69,8 +69,17 @@ class InnerOptimizer:
         return tuple(new), (*m, *v, count)
 
 
+def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    """alpha a, with alpha a number or a 0-d tensor. A tensor alpha is applied per tensor: the
+    backward of torch._foreach_mul(list, Tensor) fails for lists of more than one tensor
+    ("inconsistent range for TensorList output", torch 2.13), which a module variable always is."""
+    if isinstance(alpha, Tensor):
+        return [t * alpha for t in a]
+    return torch._foreach_mul(a, alpha)
+
+
 def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
     """a + alpha b, with alpha a number or a 0-d tensor (then differentiable in alpha)."""
     if isinstance(alpha, Tensor):
-        return torch._foreach_add(a, torch._foreach_mul(b, alpha))
+        return torch._foreach_add(a, _scaled(b, alpha))
     return torch._foreach_add(a, b, alpha=alpha)
