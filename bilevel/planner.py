@@ -16,7 +16,9 @@ import torch
 from bilevel.engines.registry import engine_capabilities
 from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec
+from bilevel.stn.layers import StnLayer
 
 __all__ = ["Plan", "ProblemFacts", "make_plan"]
 
@@ -43,6 +45,15 @@ class ProblemFacts:
     bytes_per_scalar: int
     memory_mb: float
     device: str
+    gradient_free_hyperparameters: tuple[str, ...] = ()
+    """Upper hyperparameter variables no gradient reaches: discrete (integer, categorical) or
+    declared ``differentiable: false`` (a dropout rate)."""
+    discrete_hyperparameters: tuple[str, ...] = ()
+    """The integer and categorical ones among them."""
+    best_response_model: bool = False
+    """The lower level contains STN layers: a model that takes the hyperparameters as input."""
+    upper_modules: tuple[str, ...] = ()
+    """Module variables of the upper level."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -77,6 +88,10 @@ class ProblemFacts:
             bytes_per_scalar=torch.finfo(problem.dtype).bits // 8,
             memory_mb=float(budget),
             device=str(problem.device),
+            gradient_free_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.gradient_free),
+            discrete_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.discrete),
+            best_response_model=any(isinstance(m, StnLayer) for b in lower.modules.values() for m in b.module.modules()),
+            upper_modules=tuple(upper.modules),
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -122,6 +137,7 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
     if kind not in caps:
         raise loaded.error("engine.kind", f"no engine {kind!r} is registered; available: {', '.join(caps)}")
     _check_hard_requirements(kind, facts, loaded)
+    _check_hyperparameter_support(kind, facts, loaded)
     warnings = []
     if facts.tuned_step and not caps[kind].through_optimizer:
         warnings.append(
@@ -139,7 +155,8 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
 def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None) -> Plan:
     """Choose an engine for ``problem``; ``requested`` (or the spec's engine) overrides unless auto.
 
-    Rules, in order: declared constraints -> an engine that handles them; unbounded upper
+    Rules, in order: declared constraints -> an engine that handles them; discrete or
+    non-differentiable hyperparameters -> an engine that handles them (STN); unbounded upper
     smoothness -> an engine designed for it; strongly convex lower level -> implicit; nonconvex
     lower level -> a first-order penalty engine; otherwise unrolled, checkpointed or truncated to
     fit the memory budget."""
@@ -148,7 +165,7 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:
-        for rule in (_constrained, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
+        for rule in (_constrained, _gradient_free_hyperparameters, _tuned_optimizer, _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
             plan = rule(facts, loaded)
             if plan is not None:
                 break
@@ -187,6 +204,60 @@ def _constrained(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         warnings.append(f"{kind} assumes a convex lower level; levels.{facts.lower_level}.assumptions.convexity ="
                         f" {facts.lower_convexity}")
     return Plan(_default_config(kind), reasons, warnings, facts)
+
+
+def _hyperparameter_kind(facts: ProblemFacts, name: str) -> str:
+    return "discrete" if name in facts.discrete_hyperparameters else "declared differentiable: false"
+
+
+def _check_hyperparameter_support(kind: str, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    """Refuse an engine that cannot take the declared hyperparameters, or that needs a
+    best-response model the lower level does not have."""
+    caps = engine_capabilities()[kind]
+    upper = f"levels.{facts.upper_level}.variables"
+    issues = []
+    if not caps.handles_discrete:
+        able = ", ".join(_able(lambda c: c.handles_discrete)) or "none"
+        issues += [
+            loaded.issue(f"{upper}.{name}",
+                         f"the {kind} engine cannot take this hyperparameter ({_hyperparameter_kind(facts, name)}): it needs"
+                         f" gradients of the objectives in the upper variables, and none reaches it; engines that can: {able}"
+                         " (or leave engine: auto)")
+            for name in facts.gradient_free_hyperparameters
+        ]
+    if caps.needs_best_response:
+        if not facts.best_response_model:
+            issues.append(loaded.issue(
+                f"levels.{facts.lower_level}.variables",
+                f"the {kind} engine fits a best-response model: build the lower level's model from STN layers"
+                " (bilevel.stn.StnLinear, StnConv2d, StnTensor) called with bilevel.stn.hyper_input(upper); see docs/engines/stn.md"))
+        issues += [
+            loaded.issue(f"{upper}.{name}",
+                         f"the {kind} engine perturbs tensor and hyperparameter variables; a module variable upstairs is not supported")
+            for name in facts.upper_modules
+        ]
+    if issues:
+        raise SpecError(issues)
+
+
+def _gradient_free_hyperparameters(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.gradient_free_hyperparameters:
+        return None
+    upper = f"levels.{facts.upper_level}.variables"
+    able = _able(lambda c: c.handles_discrete and not c.handles_constraints)
+    if not able:
+        raise loaded.error(f"{upper}.{facts.gradient_free_hyperparameters[0]}",
+                           "no registered engine handles discrete or non-differentiable hyperparameters")
+    kind = able[0]
+    _check_hyperparameter_support(kind, facts, loaded)
+    named = ", ".join(f"{upper}.{n} ({_hyperparameter_kind(facts, n)})" for n in facts.gradient_free_hyperparameters)
+    reasons = [
+        f"{named}: no gradient of the objectives reaches these, so hypergradient engines cannot tune them; {kind}"
+        " fits the lower level's best-response model (its STN layers) at hyperparameters perturbed around the"
+        " current ones, and steps the hyperparameters on the validation objective through that model"
+        " (MacKay et al. 2019), discrete ones by a score-function or straight-through gradient"
+    ]
+    return Plan(_default_config(kind), reasons, [], facts)
 
 
 def _tuned_optimizer(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:

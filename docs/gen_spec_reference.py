@@ -38,6 +38,7 @@ ORDER = [
     "LevelSpec",
     "TensorVariable",
     "ModuleVariable",
+    "HyperparameterVariable",
     "BoxSet",
     "SimplexSet",
     "DataSpec",
@@ -51,6 +52,7 @@ ORDER = [
     "PenaltyConfig",
     "BORepConfig",
     "LVHBAConfig",
+    "StnConfig",
     "RunSpec",
     "BudgetSpec",
 ]

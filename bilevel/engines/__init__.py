@@ -8,6 +8,7 @@ from bilevel.engines.implicit import ImplicitEngine
 from bilevel.engines.lv_hba import LVHBAEngine
 from bilevel.engines.penalty import PenaltyEngine
 from bilevel.engines.registry import build_engine, engine_capabilities, engine_kinds, register
+from bilevel.engines.stn import StnEngine
 from bilevel.engines.unrolled import UnrolledEngine
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "LVHBAEngine",
     "PenaltyEngine",
     "Stats",
+    "StnEngine",
     "UnrolledEngine",
     "build_engine",
     "engine_capabilities",

@@ -55,10 +55,13 @@ class RunResult:
 
 
 def to_nested(value: Any) -> Any:
-    """Tensors (or dicts of them) as nested Python lists for JSON."""
+    """Tensors (or dicts of them) as nested Python lists for JSON; other values (a categorical
+    hyperparameter's string) as they are."""
     if isinstance(value, dict):
         return {k: to_nested(v) for k, v in value.items()}
-    return value.detach().cpu().tolist()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return value
 
 
 def _fingerprint(loaded: LoadedSpec) -> str:
@@ -263,7 +266,7 @@ def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, st
         "dtype": str(problem.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
         "wall_time_s": time.perf_counter() - began,
-        "upper_variables": to_nested(problem.upper.variables(x)),
+        "upper_variables": to_nested(problem.upper.values(x)),  # hyperparameters in their declared units
     }
 
 

@@ -11,9 +11,11 @@ from bilevel.spec.engine import (
     LinearSolverSpec,
     LVHBAConfig,
     PenaltyConfig,
+    StnConfig,
     UnrolledConfig,
 )
 from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.level import (
     Assumptions,
     DataSpec,
@@ -38,6 +40,7 @@ __all__ = [
     "ConstraintSpec",
     "DataSpec",
     "EngineSpec",
+    "HyperparameterVariable",
     "ImplicitConfig",
     "LVHBAConfig",
     "LevelSpec",
@@ -50,6 +53,7 @@ __all__ = [
     "SimplexSet",
     "SpecError",
     "SpecIssue",
+    "StnConfig",
     "TensorVariable",
     "UnrolledConfig",
     "Variable",

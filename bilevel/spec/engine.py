@@ -16,6 +16,7 @@ __all__ = [
     "LVHBAConfig",
     "LinearSolverSpec",
     "PenaltyConfig",
+    "StnConfig",
     "UnrolledConfig",
 ]
 
@@ -133,6 +134,40 @@ class LVHBAConfig(SpecModel):
     """Box for the multipliers: [0, B] for inequalities, [-B, B] for equalities."""
 
 
+class StnConfig(SpecModel):
+    """Self-Tuning Networks (MacKay et al. 2019): the lower model is a best-response approximation
+    w_phi(lam) built from STN layers; each outer step trains phi for ``steps`` of the lower solver on
+    the training loss at hyperparameters drawn around the current ones, then steps (lam, sigma) on
+    the validation loss through w_phi minus tau times the entropy of the perturbation."""
+
+    kind: Literal["stn"] = "stn"
+    """Discriminator: the STN engine."""
+    val_steps: Annotated[int, Field(ge=1)] = 1
+    """T_val: hyperparameter steps per cycle. The lower solver's ``steps`` are T_train, taken
+    before the first of every T_val outer steps (paper: T_train = 2, T_val = 1)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Training steps of phi (with perturbed hyperparameters) before the first hyperparameter step
+    (the paper warms up for 5 epochs)."""
+    perturbation_scale: Annotated[float, Field(gt=0)] = 0.5
+    """Initial sigma, the standard deviation of the perturbation in raw (unconstrained) units."""
+    learn_scale: bool = True
+    """Learn sigma on the validation objective (else keep it fixed)."""
+    scale_lr: Annotated[float, Field(gt=0)] = 3e-3
+    """Adam step size for s, sigma = softplus(s) (paper: 3e-3, as for the hyperparameters)."""
+    entropy_weight: Annotated[float, Field(ge=0)] = 1e-3
+    """tau: weight of the perturbation's entropy, which keeps sigma from collapsing (paper: 1e-3 to 1e-5)."""
+    discrete_estimator: Literal["reinforce", "straight_through"] = "reinforce"
+    """Gradient for discrete hyperparameters. reinforce: score function with a moving-average
+    baseline, unbiased whatever the objectives do with the value; straight_through: the model's
+    conditioning sees the discrete value, its gradient that of the continuous latent (integer) or
+    of a Gumbel-softmax relaxation (categorical): lower variance, but blind to a direct use of the
+    value in the validation objective."""
+    baseline_decay: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """REINFORCE baseline b <- decay b + (1 - decay) F."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Gumbel-softmax temperature of straight_through for categorical hyperparameters."""
+
+
 class AutoEngine(SpecModel):
     """Let the planner choose the engine from the declared facts and the budget."""
 
@@ -141,6 +176,6 @@ class AutoEngine(SpecModel):
 
 
 EngineSpec = Annotated[
-    Union[AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig],
+    Union[AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig, StnConfig],
     Field(discriminator="kind"),
 ]

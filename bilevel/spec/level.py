@@ -8,6 +8,7 @@ from pydantic import Discriminator, Field, Tag, field_validator
 
 from bilevel.spec._base import SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
+from bilevel.spec.hyperparameter import HyperparameterVariable
 
 __all__ = [
     "Assumptions",
@@ -67,7 +68,11 @@ def _variable_kind(value: Any) -> str | None:
 
 
 Variable = Annotated[
-    Union[Annotated[TensorVariable, Tag("tensor")], Annotated[ModuleVariable, Tag("module")]],
+    Union[
+        Annotated[TensorVariable, Tag("tensor")],
+        Annotated[ModuleVariable, Tag("module")],
+        Annotated[HyperparameterVariable, Tag("hyperparameter")],
+    ],
     Discriminator(_variable_kind),
 ]
 
