@@ -33,7 +33,6 @@ __all__ = [
     "Continuous",
     "Drawn",
     "IDENTITY",
-    "Identity",
     "Integer",
     "VariableTransform",
     "make_transform",
@@ -68,7 +67,6 @@ class VariableTransform:
         return "tensor"
 
 
-Identity = VariableTransform
 IDENTITY = VariableTransform()
 
 
@@ -201,7 +199,7 @@ class Categorical(VariableTransform):
         for index, candidate in enumerate(self.choices):
             if type(candidate) is type(choice) and candidate == choice:
                 return index
-        return self.choices.index(choice)
+        return self.choices.index(choice)  # 2 for 2.0: the spec accepted it as equal
 
     def initial_logits(self, init: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
         logits = torch.zeros(self.size, device=device, dtype=dtype)

@@ -14,7 +14,7 @@ import torch.nn.functional as nnf
 
 from bilevel import compile_spec, run
 from bilevel.hyperparameters import make_transform
-from bilevel.spec import HyperparameterVariable, spec_from_data
+from bilevel.spec import spec_from_data
 from bilevel.stn import StnConv2d, StnLinear, StnTensor, dropout, hyper_input
 from bilevel.stn.perturb import inverse_softplus, perturb
 from problems.toy.stn import quadratic_stn_spec
@@ -116,8 +116,8 @@ def test_hyper_input_concatenates_codes_in_declaration_order() -> None:
     problem = compile_spec(spec_from_data(data))
     h = hyper_input(problem.upper.view(problem.upper.init))
     logit = math.log(0.25 / 0.75)
-    k_raw = math.log(2.0 / 2.0)  # (2 - 0.5) / 4 = 3/8 ... the centre of integer 2's slice
-    k_raw = math.log((1.5 / 4) / (1 - 1.5 / 4))
+    u = (2 - 0.5) / 4  # integer 2's point of the latent (1/2, 9/2), as a fraction of its length
+    k_raw = math.log(u / (1 - u))
     torch.testing.assert_close(h, torch.tensor([logit, logit, 0.0, 1.0, k_raw]))
     assert hyper_input(problem.upper.view(problem.upper.init), "k").shape == (1,)
 

@@ -98,10 +98,11 @@ class StnEngine(EngineBase):
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         s_leaf = tuple(s.detach().requires_grad_(config.learn_scale) for s in scale)
         with torch.enable_grad():
-            drawn = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature)
-            value = problem.upper_objective(x_leaf, y, batch, drawn.drawn)
+            perturbation = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature)
+            value = problem.upper_objective(x_leaf, y, batch, perturbation.drawn)
             reference = torch.where(seen > 0, baseline, value.detach())
-            surrogate = value + (value.detach() - reference) * drawn.log_prob - config.entropy_weight * drawn.entropy
+            surrogate = (value + (value.detach() - reference) * perturbation.log_prob
+                         - config.entropy_weight * perturbation.entropy)
             inputs = x_leaf + (s_leaf if config.learn_scale else ())
             grads = torch.autograd.grad(surrogate, inputs, allow_unused=True) if surrogate.requires_grad else (None,) * len(inputs)
         grads = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(inputs, grads))
@@ -121,7 +122,7 @@ class StnEngine(EngineBase):
             hvp_count=0,
             inner_steps=steps,
             time_s=time.perf_counter() - start,
-            extra=self._figures(upper, scale, drawn.entropy.detach()),
+            extra=self._figures(upper, scale, perturbation.entropy.detach()),
         )
         extra = {
             "scale": scale,

@@ -163,16 +163,6 @@ class HyperparameterVariable(SpecModel):
                              " (or declare one variable per value)")
         return shape
 
-    @property
-    def discrete(self) -> bool:
-        """Integer or categorical."""
-        return self.type != "continuous"
-
-    @property
-    def gradient_free(self) -> bool:
-        """No gradient reaches the value: discrete, or declared non-differentiable."""
-        return self.discrete or not self.differentiable
-
 
 def _choice_kind(choice: Any) -> str:
     if isinstance(choice, bool):
