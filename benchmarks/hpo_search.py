@@ -13,7 +13,8 @@ input and hidden dropout rates and an L2 strength (problems/hpo, preset ``hpo/ml
 Prints one table (validation and test loss reached, wall time, number of trainings) and writes
 the full figures as JSON. All methods run in one process, one after the other, on one thread.
 
-    python benchmarks/hpo_search.py --trials 30 --json hpo_search.json
+    python benchmarks/hpo_search.py --trials 30 --seeds 0,1,2 --json hpo_search.json
+    python benchmarks/hpo_search.py --trials 0 --no-optuna --figure docs/figures/stn_schedule.png   # the docs' figure
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -83,8 +85,9 @@ def _best(trials: list[dict[str, Any]], until: float | None = None) -> dict[str,
 def run_stn(steps: int | None, seed: int) -> dict[str, Any]:
     overrides = [f"run.seed={seed}", "run.checkpoint_every=null"] + ([f"run.steps={steps}"] if steps else [])
     loaded = load_spec(find_preset(PRESET), overrides=overrides)
+    out_dir = tempfile.mkdtemp(prefix="stn-")
     began = time.perf_counter()
-    result = run(loaded, device="cpu", out=tempfile.mkdtemp(prefix="stn-"), progress=False)
+    result = run(loaded, device="cpu", out=out_dir, progress=False)
     wall = time.perf_counter() - began
     spec = loaded.spec
     lower = next(level for level in spec.levels.values() if level.parent is not None)
@@ -95,7 +98,7 @@ def run_stn(steps: int | None, seed: int) -> dict[str, Any]:
         "method": "STN", "val_loss": report["val_loss"], "test_loss": report["test_loss"],
         "test_accuracy": report["test_accuracy"], "wall_time_s": wall, "trainings": 1,
         "hyperparameters": result.result["upper_variables"], "training_steps": training_steps,
-        "batch_size": lower.data.batch_size, "lr": lower.solver.lr,
+        "batch_size": lower.data.batch_size, "lr": lower.solver.lr, "out_dir": out_dir,
     }
 
 
@@ -147,7 +150,7 @@ def compare(trials: int, steps: int | None, seed: int, optuna: bool = True) -> d
     rand = random_search(space, trials, steps_per_trial, batch, lr, seed)
     rand_wall = rand[-1]["finished_s"] if rand else 0.0
     rows = [
-        {k: v for k, v in stn.items() if k not in ("training_steps", "batch_size", "lr")},
+        {k: v for k, v in stn.items() if k not in ("training_steps", "batch_size", "lr", "out_dir")},
         _row(f"random search, {trials} trials", _best(rand), rand_wall, len(rand)),
     ]
     tpe: list[dict[str, Any]] = []
@@ -161,7 +164,8 @@ def compare(trials: int, steps: int | None, seed: int, optuna: bool = True) -> d
         within = [t for t in trials_run if t["finished_s"] <= cut]
         used = within[-1]["finished_s"] if within else 0.0
         rows.append(_row(f"{name}, STN's wall time", _best(within), used, len(within)))
-    return {"seed": seed, "trial_training_steps": steps_per_trial, "rows": rows, "random_trials": rand, "tpe_trials": tpe}
+    return {"seed": seed, "trial_training_steps": steps_per_trial, "rows": rows, "random_trials": rand, "tpe_trials": tpe,
+            "stn_out": stn["out_dir"]}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds: one full comparison each")
     parser.add_argument("--no-optuna", action="store_true", help="skip the TPE search")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="copy the first seed's STN schedule plot (hyperparameters.png) here, e.g. docs/figures/stn_schedule.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -203,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append(compare(args.trials, args.steps, seed, not args.no_optuna))
         runs[-1]["table"] = table(runs[-1]["rows"])
         print(f"\nseed {seed}\n{runs[-1]['table']}")
+    if args.figure is not None:
+        shutil.copyfile(Path(runs[0]["stn_out"]) / "hyperparameters.png", args.figure)
     payload: dict[str, Any] = {"preset": PRESET, "trials": args.trials, "torch": torch.__version__, "runs": runs}
     if len(runs) > 1:
         payload["summary"] = summary(runs)

@@ -54,6 +54,8 @@ class ProblemFacts:
     """The lower level contains STN layers: a model that takes the hyperparameters as input."""
     upper_modules: tuple[str, ...] = ()
     """Module variables of the upper level."""
+    continuous_scalars: tuple[str, ...] = ()
+    """Upper tensor variables that are continuous scalars (what an engine may draw per example)."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -92,6 +94,8 @@ class ProblemFacts:
             discrete_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.discrete),
             best_response_model=any(isinstance(m, StnLayer) for b in lower.modules.values() for m in b.module.modules()),
             upper_modules=tuple(upper.modules),
+            continuous_scalars=tuple(n for n, i in upper.tensors.items()
+                                     if not upper.transform(n).discrete and upper.init[i].numel() == 1),
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -138,6 +142,7 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
         raise loaded.error("engine.kind", f"no engine {kind!r} is registered; available: {', '.join(caps)}")
     _check_hard_requirements(kind, facts, loaded)
     _check_hyperparameter_support(kind, facts, loaded)
+    _check_per_example(requested, facts, loaded)
     warnings = []
     if facts.tuned_step and not caps[kind].through_optimizer:
         warnings.append(
@@ -238,6 +243,15 @@ def _check_hyperparameter_support(kind: str, facts: ProblemFacts, loaded: Loaded
         ]
     if issues:
         raise SpecError(issues)
+
+
+def _check_per_example(config: Any, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    """An engine config's per-example draws name continuous scalar upper variables."""
+    bad = [name for name in getattr(config, "per_example", ()) if name not in facts.continuous_scalars]
+    if bad:
+        raise loaded.error("engine.per_example",
+                           f"{', '.join(map(repr, bad))}: only continuous scalar upper variables can be drawn per example"
+                           f" (here: {', '.join(facts.continuous_scalars) or 'none'})")
 
 
 def _gradient_free_hyperparameters(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:

@@ -241,3 +241,38 @@ def test_stn_logs_its_perturbation_and_resumes_to_the_same_result(tmp_path: Path
     run(first, out=tmp_path / "resumed", progress=False)
     resumed = run(spec, out=tmp_path / "resumed", resume=True, progress=False)
     torch.testing.assert_close(resumed.x[0], straight.x[0], rtol=0, atol=0)
+
+
+def test_per_example_draws_give_one_setting_per_example() -> None:
+    level = _level(rate={"low": 0.0, "high": 0.8, "init": 0.2}, l2={"log": True, "low": 1e-4, "high": 1.0, "init": 1e-2})
+    scale = tuple(torch.full_like(r, inverse_softplus(0.5)) for r in level.init)
+    draw = perturb(level, level.init, scale, per_example={"rate": 7})
+    assert draw.drawn["rate"].value.shape == (7,) and draw.drawn["rate"].code.shape == (7, 1)
+    assert draw.drawn["l2"].value.shape == () and draw.drawn["rate"].value.unique().numel() == 7
+    from bilevel.problem import VariableView
+
+    h = hyper_input(VariableView({}, lambda: {name: d.code for name, d in draw.drawn.items()}))
+    assert h.shape == (7, 2)
+    torch.testing.assert_close(h[:, 0], draw.drawn["rate"].code[:, 0])
+    assert torch.equal(h[:, 1], draw.drawn["l2"].code.expand(7))  # the per-step draw, repeated
+
+
+def test_stn_preset_with_per_example_dropout_rates(tmp_path: Path) -> None:
+    from bilevel.presets import find_preset
+    from bilevel.spec import load_spec
+
+    overrides = ["run.steps=3", "engine.kind=stn", "engine.per_example=[dropout_in, dropout_hidden]"]
+    result = run(load_spec(find_preset("hpo/mlp_stn"), overrides=overrides), device="cpu", out=tmp_path, progress=False)
+    assert result.result["engine_config"]["per_example"] == ["dropout_in", "dropout_hidden"]
+    assert 0.0 < result.result["upper_variables"]["dropout_in"] < 0.8
+
+
+def test_per_example_draws_of_a_discrete_or_vector_variable_are_refused() -> None:
+    from bilevel import make_plan
+    from bilevel.spec import SpecError
+
+    data = discrete_choice.features_spec(per_example=["k"])
+    loaded = spec_from_data(data)
+    with pytest.raises(SpecError) as info:
+        make_plan(loaded, compile_spec(loaded))
+    assert info.value.issues[0].path == "engine.per_example" and "continuous scalar" in str(info.value)

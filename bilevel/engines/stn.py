@@ -41,6 +41,15 @@ from bilevel.stn.perturb import inverse_softplus, perturb, scale_of
 __all__ = ["StnEngine"]
 
 
+def _per_example(config: StnConfig, level: Any) -> dict[str, int]:
+    """The per-example draws of a step on ``level``'s data: name -> its batch size."""
+    if not config.per_example:
+        return {}
+    data = level.data
+    rows = 1 if data is None else (data.batch_size or data.size)
+    return {name: rows for name in config.per_example}
+
+
 @register
 class StnEngine(EngineBase):
     """Alternating best-response fitting and hyperparameter steps through the fitted response."""
@@ -84,9 +93,10 @@ class StnEngine(EngineBase):
         steps = lower.solver.steps if state.step % config.val_steps == 0 else 0
         steps += config.warmup_steps if state.step == 0 else 0
         x_now, s_now = tuple(p.detach() for p in x), tuple(s.detach() for s in scale)
+        train_rows, val_rows = _per_example(config, lower), _per_example(config, upper)
 
         def draw() -> Any:
-            return perturb(upper, x_now, s_now, config.discrete_estimator, config.temperature).drawn
+            return perturb(upper, x_now, s_now, config.discrete_estimator, config.temperature, train_rows).drawn
 
         y, inner_state, last_grads = lower_steps(
             problem, InnerOptimizer(lower.solver), x, state.lower, state.inner_state, steps, draw=draw
@@ -98,7 +108,7 @@ class StnEngine(EngineBase):
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         s_leaf = tuple(s.detach().requires_grad_(config.learn_scale) for s in scale)
         with torch.enable_grad():
-            perturbation = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature)
+            perturbation = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature, val_rows)
             value = problem.upper_objective(x_leaf, y, batch, perturbation.drawn)
             reference = torch.where(seen > 0, baseline, value.detach())
             surrogate = (value + (value.detach() - reference) * perturbation.log_prob

@@ -166,6 +166,13 @@ class StnConfig(SpecModel):
     """REINFORCE baseline b <- decay b + (1 - decay) F."""
     temperature: Annotated[float, Field(gt=0)] = 1.0
     """Gumbel-softmax temperature of straight_through for categorical hyperparameters."""
+    per_example: list[str] = Field(default_factory=list)
+    """Continuous scalar hyperparameters drawn once per example of a batch instead of once per step
+    (the reference code's minibatched perturbation), e.g. dropout rates: each example then trains
+    the response at its own setting, which separates the effects of hyperparameters a per-step
+    draw moves together. Under STN their objectives receive a (batch,) tensor (use it per example:
+    bilevel.stn.dropout does) and hyper_input(upper) a (batch, n_hyper) matrix; the batch is the
+    level's minibatch (its whole data set without batch_size)."""
 
 
 class AutoEngine(SpecModel):

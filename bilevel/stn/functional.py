@@ -18,7 +18,9 @@ def hyper_input(upper: Any, *names: str) -> Tensor:
     integer one number (the unconstrained point of the integer in use), a categorical a one-hot
     vector over its choices. Under the STN engine these are the perturbed values it drew for this
     step, so the model's response is trained around the current hyperparameters; under any other
-    engine, and in monitors and reports, they are the current values."""
+    engine, and in monitors and reports, they are the current values. When the STN engine draws
+    some hyperparameters per example (``per_example``), h is a (batch, n_hyper) matrix: STN layers
+    take it as one setting per example."""
     codes = upper.codes()
     if names:
         missing = [n for n in names if n not in codes]
@@ -29,7 +31,11 @@ def hyper_input(upper: Any, *names: str) -> Tensor:
         parts = list(codes.values())
     if not parts:
         raise ValueError("the upper level has no tensor or hyperparameter variables to condition on")
-    return torch.cat(parts)
+    rows = max((p.shape[0] for p in parts if p.dim() == 2), default=None)
+    if rows is None:
+        return torch.cat(parts)
+    # some values were drawn per example (STN's per_example): one row of h per example
+    return torch.cat([p if p.dim() == 2 else p.expand(rows, -1) for p in parts], dim=1)
 
 
 def hyper_size(upper: Any, *names: str) -> int:

@@ -20,11 +20,16 @@ Discrete draws carry no pathwise gradient; two estimators give one (``estimator`
   the value in the validation objective: right for settings that only shape training
   (augmentation on/off, the number of cutout holes).
 
+A continuous scalar can be drawn once per example of a batch instead of once per step (the STN
+reference code's minibatched perturbation): each example then trains the response at its own
+setting, which separates the effects of hyperparameters that a per-step draw moves together.
+
 No draw reads anything on the host."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,9 +68,18 @@ def scale_of(s: Tensor) -> Tensor:
     return nnf.softplus(s)
 
 
-def perturb(level: Level, raw: Params, scale_raw: Params, estimator: Estimator = "reinforce", temperature: float = 1.0) -> Perturbation:
+def perturb(
+    level: Level,
+    raw: Params,
+    scale_raw: Params,
+    estimator: Estimator = "reinforce",
+    temperature: float = 1.0,
+    per_example: Mapping[str, int] | None = None,
+) -> Perturbation:
     """Draw lam~ ~ p(. | raw, softplus(scale_raw)) for every tensor variable of ``level``.
-    Differentiable in ``raw`` and ``scale_raw`` where they require grad."""
+    Differentiable in ``raw`` and ``scale_raw`` where they require grad. ``per_example`` maps
+    continuous scalar variables to a number B of independent draws (one per example of a batch):
+    their value is then a (B,) tensor and their code a (B, 1) matrix."""
     drawn: dict[str, Drawn] = {}
     reference = raw[0]
     log_prob = torch.zeros((), dtype=reference.dtype, device=reference.device)
@@ -89,6 +103,10 @@ def perturb(level: Level, raw: Params, scale_raw: Params, estimator: Estimator =
             continue
         sigma = scale_of(scale_raw[index])
         entropy = entropy + (torch.log(sigma) + _HALF_LOG_2PI_E).sum()
+        if per_example and name in per_example:
+            moved = r + sigma * torch.randn(per_example[name], dtype=r.dtype, device=r.device)
+            drawn[name] = Drawn(transform.value(moved), moved.reshape(-1, 1))
+            continue
         noise = torch.randn_like(r)
         moved = r + sigma * noise
         if isinstance(transform, Integer):
