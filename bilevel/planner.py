@@ -174,6 +174,7 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
             plan = rule(facts, loaded)
             if plan is not None:
                 break
+        _check_hyperparameter_support(plan.engine.kind, facts, loaded)  # e.g. constraints and a discrete hyperparameter
     return _with_outer_optimizer_advice(plan, facts)
 
 

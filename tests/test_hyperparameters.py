@@ -291,3 +291,13 @@ def test_good_hyperparameter_spec_validates(tmp_path: Path) -> None:
     data["levels"]["upper"]["variables"]["lam"] = {"kind": "hyperparameter", "low": -3.0, "high": 3.0, "init": "1e-3"}
     code, output = _validate(tmp_path, data)
     assert code == 0, output
+
+
+def test_constraints_and_a_discrete_hyperparameter_together_are_refused_not_mishandled() -> None:
+    """The constraint rule comes first and picks LV-HBA, which cannot take the discrete one."""
+    data = _discrete_spec()
+    data["levels"]["lower"]["constraints"] = [{"fn": f"{RIDGE}:norm_budget"}]
+    loaded = spec_from_data(data)
+    with pytest.raises(SpecError) as info:
+        make_plan(loaded, compile_spec(loaded))
+    assert info.value.issues[0].path == "levels.upper.variables.units" and "lv_hba" in str(info.value)

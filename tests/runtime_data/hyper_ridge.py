@@ -21,3 +21,8 @@ def upper(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
 def categorical_lower(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
     residual = batch["X"] @ lower["w"] - batch["t"]
     return 0.5 * (residual**2).mean() + 0.5 * upper["strength"] * (lower["w"] ** 2).sum() * (upper["mode"] == "ridge")
+
+
+def norm_budget(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
+    """||w||^2 <= 100: feasible at the start (w = 0)."""
+    return ((lower["w"] ** 2).sum() - 100.0).reshape(1)
