@@ -16,9 +16,9 @@ Discrete draws carry no pathwise gradient; two estimators give one (``estimator`
 * ``straight_through``: the code the model is conditioned on is the discrete one in the forward
   pass, but its gradient is that of the continuous latent (integer) or of the Gumbel-softmax
   relaxation softmax((r + g) / temperature) (categorical; Jang et al. 2017, Maddison et al. 2017),
-  as the STN reference code does for cutout sizes. Low variance, but blind to any direct use of
-  the value in the validation objective: right for settings that only shape training
-  (augmentation on/off, the number of cutout holes).
+  close to what the STN reference code does for cutout sizes (its hypernetwork sees the continuous
+  value). Low variance, but blind to any direct use of the value in the validation objective:
+  right for settings that only shape training (augmentation on/off, the number of cutout holes).
 
 A continuous scalar can be drawn once per example of a batch instead of once per step (the STN
 reference code's minibatched perturbation): each example then trains the response at its own
