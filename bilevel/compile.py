@@ -15,9 +15,11 @@ from torch import Tensor
 from bilevel.data import DataStream
 from bilevel.distributed.reduce import current_world
 from bilevel.distributed.shard import replicated_share, shard_rows
+from bilevel.hyperparameters import make_transform
 from bilevel.problem import Constraint, Level, ModuleBinding, Problem, project_onto
 from bilevel.refs import RefError, resolve_ref
 from bilevel.spec.errors import SpecError, SpecIssue, VariableError
+from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.level import LevelSpec, ModuleVariable, OptimizerSpec, TensorVariable
 from bilevel.spec.load import LoadedSpec, describe_error
 from bilevel.spec.problem import BilevelSpec, level_graph
@@ -143,6 +145,7 @@ class _Compiler:
         names: list[str] = []
         tensors: dict[str, int] = {}
         modules: dict[str, ModuleBinding] = {}
+        transforms = {}
         sets = []
         for vname, var in spec.variables.items():
             path = f"{base}.variables.{vname}"
@@ -155,6 +158,12 @@ class _Compiler:
                 names.append(vname)
                 init.append(value)
                 sets.append(var.set)
+            elif isinstance(var, HyperparameterVariable):
+                transforms[vname], value = make_transform(var, self.device, self.dtype)
+                tensors[vname] = len(init)
+                names.append(vname)
+                init.append(value)
+                sets.append(None)  # the range is kept by the transform
             else:
                 module = self.module(name, vname, var, path)
                 if module is None:
@@ -210,6 +219,7 @@ class _Compiler:
             constraints=tuple(constraints),
             share=share,
             solution=solution,
+            transforms=transforms,
         )
 
     def data(self, spec: LevelSpec, path: str, seed: int) -> tuple[DataStream, float] | None:
@@ -355,12 +365,28 @@ def _check_tuned(loaded: LoadedSpec, problem: Problem) -> None:
         path = f"levels.{lower.name}.solver.tuned.{name}"
         if name == "momentum" and lower.solver.name != "momentum":
             issues.append(loaded.issue(path, f"the {lower.solver.name} solver has no momentum to tune; use name: momentum"))
+        elif variable in upper.transforms and upper.transforms[variable].discrete:
+            issues.append(loaded.issue(path, f"{variable!r} is a discrete hyperparameter; an optimizer's {name} must be continuous"))
         elif variable not in upper.tensors:
             issues.append(loaded.issue(path, f"{variable!r} is not a tensor variable of the upper level {upper.name!r}"
                                              f" (its tensor variables: {', '.join(upper.tensors) or 'none'})"))
         elif upper.init[upper.tensors[variable]].numel() != 1:
             shape = list(upper.init[upper.tensors[variable]].shape)
             issues.append(loaded.issue(path, f"{variable!r} has shape {shape}; a tuned optimizer hyperparameter must be a scalar"))
+    if issues:
+        raise SpecError(issues)
+
+
+def _check_hyperparameters_upstairs(loaded: LoadedSpec, problem: Problem) -> None:
+    """Hyperparameter variables belong to the upper level: the lower level's variables are what
+    its inner solver optimizes, and no inner solver respects a hyperparameter's type or range."""
+    lower = problem.lower
+    issues = [
+        loaded.issue(f"levels.{lower.name}.variables.{name}",
+                     f"hyperparameter variables belong to the upper level ({problem.upper.name!r}); declare {name!r} there,"
+                     " or as a plain tensor variable (with a set for its range) here")
+        for name in lower.transforms
+    ]
     if issues:
         raise SpecError(issues)
 
@@ -424,6 +450,7 @@ def compile_spec(
         raise loaded.error(f"levels.{lower_name}.solver.name",
                            "normalized_momentum is an outer (upper-level) optimizer; expected sgd, momentum or adam")
     _check_tuned(loaded, problem)
+    _check_hyperparameters_upstairs(loaded, problem)
     compiler.dry_run(problem)
     if compiler.issues:
         raise SpecError(compiler.issues)

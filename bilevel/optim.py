@@ -69,13 +69,13 @@ class InnerOptimizer:
         return tuple(new), (*m, *v, count)
 
 
-def _scaled(b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
-    """alpha b. A scalar tensor that requires grad multiplies tensor by tensor: the backward of
-    torch._foreach_mul(list, tensor) into the scalar fails for lists of more than one tensor
-    ("inconsistent range for TensorList output", torch 2.13)."""
-    if isinstance(alpha, Tensor) and alpha.requires_grad and len(b) > 1:
-        return [alpha * t for t in b]
-    return torch._foreach_mul(b, alpha)
+def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
+    """alpha a, with alpha a number or a 0-d tensor. A tensor alpha is applied per tensor: the
+    backward of torch._foreach_mul(list, Tensor) fails for lists of more than one tensor
+    ("inconsistent range for TensorList output", torch 2.13), which a module variable always is."""
+    if isinstance(alpha, Tensor):
+        return [t * alpha for t in a]
+    return torch._foreach_mul(a, alpha)
 
 
 def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:

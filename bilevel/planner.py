@@ -16,7 +16,9 @@ import torch
 from bilevel.engines.registry import engine_capabilities
 from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine, ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec
+from bilevel.stn.layers import StnLayer
 
 __all__ = ["Plan", "ProblemFacts", "architecture_memory_mb", "make_plan", "memory_budget_mb"]
 
@@ -65,6 +67,17 @@ class ProblemFacts:
     """The lower level's inner solver (sgd, momentum, adam)."""
     activation_mb: float = 0.0
     """Estimated activation memory of one forward/backward of the lower level's supernet on a batch."""
+    gradient_free_hyperparameters: tuple[str, ...] = ()
+    """Upper hyperparameter variables no gradient reaches: discrete (integer, categorical) or
+    declared ``differentiable: false`` (a dropout rate)."""
+    discrete_hyperparameters: tuple[str, ...] = ()
+    """The integer and categorical ones among them."""
+    best_response_model: bool = False
+    """The lower level contains STN layers: a model that takes the hyperparameters as input."""
+    upper_modules: tuple[str, ...] = ()
+    """Module variables of the upper level."""
+    continuous_scalars: tuple[str, ...] = ()
+    """Upper tensor variables that are continuous scalars (what an engine may draw per example)."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -95,6 +108,12 @@ class ProblemFacts:
             device=str(problem.device),
             closed_form=lower.solution is not None,
             **_architecture_facts(upper_spec, lower_spec, problem),
+            gradient_free_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.gradient_free),
+            discrete_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.discrete),
+            best_response_model=any(isinstance(m, StnLayer) for b in lower.modules.values() for m in b.module.modules()),
+            upper_modules=tuple(upper.modules),
+            continuous_scalars=tuple(n for n, i in upper.tensors.items()
+                                     if not upper.transform(n).discrete and upper.init[i].numel() == 1),
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -140,6 +159,8 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
     if kind not in caps:
         raise loaded.error("engine.kind", f"no engine {kind!r} is registered; available: {', '.join(caps)}")
     _check_hard_requirements(kind, facts, loaded)
+    _check_hyperparameter_support(kind, facts, loaded)
+    _check_per_example(requested, facts, loaded)
     warnings = []
     if facts.tuned_step and not caps[kind].through_optimizer:
         warnings.append(
@@ -162,7 +183,8 @@ def _explicit(requested: Any, facts: ProblemFacts, loaded: LoadedSpec) -> Plan:
 def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None) -> Plan:
     """Choose an engine for ``problem``; ``requested`` (or the spec's engine) overrides unless auto.
 
-    Rules, in order: declared constraints -> an engine that handles them; unbounded upper
+    Rules, in order: declared constraints -> an engine that handles them; discrete or
+    non-differentiable hyperparameters -> an engine that handles them (STN); unbounded upper
     smoothness -> an engine designed for it; strongly convex lower level -> implicit; nonconvex
     lower level -> a first-order penalty engine; otherwise unrolled, checkpointed or truncated to
     fit the memory budget. Chains of more than two levels follow bilevel/multilevel/plan.py."""
@@ -177,11 +199,12 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
     if not isinstance(requested, AutoEngine):
         plan = _explicit(requested, facts, loaded)
     else:
-        for rule in (_architecture, _constrained, _closed_form, _tuned_optimizer, _unbounded_smoothness, _strongly_convex,
-                     _nonconvex, _unrolled):
+        for rule in (_architecture, _constrained, _gradient_free_hyperparameters, _closed_form, _tuned_optimizer,
+                     _unbounded_smoothness, _strongly_convex, _nonconvex, _unrolled):
             plan = rule(facts, loaded)
             if plan is not None:
                 break
+        _check_hyperparameter_support(plan.engine.kind, facts, loaded)  # e.g. constraints and a discrete hyperparameter
     return _with_architecture_advice(_with_outer_optimizer_advice(plan, facts), facts)
 
 
@@ -217,6 +240,69 @@ def _constrained(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         warnings.append(f"{kind} assumes a convex lower level; levels.{facts.lower_level}.assumptions.convexity ="
                         f" {facts.lower_convexity}")
     return Plan(_default_config(kind), reasons, warnings, facts)
+
+
+def _hyperparameter_kind(facts: ProblemFacts, name: str) -> str:
+    return "discrete" if name in facts.discrete_hyperparameters else "declared differentiable: false"
+
+
+def _check_hyperparameter_support(kind: str, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    """Refuse an engine that cannot take the declared hyperparameters, or that needs a
+    best-response model the lower level does not have."""
+    caps = engine_capabilities()[kind]
+    upper = f"levels.{facts.upper_level}.variables"
+    issues = []
+    if not caps.handles_discrete:
+        able = ", ".join(_able(lambda c: c.handles_discrete)) or "none"
+        issues += [
+            loaded.issue(f"{upper}.{name}",
+                         f"the {kind} engine cannot take this hyperparameter ({_hyperparameter_kind(facts, name)}): it needs"
+                         f" gradients of the objectives in the upper variables, and none reaches it; engines that can: {able}"
+                         " (or leave engine: auto)")
+            for name in facts.gradient_free_hyperparameters
+        ]
+    if caps.needs_best_response:
+        if not facts.best_response_model:
+            issues.append(loaded.issue(
+                f"levels.{facts.lower_level}.variables",
+                f"the {kind} engine fits a best-response model: build the lower level's model from STN layers"
+                " (bilevel.stn.StnLinear, StnConv2d, StnTensor) called with bilevel.stn.hyper_input(upper); see docs/engines/stn.md"))
+        issues += [
+            loaded.issue(f"{upper}.{name}",
+                         f"the {kind} engine perturbs tensor and hyperparameter variables; a module variable upstairs is not supported")
+            for name in facts.upper_modules
+        ]
+    if issues:
+        raise SpecError(issues)
+
+
+def _check_per_example(config: Any, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    """An engine config's per-example draws name continuous scalar upper variables."""
+    bad = [name for name in getattr(config, "per_example", ()) if name not in facts.continuous_scalars]
+    if bad:
+        raise loaded.error("engine.per_example",
+                           f"{', '.join(map(repr, bad))}: only continuous scalar upper variables can be drawn per example"
+                           f" (here: {', '.join(facts.continuous_scalars) or 'none'})")
+
+
+def _gradient_free_hyperparameters(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
+    if not facts.gradient_free_hyperparameters:
+        return None
+    upper = f"levels.{facts.upper_level}.variables"
+    able = _able(lambda c: c.handles_discrete and not c.handles_constraints)
+    if not able:
+        raise loaded.error(f"{upper}.{facts.gradient_free_hyperparameters[0]}",
+                           "no registered engine handles discrete or non-differentiable hyperparameters")
+    kind = able[0]
+    _check_hyperparameter_support(kind, facts, loaded)
+    named = ", ".join(f"{upper}.{n} ({_hyperparameter_kind(facts, n)})" for n in facts.gradient_free_hyperparameters)
+    reasons = [
+        f"{named}: no gradient of the objectives reaches these, so hypergradient engines cannot tune them; {kind}"
+        " fits the lower level's best-response model (its STN layers) at hyperparameters perturbed around the"
+        " current ones, and steps the hyperparameters on the validation objective through that model"
+        " (MacKay et al. 2019), discrete ones by a score-function or straight-through gradient"
+    ]
+    return Plan(_default_config(kind), reasons, [], facts)
 
 
 def _tuned_optimizer(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from bilevel.data import DataStream
+from bilevel.hyperparameters import IDENTITY, Drawn, VariableTransform
 from bilevel.linalg.project import project_simplex
 from bilevel.spec.constraints import BoxSet, SimplexSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
@@ -54,13 +55,21 @@ class _FunctionalModule:
 class VariableView(Mapping[str, Any]):
     """Read-only access by name to the current values of some levels' variables.
 
-    A tensor variable is a Tensor; a module variable is a callable running the module
-    functionally on the current parameters (``view["net"](x)``)."""
+    A tensor variable is a Tensor (a hyperparameter variable: its value in the declared units);
+    a module variable is a callable running the module functionally on the current parameters
+    (``view["net"](x)``)."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_codes")
 
-    def __init__(self, items: dict[str, Any]):
+    def __init__(self, items: dict[str, Any], codes: Callable[[], dict[str, Tensor]] | None = None):
         self._items = items
+        self._codes = codes
+
+    def codes(self) -> dict[str, Tensor]:
+        """Each tensor variable's value as a flat encoding, in declaration order: what a model
+        conditioned on the hyperparameters receives (see ``bilevel.hyperparameters``; under STN,
+        the perturbed values the engine drew). ``bilevel.stn.hyper_input`` concatenates them."""
+        return {} if self._codes is None else self._codes()
 
     def __getitem__(self, name: str) -> Any:
         try:
@@ -125,17 +134,45 @@ class Level:
     def shared(self, value: Tensor) -> Tensor:
         """``value`` weighted by this rank's share (unchanged in a single process)."""
         return value if self.share == 1.0 else value * self.share
+    transforms: dict[str, VariableTransform] = field(default_factory=dict)
+    """Tensor variable -> its map from the raw tensor to the value user code sees (hyperparameter
+    variables); the others are the identity."""
 
-    def items(self, params: Sequence[Tensor]) -> dict[str, Any]:
-        """Name -> what user code sees, for this level's variables at ``params``."""
-        out: dict[str, Any] = {name: params[i] for name, i in self.tensors.items()}
+    def transform(self, name: str) -> VariableTransform:
+        """The raw -> value map of tensor variable ``name`` (identity for a plain tensor)."""
+        return self.transforms.get(name, IDENTITY)
+
+    def items(self, params: Sequence[Tensor], drawn: Mapping[str, Drawn] | None = None) -> dict[str, Any]:
+        """Name -> what user code sees, for this level's variables at ``params``; ``drawn``
+        replaces some tensor variables' values (an engine's perturbation, in user units)."""
+        out: dict[str, Any] = {}
+        for name, i in self.tensors.items():
+            if drawn is not None and name in drawn:
+                out[name] = drawn[name].value
+            else:
+                out[name] = self.transforms[name].value(params[i]) if name in self.transforms else params[i]
         for name, binding in self.modules.items():
             values = params[binding.start : binding.start + len(binding.param_names)]
             out[name] = _FunctionalModule(binding.module, dict(zip(binding.param_names, values)))
         return out
 
-    def view(self, params: Sequence[Tensor]) -> VariableView:
-        return VariableView(self.items(params))
+    def codes(self, params: Sequence[Tensor], drawn: Mapping[str, Drawn] | None = None) -> dict[str, Tensor]:
+        """Tensor variable -> the flat encoding of its value (``drawn`` ones: their drawn code)."""
+        return {
+            name: drawn[name].code if drawn is not None and name in drawn else self.transform(name).code(params[i])
+            for name, i in self.tensors.items()
+        }
+
+    def view(self, params: Sequence[Tensor], drawn: Mapping[str, Drawn] | None = None) -> VariableView:
+        return VariableView(self.items(params, drawn), lambda: self.codes(params, drawn))
+
+    def values(self, params: Sequence[Tensor]) -> dict[str, Any]:
+        """Name -> value in user units (hyperparameters transformed; module variables as their
+        parameter dicts), for outputs such as result.json."""
+        out: dict[str, Any] = self.variables(params)
+        for name, transform in self.transforms.items():
+            out[name] = transform.value(params[self.tensors[name]])
+        return out
 
     @property
     def numel(self) -> int:
@@ -203,13 +240,14 @@ class Problem:
         (child,) = self.graph.successors(self.upper.name)
         return self.levels[child]
 
-    def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
-        """F(x, y) on an upper batch."""
-        return self.upper.shared(self.upper.objective(self.upper.view(x), self.lower.view(y), batch))
+    def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
+        """F(x, y) on an upper batch (``drawn``: upper values an engine substitutes, e.g. STN's
+        perturbed hyperparameters); this rank's share of it under data parallelism."""
+        return self.upper.shared(self.upper.objective(self.upper.view(x, drawn), self.lower.view(y), batch))
 
-    def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
+    def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
         """G(x, y) on a lower batch, plus the inner solver's weight decay wd/2 ||y||^2 when declared."""
-        upper = self.upper.view(x)
+        upper = self.upper.view(x, drawn)
         value = self.lower.objective(upper, self.lower.view(y), batch)
         solver = self.lower.solver
         if solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):

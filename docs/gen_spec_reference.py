@@ -38,6 +38,7 @@ ORDER = [
     "LevelSpec",
     "TensorVariable",
     "ModuleVariable",
+    "HyperparameterVariable",
     "BoxSet",
     "SimplexSet",
     "DataSpec",
@@ -59,6 +60,7 @@ ORDER = [
     "MLPSearchSpace",
     "CellSpec",
     "RetrainSpec",
+    "StnConfig",
     "RunSpec",
     "BudgetSpec",
 ]

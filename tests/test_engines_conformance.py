@@ -8,9 +8,14 @@ Two checks per engine, whichever its kind supports:
   engine, within the tolerance documented per engine (docs/engines/);
 * the DARTS family (darts, rarts), which alternate single weight and upper steps: each comes to rest
   at its own closed-form fixed point (docs/engines/darts.md).
+* best-response engines (STN), which need a lower model that takes the hyperparameters as input:
+  the same quadratic with y an STN tensor (problems/toy/stn.py), whose affine response is exact,
+  reaches the same x* within the documented tolerance.
 A newly registered engine fails the suite until it is given an entry here."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from bilevel.spec import (
     LVHBAConfig,
     PenaltyConfig,
     RartsConfig,
+    StnConfig,
     UnrolledConfig,
     spec_from_data,
 )
@@ -38,6 +44,7 @@ from problems.toy import (
     ridge_spec,
     ridge_val_data,
 )
+from problems.toy.stn import quadratic_stn_spec
 
 HYPERGRADIENT_CONFIGS = {
     "implicit": [
@@ -70,8 +77,15 @@ SOLUTION_CONFIGS = {
 }
 
 
+# best-response engines: (config, outer steps, relative tolerance on x*) on the quadratic with an STN tensor
+BEST_RESPONSE_CONFIGS = {
+    "stn": (StnConfig(), 2000, 1e-2),
+}
+
+
 def test_every_registered_engine_is_covered() -> None:
-    assert set(engine_kinds()) <= set(SOLUTION_CONFIGS) | set(FIXED_POINT_CONFIGS), "add the new engine to the conformance suite"
+    covered = set(SOLUTION_CONFIGS) | set(FIXED_POINT_CONFIGS) | set(BEST_RESPONSE_CONFIGS)
+    assert set(engine_kinds()) <= covered, "add the new engine to the conformance suite"
     assert set(HYPERGRADIENT_CONFIGS) <= set(engine_kinds())
 
 
@@ -161,6 +175,16 @@ def test_engine_reaches_the_implicit_solution_on_the_quadratic(kind: str, tmp_pa
     data["levels"]["lower"]["solver"]["warm_start"] = True
     result = run(spec_from_data(data), engine=config, out=tmp_path, progress=False)
     assert _rel(result.x[0], _implicit_solution()) < tolerance
+
+
+@pytest.mark.parametrize("kind", sorted(BEST_RESPONSE_CONFIGS))
+def test_best_response_engine_reaches_the_implicit_solution_on_the_quadratic(kind: str, tmp_path) -> None:
+    config, steps, tolerance = BEST_RESPONSE_CONFIGS[kind]
+    spec = quadratic_stn_spec(steps=steps, checkpoint_every=None, log_every=100)
+    result = run(spec, engine=config, out=tmp_path, progress=False)
+    assert _rel(result.x[0], _implicit_solution()) < tolerance
+    fields = json.loads((tmp_path / "result.json").read_text())["last_stats"]
+    assert {"inner_residual", "linear_residual", "hvp_count", "inner_steps", "time_s"} <= set(fields)
 
 
 @pytest.mark.parametrize("kind", sorted(SOLUTION_CONFIGS))

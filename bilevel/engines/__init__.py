@@ -10,6 +10,7 @@ from bilevel.engines.lv_hba import LVHBAEngine
 from bilevel.engines.penalty import PenaltyEngine
 from bilevel.engines.rarts import RartsEngine
 from bilevel.engines.registry import build_engine, engine_capabilities, engine_kinds, register
+from bilevel.engines.stn import StnEngine
 from bilevel.engines.unrolled import UnrolledEngine
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "PenaltyEngine",
     "RartsEngine",
     "Stats",
+    "StnEngine",
     "UnrolledEngine",
     "build_engine",
     "engine_capabilities",

@@ -48,6 +48,9 @@ class Capabilities:
     returns_hypergradient: bool = True
     """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
     direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
+    needs_best_response: bool = False
+    """Needs a lower model that takes the hyperparameters as input (built from STN layers): a
+    best-response approximation the engine fits."""
 
 
 @dataclass

@@ -5,12 +5,13 @@ graph-free loop, through the differentiable sum in ``inner_step`` (bilevel.distr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bilevel.distributed.reduce import sum_over_ranks
+from bilevel.hyperparameters import Drawn
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
@@ -19,7 +20,15 @@ from bilevel.problem import Params, Problem
 if TYPE_CHECKING:
     from bilevel.engines.base import EngineState
 
-__all__ = ["closed_form_solution", "inner_residual", "inner_step", "lower_start", "solve_lower", "start_state"]
+__all__ = [
+    "closed_form_solution",
+    "inner_residual",
+    "inner_step",
+    "lower_start",
+    "lower_steps",
+    "solve_lower",
+    "start_state",
+]
 
 
 def start_state(problem: Problem) -> "EngineState":
@@ -55,27 +64,47 @@ def solve_lower(
     state: Params,
     steps: int = 0,
     batches: Sequence[Any] | None = None,
+    draw: Callable[[], Mapping[str, Drawn]] | None = None,
 ) -> tuple[Params, Params]:
     """Optimizer steps from y without building a graph (x is treated as a constant): one per
     entry of ``batches`` when given, else ``steps`` steps on batches drawn from the lower data.
     A lower level with a closed-form solution is solved exactly instead (on the last of
-    ``batches``, or on the next lower batch), whenever at least one step is asked for."""
+    ``batches``, or on the next lower batch), whenever at least one step is asked for.
+    ``draw()``, when given, is called before each step for upper values that replace the current
+    ones in that step (STN trains at hyperparameters drawn around the current ones)."""
+    y, state, _ = lower_steps(problem, optimizer, x, y, state, steps, batches, draw)
+    return y, state
+
+
+def lower_steps(
+    problem: Problem,
+    optimizer: InnerOptimizer,
+    x: Params,
+    y: Params,
+    state: Params,
+    steps: int = 0,
+    batches: Sequence[Any] | None = None,
+    draw: Callable[[], Mapping[str, Drawn]] | None = None,
+) -> tuple[Params, Params, Params | None]:
+    """``solve_lower`` that also returns the last gradient grad_y G it evaluated (None without steps)."""
     x = tuple(p.detach() for p in x)
     objective, lower = problem.lower_objective, problem.lower
     if lower.solution is not None and (steps > 0 if batches is None else len(batches) > 0):
         batch = lower.batch() if batches is None else batches[-1]
-        return closed_form_solution(problem, x, y, batch), tuple(s.detach() for s in state)
+        return closed_form_solution(problem, x, y, batch), tuple(s.detach() for s in state), None
     hyper = problem.tuned_hyperparameters(x, optimizer.spec.tuned)
+    grads = None
     with torch.enable_grad():  # once, not per step: the update below builds no graph anyway
         for index in range(steps if batches is None else len(batches)):
             batch = lower.batch() if batches is None else batches[index]
+            drawn = None if draw is None else draw()
             leaves = tuple(p.detach().requires_grad_(True) for p in y)
-            grads = torch.autograd.grad(objective(x, leaves, batch), leaves, allow_unused=True)
+            grads = torch.autograd.grad(objective(x, leaves, batch, drawn), leaves, allow_unused=True)
             grads = sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)))
             # inputs detached and grads graph-free: the optimizer step records nothing
             y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
             y = lower.project(y)
-    return tuple(p.detach() for p in y), tuple(s.detach() for s in state)
+    return tuple(p.detach() for p in y), tuple(s.detach() for s in state), grads
 
 
 def closed_form_solution(problem: Problem, x: Params, y: Params, batch: Any) -> Params:

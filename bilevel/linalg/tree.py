@@ -24,8 +24,8 @@ def tree_norm(a: Tree) -> Tensor:
 
 def tree_axpy(alpha: Tensor | float, x: Tree, y: Tree) -> tuple[Tensor, ...]:
     """y + alpha * x."""
-    if isinstance(alpha, Tensor):
-        return tuple(torch._foreach_add(list(y), torch._foreach_mul(list(x), alpha)))
+    if isinstance(alpha, Tensor):  # per tensor: the backward of _foreach_mul(list, Tensor) fails for lists (torch 2.13)
+        return tuple(torch._foreach_add(list(y), [u * alpha for u in x]))
     return tuple(torch._foreach_add(list(y), list(x), alpha=alpha))
 
 
@@ -38,6 +38,8 @@ def tree_sub(a: Tree, b: Tree) -> tuple[Tensor, ...]:
 
 
 def tree_scale(alpha: Tensor | float, a: Tree) -> tuple[Tensor, ...]:
+    if isinstance(alpha, Tensor):
+        return tuple(u * alpha for u in a)
     return tuple(torch._foreach_mul(list(a), alpha))
 
 

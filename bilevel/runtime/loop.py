@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ from bilevel.distributed import broadcast_from_main, current_world, data_paralle
 from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
+from bilevel.hyperparameters import Categorical
 from bilevel.linalg.tree import tree_norm
 from bilevel.multilevel.chain import ChainProblem
 from bilevel.multilevel.registry import build_chain_engine
@@ -68,10 +70,13 @@ class RunResult:
 
 
 def to_nested(value: Any) -> Any:
-    """Tensors (or dicts of them) as nested Python lists for JSON."""
+    """Tensors (or dicts of them) as nested Python lists for JSON; other values (a categorical
+    hyperparameter's string) as they are."""
     if isinstance(value, dict):
         return {k: to_nested(v) for k, v in value.items()}
-    return value.detach().cpu().tolist()
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return value
 
 
 def _fingerprint(loaded: LoadedSpec) -> str:
@@ -245,7 +250,8 @@ def _run(
                 say(f"stopped after {step} steps: {stop_reason}")
                 break
             read = [result.upper_loss.reshape(1), tree_norm(result.grad).reshape(1)]
-            read += [x[index].detach().reshape(-1).to(read[0].dtype) for _, index in tracked]
+            with torch.no_grad():
+                read += [reader(x).reshape(-1).to(read[0].dtype) for _, reader, _ in tracked]
             loss, grad_norm, *upper_values = torch.cat(read).tolist()  # the one host sync of the step
             if not (_finite(loss) and _finite(grad_norm)):
                 message = (
@@ -275,7 +281,7 @@ def _run(
                 record = {"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
                           "elapsed_s": time.perf_counter() - began}
                 if tracked:
-                    record["upper"] = _unflatten_tracked(problem, tracked, upper_values)
+                    record["upper"] = _unflatten_tracked(tracked, upper_values)
             if main and monitored:  # the monitor runs on rank 0 only (it may write files)
                 record = {"step": step + 1, **record, "monitor": _monitor(problem, x, state, step + 1, out_dir)}
             if record and metrics is not None:
@@ -321,20 +327,34 @@ def _run(
     return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
 
 
-def _tracked_upper(problem: Problem) -> list[tuple[str, int]]:
-    """(name, index in x) of the upper tensor variables small enough to log every step."""
+def _tracked_upper(problem: Problem) -> list[tuple[str, Callable[[Params], torch.Tensor], tuple[int, ...]]]:
+    """(name, reader, shape) of the upper tensor variables small enough to log every step. The
+    reader gives the value in user units, as objectives see it (a hyperparameter through its
+    transform; a categorical one with string choices as the index of its choice)."""
     upper = problem.upper
-    return [(name, index) for name, index in upper.tensors.items() if upper.init[index].numel() <= TRACKED_UPPER_NUMEL]
+    tracked = []
+    for name, index in upper.tensors.items():
+        transform = upper.transforms.get(name)
+        if transform is None:
+            reader = lambda x, i=index: x[i]  # noqa: E731
+        elif isinstance(transform, Categorical) and transform.table is None:
+            reader = lambda x, i=index: torch.argmax(x[i])  # noqa: E731
+        else:
+            reader = lambda x, i=index, t=transform: t.value(x[i])  # noqa: E731
+        sample = reader(upper.init)
+        if sample.numel() <= TRACKED_UPPER_NUMEL:
+            tracked.append((name, reader, tuple(sample.shape)))
+    return tracked
 
 
-def _unflatten_tracked(problem: Problem, tracked: list[tuple[str, int]], values: list[float]) -> dict[str, Any]:
+def _unflatten_tracked(tracked: list[tuple[str, Any, tuple[int, ...]]], values: list[float]) -> dict[str, Any]:
     """Tracked variable name -> its value (a number, or a flat list for a tensor with several entries)."""
     out: dict[str, Any] = {}
     offset = 0
-    for name, index in tracked:
-        n = problem.upper.init[index].numel()
+    for name, _, shape in tracked:
+        n = math.prod(shape)
         chunk = values[offset : offset + n]
-        out[name] = chunk[0] if problem.upper.init[index].dim() == 0 else chunk
+        out[name] = chunk[0] if not shape else chunk
         offset += n
     return out
 
@@ -378,7 +398,7 @@ def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, st
         "dtype": str(problem.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
         "wall_time_s": time.perf_counter() - began,
-        "upper_variables": to_nested(problem.upper.variables(x)),
+        "upper_variables": to_nested(problem.upper.values(x)),  # hyperparameters in their declared units
     }
 
 

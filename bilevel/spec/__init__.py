@@ -13,9 +13,11 @@ from bilevel.spec.engine import (
     LVHBAConfig,
     PenaltyConfig,
     RartsConfig,
+    StnConfig,
     UnrolledConfig,
 )
 from bilevel.spec.errors import SpecError, SpecIssue, VariableError
+from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.level import (
     Assumptions,
     DataSpec,
@@ -54,6 +56,7 @@ __all__ = [
     "DataSpec",
     "DistributedSpec",
     "EngineSpec",
+    "HyperparameterVariable",
     "ImplicitConfig",
     "LVHBAConfig",
     "LevelSpec",
@@ -70,6 +73,7 @@ __all__ = [
     "SimplexSet",
     "SpecError",
     "SpecIssue",
+    "StnConfig",
     "SupernetVariable",
     "TensorVariable",
     "UnrolledConfig",

@@ -18,6 +18,7 @@ __all__ = [
     "LinearSolverSpec",
     "PenaltyConfig",
     "RartsConfig",
+    "StnConfig",
     "UnrolledConfig",
 ]
 
@@ -206,6 +207,47 @@ class RartsConfig(SpecModel):
     warmup_steps (0 without one)."""
 
 
+class StnConfig(SpecModel):
+    """Self-Tuning Networks (MacKay et al. 2019): the lower model is a best-response approximation
+    w_phi(lam) built from STN layers; each outer step trains phi for ``steps`` of the lower solver on
+    the training loss at hyperparameters drawn around the current ones, then steps (lam, sigma) on
+    the validation loss through w_phi minus tau times the entropy of the perturbation."""
+
+    kind: Literal["stn"] = "stn"
+    """Discriminator: the STN engine."""
+    val_steps: Annotated[int, Field(ge=1)] = 1
+    """T_val: hyperparameter steps per cycle. The lower solver's ``steps`` are T_train, taken
+    before the first of every T_val outer steps (paper: T_train = 2, T_val = 1)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Training steps of phi (with perturbed hyperparameters) before the first hyperparameter step
+    (the paper warms up for 5 epochs)."""
+    perturbation_scale: Annotated[float, Field(gt=0)] = 0.5
+    """Initial sigma, the standard deviation of the perturbation in raw (unconstrained) units."""
+    learn_scale: bool = True
+    """Learn sigma on the validation objective (else keep it fixed)."""
+    scale_lr: Annotated[float, Field(gt=0)] = 3e-3
+    """Adam step size for s, sigma = softplus(s) (paper: 3e-3, as for the hyperparameters)."""
+    entropy_weight: Annotated[float, Field(ge=0)] = 1e-3
+    """tau: weight of the perturbation's entropy, which keeps sigma from collapsing (paper: 1e-3 to 1e-5)."""
+    discrete_estimator: Literal["reinforce", "straight_through"] = "reinforce"
+    """Gradient for discrete hyperparameters. reinforce: score function with a moving-average
+    baseline, unbiased whatever the objectives do with the value; straight_through: the model's
+    conditioning sees the discrete value, its gradient that of the continuous latent (integer) or
+    of a Gumbel-softmax relaxation (categorical): lower variance, but blind to a direct use of the
+    value in the validation objective."""
+    baseline_decay: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """REINFORCE baseline b <- decay b + (1 - decay) F."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Gumbel-softmax temperature of straight_through for categorical hyperparameters."""
+    per_example: list[str] = Field(default_factory=list)
+    """Continuous scalar hyperparameters drawn once per example of a batch instead of once per step
+    (the reference code's minibatched perturbation), e.g. dropout rates: each example then trains
+    the response at its own setting, which separates the effects of hyperparameters a per-step
+    draw moves together. Under STN their objectives receive a (batch,) tensor (use it per example:
+    bilevel.stn.dropout does) and hyper_input(upper) a (batch, n_hyper) matrix; the batch is the
+    level's minibatch (its whole data set without batch_size)."""
+
+
 class AutoEngine(SpecModel):
     """Let the planner choose the engine from the declared facts and the budget."""
 
@@ -214,6 +256,8 @@ class AutoEngine(SpecModel):
 
 
 EngineSpec = Annotated[
-    Union[AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig, DartsConfig, RartsConfig],
+    Union[
+        AutoEngine, ImplicitConfig, UnrolledConfig, PenaltyConfig, BORepConfig, LVHBAConfig, DartsConfig, RartsConfig, StnConfig
+    ],
     Field(discriminator="kind"),
 ]

@@ -8,6 +8,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from bilevel.spec._base import SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
+from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 
 __all__ = [
@@ -83,6 +84,7 @@ Variable = Annotated[
         Annotated[ModuleVariable, Tag("module")],
         Annotated[ArchitectureVariable, Tag("architecture")],
         Annotated[SupernetVariable, Tag("supernet")],
+        Annotated[HyperparameterVariable, Tag("hyperparameter")],
     ],
     Discriminator(_variable_kind),
 ]

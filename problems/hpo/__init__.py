@@ -6,7 +6,10 @@
 
 ``lam`` is one scalar (a single strength) or one entry per feature (per-feature strengths, an
 automatic-relevance flavour). Data: the breast-cancer set bundled with scikit-learn (569 x 30),
-standardized on the training split and split 200 train / 150 validation / 219 test."""
+standardized on the training split and split 200 train / 150 validation / 219 test.
+
+The digits presets (an MLP's dropout and L2 by STN, its learning rate and weight decay by
+unrolling, per-weight L2 by implicit differentiation) live in ``problems.hpo.digits``."""
 
 from __future__ import annotations
 
