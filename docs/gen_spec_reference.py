@@ -48,11 +48,13 @@ ORDER = [
     "ImplicitConfig",
     "LinearSolverSpec",
     "UnrolledConfig",
+    "PrecisionSpec",
     "PenaltyConfig",
     "BORepConfig",
     "LVHBAConfig",
     "RunSpec",
     "BudgetSpec",
+    "InstancesSpec",
 ]
 
 

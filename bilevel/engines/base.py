@@ -48,6 +48,9 @@ class Capabilities:
     returns_hypergradient: bool = True
     """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
     direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
+    handles_instances: bool = False
+    """Solves a batch of independent instances (spec ``instances``) exactly as it solves each one
+    alone: nothing in it couples the instances except through per-instance reductions."""
 
 
 @dataclass

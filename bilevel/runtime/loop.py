@@ -197,7 +197,7 @@ def run(
             if (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps:
                 record = {"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
                           "elapsed_s": time.perf_counter() - began}
-            if problem.monitor is not None and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps):
+            if (problem.monitor is not None or _monitors_instances(problem)) and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps):
                 record = {"step": step + 1, **record, "monitor": _monitor(problem, x, state, step + 1, out_dir)}
             if record:
                 metrics.write(record)
@@ -225,17 +225,28 @@ def run(
     if problem.report is not None:
         view = upper.view(tuple(p.detach() for p in x))
         result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
+    if problem.instances:  # final loss above is the sum over instances; each one's results here
+        result_json["instances"] = problem.instance_results(x, y, out_dir)
+    execution = getattr(eng, "execution_report", None)
+    if execution is not None:
+        result_json["fast_path"] = execution()
     _write_result(out_dir, result_json)
     return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
 
 
 def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir: Path) -> dict[str, Any]:
     """The spec's monitor at the current variables, as JSON-ready values."""
+    if problem.instances:
+        return {"instances": problem.monitor_instances(x, state.lower, step, out_dir)}
     assert problem.monitor is not None
     with torch.no_grad():
         values = problem.monitor(problem.upper.view(tuple(p.detach() for p in x)), problem.lower.view(state.lower),
                                  step=step, out_dir=out_dir)
     return _jsonable(dict(values or {}))
+
+
+def _monitors_instances(problem: Problem) -> bool:
+    return bool(problem.instances) and problem.members[0].monitor is not None
 
 
 def _final_evaluation(problem: Problem, x: Params, state: EngineState) -> tuple[Params, float]:

@@ -14,6 +14,8 @@ from bilevel.spec.engine import (
     UnrolledConfig,
 )
 from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.spec.fastpath import FastPathMode, PrecisionSpec
+from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import (
     Assumptions,
     DataSpec,
@@ -37,14 +39,17 @@ __all__ = [
     "BudgetSpec",
     "ConstraintSpec",
     "DataSpec",
+    "FastPathMode",
     "EngineSpec",
     "ImplicitConfig",
+    "InstancesSpec",
     "LVHBAConfig",
     "LevelSpec",
     "LinearSolverSpec",
     "LoadedSpec",
     "ModuleVariable",
     "OptimizerSpec",
+    "PrecisionSpec",
     "PenaltyConfig",
     "RunSpec",
     "SimplexSet",
