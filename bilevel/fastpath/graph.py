@@ -62,14 +62,18 @@ class CudaGraphBackend:
     def warmup(self, fn: Callable[[], Flat]) -> Flat:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream), forbid_host_sync(cuda=True):
+        # CUDA's own sync detection (the ATen-level one would also intercept compiled code)
+        with torch.cuda.stream(self.stream), forbid_host_sync(cuda=True, aten=False):
             out = fn()
         current.wait_stream(self.stream)
         return [t.clone() for t in out]
 
     def capture(self, fn: Callable[[], Flat]) -> Flat:
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(self.graph, stream=self.stream):
+        # autograd runs backward kernels from its device thread: errors for unsafe calls are
+        # raised for the capturing thread only ("thread_local"); a sync anywhere still
+        # invalidates the capture, which then fails
+        with torch.cuda.graph(self.graph, stream=self.stream, capture_error_mode="thread_local"):
             out = fn()
         return out
 

@@ -11,10 +11,11 @@ level (a ``TorchDispatchMode``), so a CPU test fails where a GPU run would synch
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["HostSyncError", "forbid_host_sync"]
@@ -85,18 +86,33 @@ class _SyncDetector(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+# reads of host-visible memory that never reach ATen on a CPU tensor (on CUDA they copy to the
+# host first, which the ATen-level detector sees)
+_HOST_READS = frozenset({torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.__array__})
+
+
+class _HostReadDetector(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in _HOST_READS:
+            raise HostSyncError(f"host read ({func.__name__}) inside a region that must stay on the device")
+        return func(*args, **(kwargs or {}))
+
+
 @contextmanager
-def forbid_host_sync(cuda: bool | None = None) -> Iterator[None]:
+def forbid_host_sync(cuda: bool | None = None, aten: bool = True) -> Iterator[None]:
     """Raise :class:`HostSyncError` (or, from CUDA's sync debug mode, a RuntimeError) on any
-    host synchronization inside the block. ``cuda``: also arm ``torch.cuda.set_sync_debug_mode``
-    (default: when CUDA is initialized). The ATen-level detector runs on every device; it slows
-    the block down (every operation passes through Python), so use it in tests and warm-ups."""
+    host synchronization inside the block.
+
+    ``cuda``: arm ``torch.cuda.set_sync_debug_mode("error")`` (default: when CUDA is
+    initialized). ``aten``: intercept synchronizing operations at the ATen level, on any device;
+    it slows the block down (every operation passes through Python) and torch.compile'd code
+    does not run under it, so use it in tests and in CPU warm-ups."""
     arm_cuda = torch.cuda.is_available() and torch.cuda.is_initialized() if cuda is None else cuda
     previous = torch.cuda.get_sync_debug_mode() if arm_cuda else None
     if arm_cuda:
         torch.cuda.set_sync_debug_mode("error")
     try:
-        with _SyncDetector():
+        with (_HostReadDetector() if aten else nullcontext()), (_SyncDetector() if aten else nullcontext()):
             yield
     finally:
         if arm_cuda:
