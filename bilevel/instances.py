@@ -50,7 +50,7 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
     node = data
     for key in keys[:-1]:
-        node = node.setdefault(key, {}) if key in ("kwargs", "objective_kwargs") else node[key]
+        node = node.setdefault(key, {}) if key.endswith("kwargs") else node[key]
     node[keys[-1]] = value
 
 

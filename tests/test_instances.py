@@ -184,3 +184,15 @@ def test_the_planner_keeps_a_batch_on_cg() -> None:
     loaded = spec_from_data(data)
     plan = make_plan(loaded, compile_spec(loaded))
     assert plan.engine.kind == "implicit" and plan.engine.linear_solver.method == "cg"
+
+
+def test_the_seeds_preset_runs_every_seed(tmp_path) -> None:
+    """problems/hyperclean/digits_seeds.yaml: 8 seeds in one run, each with its own report."""
+    from bilevel.presets import find_preset
+    from bilevel.spec import load_spec
+
+    loaded = load_spec(find_preset("hyperclean/digits_seeds"), ["run.steps=2", "levels.lower.solver.steps=10"])
+    result = run(loaded, out=tmp_path, progress=False).result
+    assert [item["index"] for item in result["instances"]] == list(range(8))
+    accuracies = [item["report"]["test_accuracy"] for item in result["instances"]]
+    assert len(set(accuracies)) > 1 and all(0.5 < a <= 1.0 for a in accuracies)  # different data, sensible models

@@ -18,6 +18,7 @@ VARYING_PATHS: tuple[tuple[str, str], ...] = (
     (rf"levels\.{_NAME}\.objective_kwargs\.{_NAME}", "levels.<level>.objective_kwargs.<name> (numbers only)"),
     (rf"levels\.{_NAME}\.variables\.{_NAME}\.(init|init_scale)", "levels.<level>.variables.<name>.init / init_scale"),
     (rf"levels\.{_NAME}\.variables\.{_NAME}\.kwargs\.{_NAME}", "levels.<level>.variables.<name>.kwargs.<name>"),
+    (rf"(report|monitor)_kwargs\.{_NAME}", "report_kwargs.<name> / monitor_kwargs.<name>"),
 )
 """What may differ between instances (pattern, description): everything else, the objectives,
 solvers and shapes included, is shared, so that one batched computation serves them all."""
@@ -36,8 +37,8 @@ class InstancesSpec(SpecModel):
     """Dotted path in this spec -> one value per instance, e.g.
     {"levels.lower.data.kwargs.seed": [0, 1, 2, 3]}. Allowed paths: run.seed,
     levels.<level>.data.kwargs.<name>, levels.<level>.objective_kwargs.<name> (numbers),
-    levels.<level>.variables.<name>.init / init_scale / kwargs.<name>. Shapes must agree across
-    instances."""
+    levels.<level>.variables.<name>.init / init_scale / kwargs.<name>, report_kwargs.<name>,
+    monitor_kwargs.<name>. Shapes must agree across instances."""
 
     @model_validator(mode="after")
     def _check_vary(self) -> "InstancesSpec":
