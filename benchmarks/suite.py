@@ -81,13 +81,36 @@ REFERENCE = {IFT: "plain IFT (CG)", UNROLLED: "plain unrolled"}
 PEER = {IFT: "TorchOpt IFT (CG)", UNROLLED: "higher unrolled"}
 
 
-def methods_for(bench: Bench, device: torch.device, checkpoint_every: int) -> dict[str, tuple[str, Callable[[], torch.Tensor]]]:
-    out: dict[str, tuple[str, Callable[[], torch.Tensor]]] = {}
+def ours_call(problem: Any, engine: Any) -> Callable[[], torch.Tensor]:
+    """One hypergradient from a fresh state (every call has the same signature, so the fast path
+    captures at the second call and replays from the third)."""
+
+    def call() -> torch.Tensor:
+        x = problem.fresh(problem.upper.init)
+        return engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch()).grad[0]
+
+    return call
+
+
+def methods_for(bench: Bench, device: torch.device, checkpoint_every: int) -> dict[str, tuple[str, Callable[[], torch.Tensor], Any]]:
+    """name -> (family, call, engine or None for peers)."""
+    out: dict[str, tuple[str, Callable[[], torch.Tensor], Any]] = {}
     for name, (family, config) in our_methods(bench, device, checkpoint_every).items():
-        out[name] = (family, bench._ours(config))
+        engine = build_engine(config)
+        out[name] = (family, ours_call(bench.problem, engine), engine)
     for name, (family, key) in PEERS.items():
-        out[name] = (family, bench.methods[key])
+        out[name] = (family, bench.methods[key], None)
     return out
+
+
+def ran_as(engine: Any) -> str | None:
+    """What the fast path did, in a few words (None for peers)."""
+    if engine is None:
+        return None
+    report = engine.execution_report()
+    if report["hypergradient"] == "cuda_graph":
+        return "graph" + (" (compiled inner loop)" if "compiled" in report["inner_loop"] else "")
+    return {"cuda_graph": "inner loop in a graph", "compiled": "compiled inner loop"}.get(report["inner_loop"], "eager")
 
 
 # --- measuring ----------------------------------------------------------------------------------
@@ -170,6 +193,8 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device) -> list[
             "peak_mib": results[name]["peak_mib"], "rel_err_vs_plain": float(rel), "cosine_vs_plain": float(cosine),
             "rel_err_vs_float64": None if truth is None else float((grad - truth).norm() / truth.norm()),
             "reference": REFERENCE[family],
+            "ran_as": ran_as(methods[name][2]),
+            "fast_path": None if methods[name][2] is None else methods[name][2].execution_report(),
         }
         if args.memory and device.type == "cpu":
             row["peak_mib"] = rss_of(size, name, args)
@@ -201,11 +226,8 @@ def run_batch(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
 
     def ours(config: Any) -> Callable[[], torch.Tensor]:
         engine = build_engine(config)
-
-        def call() -> torch.Tensor:
-            x = batched.fresh(batched.upper.init)
-            return engine.hypergrad(batched, x, engine.init(batched, x), batched.upper.batch()).grad[0]
-
+        call = ours_call(batched, engine)
+        call.engine = engine  # type: ignore[attr-defined]
         return call
 
     def sequential(key: str) -> Callable[[], torch.Tensor]:
@@ -240,6 +262,7 @@ def run_batch(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
             "instances_per_s": 1000 * count / res["median_ms"], "reference": f"plain IFT (CG), {count} sequential",
             "speedup_vs_peer": None if peer is None else peer["median_ms"] / res["median_ms"],
             "time_vs_plain": res["median_ms"] / plain["median_ms"],
+            "ran_as": ran_as(getattr(calls[name], "engine", None)),
         }
         reduced = "bf16" in name or "tf32" in name
         row["check"] = ("ok" if cosine >= 0.999 else "FAIL") if reduced else ("ok" if row["worst_instance_rel_err"] < 1e-3 else "FAIL")
@@ -369,24 +392,28 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def print_tables(rows: list[dict[str, Any]], e2e: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     print(f"\n# one hyper-cleaning hypergradient: {meta['device']}, torch {meta['torch']}, float32 (TF32 off unless the row says),"
           f" T={meta['inner_steps']}, K={meta['cg_steps']}; median of {meta['repeats']} round-robin calls after {meta['warmup']} warm-up"
           " calls; vs peer = TorchOpt's (IFT) or higher's (unrolled) time over the row's; vs plain = the row's time over plain"
           " PyTorch's; errors and cosine against plain PyTorch float32 of the same algorithm")
     print(f"{'size':4} {'method':42} {'median ms':>10} {'peak MiB':>9} {'vs peer':>8} {'vs plain':>8} {'err vs plain':>12}"
-          f" {'cosine':>9} {'err vs fp64':>11} {'check':>5}")
+          f" {'cosine':>9} {'err vs fp64':>11} {'check':>5}  ran as")
     for r in rows:
         print(f"{r['size']:4} {r['method']:42} {_fmt(r['median_ms'], '10.1f')} {_fmt(r['peak_mib'], '9.0f')}"
-              f" {_fmt(r.get('speedup_vs_peer'), '7.2f')}x {_fmt(r.get('time_vs_plain'), '7.2f')}x"
+              f" {_times(r.get('speedup_vs_peer')):>8} {_times(r.get('time_vs_plain')):>8}"
               f" {_fmt(r['rel_err_vs_plain'], '12.1e')} {_fmt(r['cosine_vs_plain'], '9.6f')}"
-              f" {_fmt(r.get('rel_err_vs_float64'), '11.1e')} {r.get('check', '-'):>5}")
+              f" {_fmt(r.get('rel_err_vs_float64'), '11.1e')} {r.get('check', '-'):>5}  {r.get('ran_as') or '-'}")
     batch = [r for r in rows if r["size"] == "B"]
     if batch:
         print(f"\n# B: {batch[0]['instances']} independent instances of S (n={batch[0]['n']}); one call = all instances")
         print(f"{'method':42} {'ms per call':>11} {'instances/s':>12} {'vs TorchOpt':>11} {'worst instance err':>18}")
         for r in batch:
-            print(f"{r['method']:42} {r['median_ms']:11.1f} {r['instances_per_s']:12.1f} {_fmt(r['speedup_vs_peer'], '10.2f')}x"
+            print(f"{r['method']:42} {r['median_ms']:11.1f} {r['instances_per_s']:12.1f} {_times(r['speedup_vs_peer']):>11}"
                   f" {r['worst_instance_rel_err']:18.1e}")
     if e2e:
         print(f"\n# end to end: digits hyper-cleaning preset ({e2e[0]['steps']} outer steps), time until the validation loss"
