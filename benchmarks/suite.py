@@ -51,7 +51,7 @@ IFT, UNROLLED = "IFT", "unrolled"
 
 
 # --- methods ------------------------------------------------------------------------------------
-def our_methods(bench: Bench, device: torch.device, checkpoint_every: int) -> dict[str, tuple[str, Any]]:
+def our_methods(bench: Bench, device: torch.device, checkpoint_every: list[int]) -> dict[str, tuple[str, Any]]:
     """name -> (family, engine config) for our rows."""
     cg = bench.cg_spec()
     rows: dict[str, tuple[str, Any]] = {
@@ -61,10 +61,11 @@ def our_methods(bench: Bench, device: torch.device, checkpoint_every: int) -> di
         "ours IFT, bf16": (IFT, ImplicitConfig(linear_solver=cg, precision=PrecisionSpec(mode="bf16", check_every=None))),
         "ours unrolled, eager": (UNROLLED, UnrolledConfig(fast_path="off")),
         "ours unrolled, fast path": (UNROLLED, UnrolledConfig(fast_path="auto")),
-        f"ours unrolled, checkpoint {checkpoint_every}": (UNROLLED, UnrolledConfig(checkpoint_every=checkpoint_every, fast_path="off")),
-        f"ours unrolled, checkpoint {checkpoint_every}, fast path": (UNROLLED, UnrolledConfig(checkpoint_every=checkpoint_every)),
         "ours unrolled, bf16": (UNROLLED, UnrolledConfig(precision=PrecisionSpec(mode="bf16", check_every=None))),
     }
+    for every in checkpoint_every:
+        rows[f"ours unrolled, checkpoint {every}"] = (UNROLLED, UnrolledConfig(checkpoint_every=every, fast_path="off"))
+        rows[f"ours unrolled, checkpoint {every}, fast path"] = (UNROLLED, UnrolledConfig(checkpoint_every=every))
     if device.type == "cuda":  # TF32 is a CUDA format: on CPU these rows would be fp32 again
         rows["ours IFT, tf32"] = (IFT, ImplicitConfig(linear_solver=cg, precision=PrecisionSpec(mode="tf32", check_every=None)))
         rows["ours unrolled, tf32"] = (UNROLLED, UnrolledConfig(precision=PrecisionSpec(mode="tf32", check_every=None)))
@@ -92,7 +93,7 @@ def ours_call(problem: Any, engine: Any) -> Callable[[], torch.Tensor]:
     return call
 
 
-def methods_for(bench: Bench, device: torch.device, checkpoint_every: int) -> dict[str, tuple[str, Callable[[], torch.Tensor], Any]]:
+def methods_for(bench: Bench, device: torch.device, checkpoint_every: list[int]) -> dict[str, tuple[str, Callable[[], torch.Tensor], Any]]:
     """name -> (family, call, engine or None for peers)."""
     out: dict[str, tuple[str, Callable[[], torch.Tensor], Any]] = {}
     for name, (family, config) in our_methods(bench, device, checkpoint_every).items():
@@ -156,6 +157,10 @@ def rss_of(size: str, method: str, args: argparse.Namespace) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part]
+
+
 def _overrides(text: str | None) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in filter(None, (text or "").split(",")):
@@ -169,11 +174,11 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device) -> list[
     n = _overrides(args.n).get(size, SIZES[size]["n"])
     hidden = _overrides(args.hidden).get(size)
     bench = Bench(size, n, device, torch.float32, args.inner_steps, args.cg_steps, hidden=hidden)
-    methods = methods_for(bench, device, args.checkpoint_every)
+    methods = methods_for(bench, device, _ints(args.checkpoint_every))
     wanted = [m for m in methods if not args.methods or any(w in m for w in args.methods.split(","))]
-    for family in (IFT, UNROLLED):  # the references are always measured
-        if any(methods[m][0] == family for m in wanted) and REFERENCE[family] not in wanted:
-            wanted.append(REFERENCE[family])
+    for family in (IFT, UNROLLED):  # the reference and the peer are always measured
+        if any(methods[m][0] == family for m in wanted):
+            wanted += [m for m in (PEER[family], REFERENCE[family]) if m not in wanted]
     results = measure({m: methods[m][1] for m in wanted}, device, args.warmup, args.repeats)
     exact = {}
     if not args.no_reference:
@@ -451,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--instances", type=int, default=64, help="instances in size B")
     parser.add_argument("--inner-steps", type=int, default=100)
     parser.add_argument("--cg-steps", type=int, default=20)
-    parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--checkpoint-every", default="10,2", help="checkpoint intervals of the checkpointed unrolled rows")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (the fast path captures at the 2nd)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", default=None, help="comma-separated substrings of the method names to run")
@@ -470,7 +475,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         size = args.sizes
         bench = Bench(size, _overrides(args.n).get(size, SIZES[size]["n"]), device, torch.float32, args.inner_steps,
                       args.cg_steps, hidden=_overrides(args.hidden).get(size))
-        print(_peak_growth_mib(methods_for(bench, device, args.checkpoint_every)[args.rss_child][1]))
+        print(_peak_growth_mib(methods_for(bench, device, _ints(args.checkpoint_every))[args.rss_child][1]))
         return {}
 
     load = os.getloadavg()
