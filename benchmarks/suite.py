@@ -381,11 +381,11 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> list[dict[str, An
     preset_path = ROOT / "problems" / "hyperclean" / "digits.yaml"
     rows = []
 
-    def record(name: str, losses: list[float], times: list[float], accuracy: float | None) -> None:
+    def record(name: str, losses: list[float], times: list[float], accuracy: float | None, fast: Any = None) -> None:
         hit = next((i for i, loss in enumerate(losses) if loss <= args.e2e_target), None)
         rows.append({"method": name, "steps": len(losses), "target_val_loss": args.e2e_target,
                      "steps_to_target": None if hit is None else hit + 1, "time_to_target_s": None if hit is None else times[hit],
-                     "total_s": times[-1], "final_val_loss": losses[-1], "test_accuracy": accuracy})
+                     "total_s": times[-1], "final_val_loss": losses[-1], "test_accuracy": accuracy, "fast_path": fast})
 
     ours = {
         "ours IFT, eager": ImplicitConfig(fast_path="off"),
@@ -401,7 +401,8 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> list[dict[str, An
         with tempfile.TemporaryDirectory() as out:
             result = run(preset, engine=config, out=out, progress=False)
             trace = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-        record(name, [r["upper_loss"] for r in trace], [r["elapsed_s"] for r in trace], result.result["report"]["test_accuracy"])
+        record(name, [r["upper_loss"] for r in trace], [r["elapsed_s"] for r in trace], result.result["report"]["test_accuracy"],
+               result.result.get("fast_path"))
     for name, kind in (("TorchOpt IFT (CG)", "torchopt"), ("higher unrolled", "higher")):
         loop = DigitsLoop(load_spec(preset_path), device)
         losses, times, accuracy = loop.run(loop.torchopt_step if kind == "torchopt" else loop.higher_step)
