@@ -8,7 +8,8 @@ the objectives of the stacked problem are
 
 each evaluated with ``torch.func.vmap`` over the single-instance objective the user wrote
 (data shared by all instances is not copied: it enters vmap unbatched, so a linear layer becomes
-one large matrix product). Because the instances do not interact, every derivative the engines
+one large matrix product; on CPU, instance-specific data are evaluated instance by instance,
+see :func:`vectorization`). Because the instances do not interact, every derivative the engines
 take is block diagonal, one block per instance:
 
     grad_Y G = (grad_{y_k} G_k)_k,   H = blockdiag(H_k),   J^T v = (J_k^T v_k)_k,
@@ -194,6 +195,9 @@ class BatchedProblem(Problem):
     """level -> objective argument -> its per-instance values, shape (N,)."""
     vary: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     holder: _KwargsHolder = dataclasses.field(default_factory=_KwargsHolder)
+    vectorize: str = "vmap"
+    """How the per-instance objectives are evaluated: "vmap" (batched kernels) or "loop" (one
+    call per instance on views of the stacked tensors; see ``vectorization``)."""
 
     def _per_instance(self, which: str, x: Params, y: Params, batch: Any) -> Tensor:
         template = self.template
@@ -207,6 +211,9 @@ class BatchedProblem(Problem):
             self.holder.values = kw
             return objective(xk, yk, bk).reshape(())
 
+        if self.vectorize == "loop":
+            return torch.stack([one(*parts) for parts in _unbound(self.instances or 0, (tuple(x), tuple(y), batch, kwargs),
+                                                                 (0, 0, in_dims, 0))])
         return torch.func.vmap(one, in_dims=(0, 0, in_dims, 0), randomness="different")(tuple(x), tuple(y), batch, kwargs)
 
     def upper_objective(self, x: Params, y: Params, batch: Any) -> Tensor:
@@ -264,6 +271,39 @@ class BatchedProblem(Problem):
             yk = tuple(p[index].detach() for p in y)
             out.append(_plain(dict(member.monitor(member.upper.view(xk), member.lower.view(yk), step=step, out_dir=out_dir) or {})))
         return out
+
+
+def _unbound(count: int, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """The per-instance arguments, as vmap would present them: ``torch.unbind`` along the
+    leading dimension where in_dims says 0 (its backward is one stack, not N scatters)."""
+
+    def split(value: Any, dim: Any) -> list[Any]:
+        if value is None:
+            return [None] * count
+        if isinstance(dim, dict):
+            parts = {key: split(value[key], dim.get(key)) for key in value}
+            return [{key: parts[key][k] for key in value} for k in range(count)]
+        if isinstance(value, dict):
+            parts = {key: split(item, dim) for key, item in value.items()}
+            return [{key: parts[key][k] for key in value} for k in range(count)]
+        if isinstance(value, tuple):
+            parts = [split(item, dim) for item in value]
+            return [tuple(part[k] for part in parts) for k in range(count)]
+        if dim is None:
+            return [value] * count
+        return list(torch.unbind(value, dim))
+
+    columns = [split(arg, dim) for arg, dim in zip(args, in_dims)]
+    return [tuple(column[k] for column in columns) for k in range(count)]
+
+
+def vectorization(device: torch.device, levels: dict[str, Any]) -> str:
+    """vmap, except on CPU when some data differ between instances: there a batched matrix
+    product of per-instance operands (what vmap makes of a linear layer) ran at about half the
+    speed of the same products done one by one (torch 2.13, MKL; docs/instances.md), while on a
+    GPU one wide kernel replaces N launches. Shared data stay vmapped (one wide product)."""
+    stacked = any(level.data is not None and any(dim == 0 for dim in level.data.in_dims.values()) for level in levels.values())
+    return "loop" if device.type == "cpu" and stacked else "vmap"
 
 
 def _nested(value: Any) -> Any:
@@ -396,4 +436,5 @@ def compile_instances(loaded: LoadedSpec, device: str | torch.device | None = No
         varying_kwargs=varying,
         vary=dict(spec.instances.vary),
         holder=holder,
+        vectorize=vectorization(first.device, levels),
     )

@@ -67,12 +67,15 @@ CONFIGS = [
 ]
 
 
+@pytest.mark.parametrize("vectorize", ["vmap", "loop"])
 @pytest.mark.parametrize("batch_size", [None, 30])
 @pytest.mark.parametrize("config", CONFIGS, ids=repr)
-def test_each_instance_gets_its_own_hypergradient(config, batch_size) -> None:
+def test_each_instance_gets_its_own_hypergradient(config, batch_size, vectorize: str) -> None:
     loaded = spec_from_data(batched_spec(batch_size=batch_size))
     batched = compile_spec(loaded)
     assert isinstance(batched, BatchedProblem) and batched.instances == N
+    assert batched.vectorize == "loop"  # CPU, per-instance data: see bilevel.instances.vectorization
+    batched.vectorize = vectorize
     singles = [compile_spec(one) for one in instance_specs(loaded)]
     got = hypergrads(config, batched)  # two warm-started calls: the CG warm start is per instance too
     upper_losses = 0.0
@@ -88,7 +91,7 @@ def test_each_instance_gets_its_own_hypergradient(config, batch_size) -> None:
 
 def test_shared_data_enters_vmap_once() -> None:
     batched = compile_spec(spec_from_data(batched_spec(vary={"levels.upper.variables.lam.init": [0.0, 1.0, 2.0]})))
-    assert batched.lower.data.in_dims == {"x": None, "y": None, "index": None}
+    assert batched.lower.data.in_dims == {"x": None, "y": None, "index": None} and batched.vectorize == "vmap"
     assert batched.lower.data.full["x"].shape == (90, 10)  # not copied N times
     varied = compile_spec(spec_from_data(batched_spec()))
     assert varied.lower.data.in_dims == {"x": 0, "y": 0, "index": None}
