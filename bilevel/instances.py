@@ -262,14 +262,19 @@ class BatchedProblem(Problem):
         return results
 
     def monitor_instances(self, x: Params, y: Params, step: int, out_dir: Path) -> list[dict[str, Any]]:
-        """Each instance's monitor values at the current variables."""
+        """Each instance's monitor values at the current variables (files it writes go to
+        out_dir/instance_<k>)."""
         out = []
         for index, member in enumerate(self.members):
             if member.monitor is None:
                 return []
             xk = tuple(p[index].detach() for p in x)
             yk = tuple(p[index].detach() for p in y)
-            out.append(_plain(dict(member.monitor(member.upper.view(xk), member.lower.view(yk), step=step, out_dir=out_dir) or {})))
+            sub = Path(out_dir) / f"instance_{index}"
+            sub.mkdir(parents=True, exist_ok=True)
+            with torch.no_grad():
+                values = member.monitor(member.upper.view(xk), member.lower.view(yk), step=step, out_dir=sub)
+            out.append(_plain(dict(values or {})))
         return out
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from bilevel.fastpath.precision import _tf32, agreement, precision_scope
 from bilevel.optim import InnerOptimizer
 from bilevel.spec import ImplicitConfig, LinearSolverSpec, PrecisionSpec, UnrolledConfig, spec_from_data
 
-HERE_OBJECTIVES = "tests/fastpath_data/objectives.py"
+HERE_OBJECTIVES = str(Path(__file__).resolve().parent / "fastpath_data" / "objectives.py")
 
 
 def hyperclean(n: int = 120, d: int = 12, dtype: str = "float64", steps: int = 20, batch_size: int | None = None,

@@ -5,6 +5,7 @@ and what would couple instances is refused with a SpecError naming the field."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -199,3 +200,18 @@ def test_the_seeds_preset_runs_every_seed(tmp_path) -> None:
     assert [item["index"] for item in result["instances"]] == list(range(8))
     accuracies = [item["report"]["test_accuracy"] for item in result["instances"]]
     assert len(set(accuracies)) > 1 and all(0.5 < a <= 1.0 for a in accuracies)  # different data, sensible models
+
+
+def test_a_monitor_is_called_per_instance(tmp_path) -> None:
+    objectives = Path(__file__).resolve().parent / "fastpath_data" / "objectives.py"
+    data = batched_spec(monitor=f"{objectives}:lam_mean", monitor_kwargs={"scale": 2.0})
+    data["run"]["monitor_every"] = 1
+    data["run"]["steps"] = 2
+    run(spec_from_data(data), out=tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    per_step = [r["monitor"]["instances"] for r in records if "monitor" in r]
+    assert len(per_step) == 2 and all(len(entries) == N for entries in per_step)
+    first = per_step[0]
+    assert [e["step"] for e in first] == [1, 1, 1]
+    assert first[1]["lam_mean"] > first[0]["lam_mean"] > first[2]["lam_mean"]  # init 0.5, 0.0, -0.5 (times 2)
+    assert (tmp_path / "instance_2").is_dir()

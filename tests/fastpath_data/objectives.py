@@ -21,3 +21,8 @@ def syncing_upper(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
     """The validation loss, converted to a Python float and back on the way (a host sync)."""
     value = upper_objective(upper, lower, batch)
     return value * (float(value.detach()) / float(value.detach()))
+
+
+def lam_mean(upper: Any, lower: Any, *, step: int, out_dir: Any, scale: float = 1.0) -> dict[str, Any]:
+    """A monitor: the mean example weight logit, times ``scale``."""
+    return {"lam_mean": scale * float(upper["lam"].mean()), "step": step}
