@@ -120,11 +120,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: int, repeats: int) -> dict[str, dict[str, Any]]:
-    """Per method, sequentially: warm-up calls (the fast path captures here) with peak memory;
-    then all methods timed round-robin, so that load drift falls on all alike."""
+def measure(
+    calls: dict[str, Callable[[], Any]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    engines: dict[str, Any] | None = None,
+    order: str = "round-robin",
+) -> dict[str, dict[str, Any]]:
+    """Per method: warm-up calls (the fast path captures here), with peak memory over them; then
+    the timed calls. ``round-robin`` (CPU default) times one call of each method per round, so
+    that the load of a shared machine falls on all alike; ``sequential`` (GPU default) times each
+    method in turn and then frees what it holds (captured graphs of one method would otherwise
+    sit in memory while the next one runs: two full unrolls of size L do not fit in 80 GB)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, call in calls.items():
+
+    def warm(name: str, call: Callable[[], Any]) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -136,13 +147,30 @@ def measure(calls: dict[str, Callable[[], Any]], device: torch.device, warmup: i
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         out[name] = {"value": value, "peak_mib": peak, "warmup_s": time.perf_counter() - started, "times_ms": []}
-    for _ in range(repeats):
+
+    def timed(name: str, call: Callable[[], Any]) -> None:
+        sync(device)
+        started = time.perf_counter()
+        call()
+        sync(device)
+        out[name]["times_ms"].append(1000 * (time.perf_counter() - started))
+
+    if order == "sequential":
         for name, call in calls.items():
-            sync(device)
-            started = time.perf_counter()
-            call()
-            sync(device)
-            out[name]["times_ms"].append(1000 * (time.perf_counter() - started))
+            warm(name, call)
+            for _ in range(repeats):
+                timed(name, call)
+            engine = (engines or {}).get(name)
+            if engine is not None:
+                engine.fast.release()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        for name, call in calls.items():
+            warm(name, call)
+        for _ in range(repeats):
+            for name, call in calls.items():
+                timed(name, call)
     for result in out.values():
         result["median_ms"] = statistics.median(result["times_ms"]) if result["times_ms"] else None
     return out
@@ -155,6 +183,10 @@ def rss_of(size: str, method: str, args: argparse.Namespace) -> float:
            "--cg-steps", str(args.cg_steps), "--checkpoint-every", str(args.checkpoint_every)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def _order(args: argparse.Namespace, device: torch.device) -> str:
+    return args.order or ("sequential" if device.type == "cuda" else "round-robin")
 
 
 def _ints(text: str) -> list[int]:
@@ -179,11 +211,18 @@ def run_size(size: str, args: argparse.Namespace, device: torch.device) -> list[
     for family in (IFT, UNROLLED):  # the reference and the peer are always measured
         if any(methods[m][0] == family for m in wanted):
             wanted += [m for m in (PEER[family], REFERENCE[family]) if m not in wanted]
-    results = measure({m: methods[m][1] for m in wanted}, device, args.warmup, args.repeats)
+    results = measure({m: methods[m][1] for m in wanted}, device, args.warmup, args.repeats,
+                      {m: methods[m][2] for m in wanted}, _order(args, device))
     exact = {}
     if not args.no_reference:
         ref = Bench(size, n, device, torch.float64, args.inner_steps, args.cg_steps, hidden=hidden)
-        exact = {family: ref.methods[REFERENCE[family]]().float() for family in (IFT, UNROLLED) if REFERENCE[family] in wanted}
+        for family in (IFT, UNROLLED):
+            if REFERENCE[family] in wanted:
+                try:
+                    exact[family] = ref.methods[REFERENCE[family]]().float()
+                except torch.cuda.OutOfMemoryError:  # unrolled L in float64 needs ~83 GB
+                    print(f"# {size}: no float64 reference for {family} (out of GPU memory)", file=sys.stderr)
+                    torch.cuda.empty_cache()
         del ref
     rows = []
     for name in wanted:
@@ -252,7 +291,8 @@ def run_batch(args: argparse.Namespace, device: torch.device) -> list[dict[str, 
         calls[f"ours IFT, batched x{count}, tf32"] = ours(ImplicitConfig(linear_solver=cg, precision=PrecisionSpec(mode="tf32", check_every=None)))
     if args.methods:
         calls = {k: v for k, v in calls.items() if any(w in k for w in args.methods.split(",")) or "plain" in k}
-    results = measure(calls, device, args.warmup, max(1, args.repeats // 2))
+    results = measure(calls, device, args.warmup, max(1, args.repeats // 2),
+                      {k: getattr(c, "engine", None) for k, c in calls.items()}, _order(args, device))
     plain = results[f"plain IFT (CG), {count} sequential"]
     peer = results.get(f"TorchOpt IFT (CG), {count} sequential")
     exact = None
@@ -460,6 +500,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--checkpoint-every", default="10,2", help="checkpoint intervals of the checkpointed unrolled rows")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (the fast path captures at the 2nd)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--order", choices=["round-robin", "sequential"], default=None,
+                        help="timing order (default: sequential on CUDA, freeing each method's graphs; round-robin on CPU)")
     parser.add_argument("--methods", default=None, help="comma-separated substrings of the method names to run")
     parser.add_argument("--memory", action="store_true", help="on CPU, peak RSS growth per method (fresh processes)")
     parser.add_argument("--no-reference", action="store_true", help="skip the float64 reference")

@@ -122,6 +122,14 @@ class FastPath:
         self._reference = False
         self.used = {"hypergradient": "eager", "inner_loop": "eager"}
 
+    def release(self) -> None:
+        """Drop the captured graphs (and their memory pools) and compiled loops; later calls
+        capture or compile again."""
+        self._graphs.clear()
+        self._inner_graphs.clear()
+        self._seen.clear()
+        self._compiled.clear()
+
     # --- reporting ----------------------------------------------------------------------------
     def _note(self, reason: str, warn: bool = False) -> None:
         if reason in self.reasons:
