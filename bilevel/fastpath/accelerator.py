@@ -164,12 +164,19 @@ class FastPath:
             self._note("precision tf32 applies to CUDA matrix products only; on CPU the call runs in float32", warn=True)
         return precision_scope(mode, problem.device, problem.dtype)
 
+    def _reduces(self, problem: Problem) -> bool:
+        """Whether the precision mode changes anything for this problem (else nothing to check)."""
+        mode = self.precision.mode
+        if mode == "full" or problem.dtype != torch.float32:
+            return False
+        return mode == "bf16" or problem.device.type == "cuda"
+
     # --- the hypergradient --------------------------------------------------------------------
     def hypergrad(self, compute: Compute, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         """``compute(problem, x, state, batch)``, run as the mode and the problem allow."""
         start = time.perf_counter()
         every = self.precision.check_every
-        check = self.precision.mode != "full" and every is not None and state.step % every == 0
+        check = self._reduces(problem) and every is not None and state.step % every == 0
         before = _stream_states(problem) if check else None
         result = None
         if self._whole_graph_allowed(problem):
