@@ -375,3 +375,28 @@ def test_cuda_hypergradients_with_minibatches_never_synchronize() -> None:
         x = problem.fresh(problem.upper.init)
         with forbid_host_sync(cuda=True, aten=False):
             engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+
+
+@cuda
+def test_cuda_compile_mode_captures_a_graph_of_compiled_kernels() -> None:
+    spec = hyperclean(n=2000, d=64, dtype="float32", steps=30).spec.model_dump(mode="json")
+    spec["run"]["device"] = "cuda"
+    problem = compile_spec(spec_from_data(spec))
+    engine = build_engine(ImplicitConfig(fast_path="compile"))
+    got = calls(engine, problem, 4)
+    ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
+    report = engine.execution_report()
+    assert report["hypergradient"] == "cuda_graph" and "compiled" in report["inner_loop"], report
+    assert float((got[-1].grad[0] - ref[-1].grad[0]).norm() / ref[-1].grad[0].norm()) < 1e-4
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_cuda_reduced_precision_agrees_with_float32(mode: str) -> None:
+    spec = hyperclean(n=2000, d=64, dtype="float32", steps=30).spec.model_dump(mode="json")
+    spec["run"]["device"] = "cuda"
+    problem = compile_spec(spec_from_data(spec))
+    before = torch.get_float32_matmul_precision()
+    got = calls(build_engine(ImplicitConfig(precision={"mode": mode, "check_every": 1})), problem, 3)
+    assert torch.get_float32_matmul_precision() == before
+    assert all(float(r.stats.extra["precision_cosine"]) >= 0.99 for r in got)
