@@ -62,10 +62,11 @@ STEP_METHODS = ["ours penalty, one step", "ours bo_rep, one step", "ours lv_hba,
 class Bench:
     """One size: data, initial weights and every method as a zero-argument callable."""
 
-    def __init__(self, size: str, n: int, device: torch.device, dtype: torch.dtype, steps: int, cg_steps: int):
-        cfg = SIZES[size]
+    def __init__(self, size: str, n: int, device: torch.device, dtype: torch.dtype, steps: int, cg_steps: int,
+                 seed: int = 0, hidden: int | None = None):
+        cfg = dict(SIZES[size], **({"hidden": hidden} if hidden else {}))
         self.steps, self.cg_steps, self.device, self.dtype = steps, cg_steps, device, dtype
-        kwargs = {"dataset": "mixture", "n_train": n, "n_val": n, "d": cfg["d"], "classes": CLASSES, "seed": 0}
+        kwargs = {"dataset": "mixture", "n_train": n, "n_val": n, "d": cfg["d"], "classes": CLASSES, "seed": seed}
         split = mixture_split(**{k: v for k, v in kwargs.items() if k != "dataset"})
         to = {"device": device}
         self.xt = split["train"]["x"].to(device, dtype)
@@ -78,7 +79,7 @@ class Bench:
         else:
             variables = {"net": {"kind": "module", "factory": "problems.hyperclean:mlp",
                                  "kwargs": {"d_in": cfg["d"], "hidden": cfg["hidden"], "classes": CLASSES}}}
-        spec = spec_from_data({
+        self.spec_data = {
             "name": f"bench-{size}",
             "levels": {
                 "upper": {"variables": {"lam": {"shape": [n]}}, "objective": "problems.hyperclean:upper_objective",
@@ -89,14 +90,14 @@ class Bench:
                           "assumptions": {"convexity": "strongly_convex"}},
             },
             "run": {"device": device.type, "dtype": "float64" if dtype == torch.float64 else "float32", "seed": 0},
-        })
-        self.problem = compile_spec(spec, device)
+        }
+        self.problem = compile_spec(spec_from_data(self.spec_data), device)
         self.w0 = tuple(p.detach().clone() for p in self.problem.lower.init)
         self.model = cfg["model"]
         self.methods: dict[str, Callable[[], torch.Tensor]] = {
-            "ours implicit (CG)": self._ours(ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=cg_steps, tol=0.0, warm_start=False))),
-            "ours unrolled": self._ours(UnrolledConfig()),
-            "ours unrolled, checkpoint 10": self._ours(UnrolledConfig(checkpoint_every=10)),
+            "ours implicit (CG)": self._ours(ImplicitConfig(linear_solver=self.cg_spec(), fast_path="off")),
+            "ours unrolled": self._ours(UnrolledConfig(fast_path="off")),
+            "ours unrolled, checkpoint 10": self._ours(UnrolledConfig(checkpoint_every=10, fast_path="off")),
             "TorchOpt custom_root (CG)": self._torchopt,
             "higher unrolled": self._higher,
             "plain IFT (CG)": self._plain_ift,
@@ -105,6 +106,10 @@ class Bench:
             "ours bo_rep, one step": self._ours_steps(BORepConfig()),
             "ours lv_hba, one step": self._ours_steps(LVHBAConfig()),
         }
+
+    def cg_spec(self) -> LinearSolverSpec:
+        """CG as the peers run it: exactly K steps from zero."""
+        return LinearSolverSpec(maxiter=self.cg_steps, tol=0.0, warm_start=False)
 
     # --- shared math for the peers and the plain versions -------------------------------------
     def logits(self, w, x):

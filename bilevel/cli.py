@@ -146,6 +146,13 @@ def run(
               f"  wall time: {r['wall_time_s']:.1f}s  device: {r['device']}{processes}")
         for key, value in (r.get("report") or {}).items():
             _echo(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        for item in r.get("instances") or []:  # a batch of instances: one line each
+            figures = "  ".join(f"{k}: {v:.4f}" for k, v in (item.get("report") or {}).items() if isinstance(v, float))
+            _echo(f"  instance {item['index']}: final upper loss {item['final_upper_loss']:.6g}  {figures}".rstrip())
+        fast = r.get("fast_path")
+        if fast and not (fast["requested"] == "auto" and r["device"] == "cpu"):  # CPU auto: plain eager, nothing to say
+            _echo(f"fast path ({fast['requested']}): hypergradient {fast['hypergradient']}, inner loop {fast['inner_loop']}"
+                       + "".join(f"\n  {reason}" for reason in fast["reasons"]))
         _echo(f"results in {result.out}/result.json")
 
     _guard(go)

@@ -403,6 +403,10 @@ def compile_spec(
     if isinstance(loaded, BilevelSpec):
         loaded = LoadedSpec(loaded)
     spec = loaded.spec
+    if spec.instances is not None:  # a batch of instances, compiled one by one and stacked
+        from bilevel.instances import compile_instances
+
+        return compile_instances(loaded, device)
     dev = resolve_device(str(device) if device is not None else spec.run.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise loaded.error("run.device", "cuda was requested but no CUDA device is available (use cpu or auto)")

@@ -14,7 +14,9 @@ class DataStream:
     """Epochs of shuffled minibatches over a mapping name -> Tensor (equal first dimensions).
 
     With ``batch_size=None`` every batch is the whole data set (deterministic, no indexing cost).
-    Shuffling uses a seeded generator, so a resumed run draws the same batches."""
+    Shuffling uses a seeded generator, so a resumed run draws the same batches. The generator
+    lives on the data's device: on CUDA the permutation is drawn there (no host round trip, which
+    would synchronize), so the batch sequence of a seed differs between CPU and CUDA runs."""
 
     def __init__(self, data: Mapping[str, Tensor], batch_size: int | None, seed: int):
         self.data = dict(data)
@@ -22,7 +24,7 @@ class DataStream:
         self.size = sizes.pop() if sizes else 0
         self.batch_size = batch_size if batch_size is not None and batch_size < self.size else None
         device = next(iter(self.data.values())).device
-        self._generator = torch.Generator(device="cpu")
+        self._generator = torch.Generator(device=device if device.type == "cuda" else "cpu")
         self._generator.manual_seed(seed)
         self._device = device
         self._perm: Tensor | None = None
@@ -38,7 +40,7 @@ class DataStream:
         if self.batch_size is None:
             return self.data
         if self._perm is None or self._cursor + self.batch_size > self.size:
-            self._perm = torch.randperm(self.size, generator=self._generator).to(self._device)
+            self._perm = torch.randperm(self.size, generator=self._generator, device=self._generator.device).to(self._device)
             self._cursor = 0
         index = self._perm[self._cursor : self._cursor + self.batch_size]
         self._cursor += self.batch_size

@@ -78,6 +78,8 @@ class ProblemFacts:
     """Module variables of the upper level."""
     continuous_scalars: tuple[str, ...] = ()
     """Upper tensor variables that are continuous scalars (what an engine may draw per example)."""
+    instances: int | None = None
+    """Independent instances solved as one batch (None: one problem); sizes above are totals."""
 
     @classmethod
     def of(cls, loaded: LoadedSpec, problem: Problem) -> "ProblemFacts":
@@ -88,7 +90,8 @@ class ProblemFacts:
         batch_numel = 0
         if lower.data is not None:
             size = lower.data.batch_size or lower.data.size
-            batch_numel = sum(v[0].numel() * size for v in lower.data.full.values())
+            per_example = getattr(lower.data, "example_numel", None)  # a batch of instances
+            batch_numel = per_example() * size if per_example else sum(v[0].numel() * size for v in lower.data.full.values())
         budget = memory_budget_mb(loaded, problem.device)
         return cls(
             upper_level=upper.name,
@@ -114,6 +117,7 @@ class ProblemFacts:
             upper_modules=tuple(upper.modules),
             continuous_scalars=tuple(n for n, i in upper.tensors.items()
                                      if not upper.transform(n).discrete and upper.init[i].numel() == 1),
+            instances=problem.instances,
         )
 
     def unrolled_memory_mb(self, stored_steps: int) -> float:
@@ -205,7 +209,21 @@ def make_plan(loaded: LoadedSpec, problem: Problem, requested: Any | None = None
             if plan is not None:
                 break
         _check_hyperparameter_support(plan.engine.kind, facts, loaded)  # e.g. constraints and a discrete hyperparameter
+    _check_instances(plan, facts, loaded)
     return _with_architecture_advice(_with_outer_optimizer_advice(plan, facts), facts)
+
+
+def _check_instances(plan: Plan, facts: ProblemFacts, loaded: LoadedSpec) -> None:
+    """A batch of instances needs an engine that keeps them apart (and CG rather than a direct solve)."""
+    if not facts.instances:
+        return
+    kind = plan.engine.kind
+    if not engine_capabilities()[kind].handles_instances:
+        able = ", ".join(_able(lambda c: c.handles_instances))
+        raise loaded.error("instances", f"the {kind} engine does not support a batch of instances; engines that do: {able}")
+    solver = getattr(plan.engine, "linear_solver", None)
+    if solver is not None and solver.method == "direct":
+        raise loaded.error("engine.linear_solver.method", "the direct solve does not support a batch of instances; use cg")
 
 
 def _with_outer_optimizer_advice(plan: Plan, facts: ProblemFacts) -> Plan:
@@ -350,7 +368,7 @@ def _strongly_convex(facts: ProblemFacts, loaded: LoadedSpec) -> Plan | None:
         f" solve converges, with memory independent of the {facts.inner_steps} inner steps"
     ]
     default_cg = LinearSolverSpec()
-    if facts.n_lower <= default_cg.maxiter:
+    if facts.n_lower <= default_cg.maxiter and not facts.instances:
         solver = LinearSolverSpec(method="direct")
         reasons.append(
             f"the lower level has {facts.n_lower} scalars (<= {default_cg.maxiter} CG iterations): assembling H"

@@ -6,6 +6,7 @@ A :class:`Level` knows how to present such a tuple to user code as a :class:`Var
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,8 @@ class VariableView(Mapping[str, Any]):
         return len(self._items)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_items":  # not set yet (copy, pickle, tracing): no recursion
+            raise AttributeError(name)
         try:
             return self._items[name]
         except KeyError:
@@ -230,12 +233,17 @@ class Problem:
     """report(upper_view, lower_view, out_dir=...) -> numbers for result.json."""
     monitor: Callable[..., Mapping[str, Any] | None] | None = None
     """monitor(upper_view, lower_view, step=..., out_dir=...) -> numbers for metrics.jsonl."""
+    instances: int | None = None
+    """None for one problem; N for a batch of N independent instances whose variables are stacked
+    along a leading dimension (``bilevel.instances``): engines then keep the instances apart in
+    every reduction (CG's inner products)."""
 
-    @property
+    # resolved once: objectives read them at every inner step (and torch.compile cannot trace networkx)
+    @functools.cached_property
     def upper(self) -> Level:
         return self.levels[next(n for n in self.graph if self.graph.in_degree(n) == 0)]
 
-    @property
+    @functools.cached_property
     def lower(self) -> Level:
         (child,) = self.graph.successors(self.upper.name)
         return self.levels[child]

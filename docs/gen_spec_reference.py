@@ -49,6 +49,7 @@ ORDER = [
     "ImplicitConfig",
     "LinearSolverSpec",
     "UnrolledConfig",
+    "PrecisionSpec",
     "PenaltyConfig",
     "BORepConfig",
     "LVHBAConfig",
@@ -63,6 +64,7 @@ ORDER = [
     "StnConfig",
     "RunSpec",
     "BudgetSpec",
+    "InstancesSpec",
 ]
 
 

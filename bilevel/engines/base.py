@@ -51,6 +51,9 @@ class Capabilities:
     needs_best_response: bool = False
     """Needs a lower model that takes the hyperparameters as input (built from STN layers): a
     best-response approximation the engine fits."""
+    handles_instances: bool = False
+    """Solves a batch of independent instances (spec ``instances``) exactly as it solves each one
+    alone: nothing in it couples the instances except through per-instance reductions."""
 
 
 @dataclass

@@ -14,7 +14,10 @@ The result is the exact derivative of the T-step algorithm, whether or not it ha
 Data-parallel runs: the inner steps sum their gradients over ranks through a differentiable sum,
 so the backward pass carries partial adjoints (their sum over ranks is the true adjoint; see
 bilevel.distributed.reduce). Segments hand partial adjoints to each other unchanged, and the
-adjoint of x is summed once, at the end."""
+adjoint of x is summed once, at the end.
+
+Execution (CUDA graphs, a compiled first-order loop, TF32/bf16) is the fast path's business
+(``bilevel.fastpath``); this module is the algorithm."""
 
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from typing import Any, ClassVar
 import torch
 
 from bilevel.distributed.reduce import sum_over_ranks
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import lower_start, inner_residual, inner_step, solve_lower
+from bilevel.engines.base import Capabilities, EngineState, Hypergrad, Stats
+from bilevel.engines.inner import lower_start, inner_residual, inner_step
 from bilevel.engines.registry import register
+from bilevel.fastpath.engine import FastPathEngine
 from bilevel.linalg.tree import tree_add, tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
@@ -51,7 +55,7 @@ def _differentiable_steps(
 
 
 @register
-class UnrolledEngine(EngineBase):
+class UnrolledEngine(FastPathEngine):
     """Reverse-mode hypergradients through T (or the last K) inner steps, optionally checkpointed."""
 
     kind: ClassVar[str] = "unrolled"
@@ -62,10 +66,13 @@ class UnrolledEngine(EngineBase):
         lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
         memory="horizon",
         through_optimizer=True,
+        handles_instances=True,
     )
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+    def compute(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
+        fast = self.fast
+        reduced = fast.reduced_precision
         lower = problem.lower
         solver_spec = lower.solver
         optimizer = InnerOptimizer(solver_spec)
@@ -74,7 +81,8 @@ class UnrolledEngine(EngineBase):
         y0 = lower_start(problem, state)
 
         # steps before the truncation window: no graph
-        y, opt_state = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), steps - differentiated)
+        with reduced(problem):
+            y, opt_state = fast.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), steps - differentiated)
         segment = self.config.checkpoint_every or max(differentiated, 1)
         lengths = [min(segment, differentiated - s) for s in range(0, differentiated, segment)] or [0]
 
@@ -83,7 +91,8 @@ class UnrolledEngine(EngineBase):
         for length in lengths[:-1]:
             batches = [lower.batch() for _ in range(length)]
             starts.append((y, opt_state, batches))
-            y, opt_state = solve_lower(problem, optimizer, x, y, opt_state, batches=batches)
+            with reduced(problem):
+                y, opt_state = fast.solve_lower(problem, optimizer, x, y, opt_state, batches=batches)
 
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         needs_start_grad = len(lengths) > 1
@@ -91,10 +100,12 @@ class UnrolledEngine(EngineBase):
             y_start = tuple(p.detach().requires_grad_(True) for p in y)
             s_start = tuple(s.detach().requires_grad_(needs_start_grad and s.is_floating_point()) for s in opt_state)
             last_batches = [lower.batch() for _ in range(lengths[-1])]
-            y_end, _, last_grads = _differentiable_steps(problem, optimizer, x_leaf, y_start, s_start, last_batches)
+            with reduced(problem):
+                y_end, _, last_grads = _differentiable_steps(problem, optimizer, x_leaf, y_start, s_start, last_batches)
             upper_loss = problem.upper_objective(x_leaf, y_end, batch)
             inputs = x_leaf + (y_start + s_start if needs_start_grad else ())
-            grads = torch.autograd.grad(upper_loss, inputs, allow_unused=True)
+            with reduced(problem):  # the backward pass: TF32 applies to its products too
+                grads = torch.autograd.grad(upper_loss, inputs, allow_unused=True)
         grad_x = _zeros_for_none(grads[: len(x)], x_leaf)
         adjoint = grads[len(x) :]
 
@@ -103,13 +114,14 @@ class UnrolledEngine(EngineBase):
             with torch.enable_grad():
                 y_s = tuple(p.detach().requires_grad_(True) for p in seg_y)
                 s_s = tuple(s.detach().requires_grad_(s.is_floating_point()) for s in seg_state)
-                y_e, s_e, _ = _differentiable_steps(problem, optimizer, x_leaf, y_s, s_s, batches)
-                outputs, cotangents = [], []
-                for out, cot in zip((*y_e, *s_e), adjoint):
-                    if cot is not None and out.requires_grad:
-                        outputs.append(out)
-                        cotangents.append(cot)
-                grads = torch.autograd.grad(outputs, x_leaf + y_s + s_s, cotangents, allow_unused=True)
+                with reduced(problem):
+                    y_e, s_e, _ = _differentiable_steps(problem, optimizer, x_leaf, y_s, s_s, batches)
+                    outputs, cotangents = [], []
+                    for out, cot in zip((*y_e, *s_e), adjoint):
+                        if cot is not None and out.requires_grad:
+                            outputs.append(out)
+                            cotangents.append(cot)
+                    grads = torch.autograd.grad(outputs, x_leaf + y_s + s_s, cotangents, allow_unused=True)
             grad_x = tree_add(grad_x, _zeros_for_none(grads[: len(x)], x_leaf))
             adjoint = grads[len(x) :]
 

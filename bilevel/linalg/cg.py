@@ -2,7 +2,11 @@
 
 Hestenes & Stiefel (1952). Runs exactly ``maxiter`` iterations so that the loop has a static
 shape (capturable in a CUDA graph, no host synchronization); once the residual falls below
-``tol * ||b||`` the step sizes are masked to zero on the device, which freezes the iterate."""
+``tol * ||b||`` the step sizes are masked to zero on the device, which freezes the iterate.
+
+``per_instance``: the leading dimension of every tensor indexes independent problems with a
+block-diagonal operator (a batch of instances); each gets its own step sizes and stopping test,
+so every instance follows exactly the iterates of its own CG."""
 
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg.result import SolveResult
-from bilevel.linalg.tree import tree_axpy, tree_dot, tree_sub, tree_zeros_like
+from bilevel.linalg.tree import instance_axpy, instance_dot, tree_sub, tree_zeros_like
+from bilevel.linalg.tree import tree_axpy as _tree_axpy
+from bilevel.linalg.tree import tree_dot as _tree_dot
 
 __all__ = ["cg"]
 
@@ -25,13 +31,16 @@ def cg(
     x0: Sequence[Tensor] | None = None,
     maxiter: int = 20,
     tol: float = 1e-10,
+    per_instance: bool = False,
 ) -> SolveResult:
     """Solve A x = b for SPD A given as ``matvec``.
 
     Iteration (r = b - A x, p = r):
         alpha = <r, r> / <p, A p>;  x += alpha p;  r -= alpha A p
         beta = <r_new, r_new> / <r, r>;  p = r_new + beta p
-    The returned solution includes the last update (a stopped-early iterate is never stale)."""
+    The returned solution includes the last update (a stopped-early iterate is never stale).
+    The residual is a 0-d tensor, or one per instance."""
+    tree_dot, tree_axpy = (instance_dot, instance_axpy) if per_instance else (_tree_dot, _tree_axpy)
     b = tuple(b)
     matvecs = 0
     if x0 is None:

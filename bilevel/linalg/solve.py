@@ -21,8 +21,11 @@ __all__ = ["LinearSolver", "make_linear_solver"]
 LinearSolver = Callable[[Linearization, Sequence[Tensor], "Sequence[Tensor] | None"], SolveResult]
 
 
-def make_linear_solver(spec: LinearSolverSpec, inner_lr: float) -> LinearSolver:
-    """The configured solver of (H + ridge I) v = b; ``inner_lr`` is Neumann's default step."""
+def make_linear_solver(spec: LinearSolverSpec, inner_lr: float, instances: int | None = None) -> LinearSolver:
+    """The configured solver of (H + ridge I) v = b; ``inner_lr`` is Neumann's default step.
+    ``instances``: b stacks that many independent systems along its leading dimension (H is
+    block diagonal); CG then runs one solve per instance. Neumann is elementwise-linear in b and
+    needs nothing more; the direct solve does not support instances."""
 
     def matvec_of(lin: Linearization) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
         if spec.ridge == 0.0:
@@ -32,7 +35,7 @@ def make_linear_solver(spec: LinearSolverSpec, inner_lr: float) -> LinearSolver:
     if spec.method == "cg":
 
         def solve(lin: Linearization, b: Sequence[Tensor], v0: Sequence[Tensor] | None = None) -> SolveResult:
-            return cg(matvec_of(lin), b, v0 if spec.warm_start else None, spec.maxiter, spec.tol)
+            return cg(matvec_of(lin), b, v0 if spec.warm_start else None, spec.maxiter, spec.tol, per_instance=bool(instances))
 
     elif spec.method == "neumann":
         lr = spec.neumann_lr if spec.neumann_lr is not None else inner_lr
@@ -43,6 +46,8 @@ def make_linear_solver(spec: LinearSolverSpec, inner_lr: float) -> LinearSolver:
     else:
 
         def solve(lin: Linearization, b: Sequence[Tensor], v0: Sequence[Tensor] | None = None) -> SolveResult:
+            if instances:
+                raise ValueError("the direct solve does not support a batch of instances; use method: cg")
             n = sum(u.numel() for u in b)
             if n > spec.max_direct_size:
                 raise ValueError(

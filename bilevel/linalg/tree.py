@@ -7,7 +7,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["tree_add", "tree_axpy", "tree_dot", "tree_norm", "tree_scale", "tree_sub", "tree_zeros_like"]
+__all__ = [
+    "instance_axpy",
+    "instance_dot",
+    "tree_add",
+    "tree_axpy",
+    "tree_dot",
+    "tree_norm",
+    "tree_scale",
+    "tree_sub",
+    "tree_zeros_like",
+]
 
 Tree = Sequence[Tensor]
 
@@ -45,3 +55,15 @@ def tree_scale(alpha: Tensor | float, a: Tree) -> tuple[Tensor, ...]:
 
 def tree_zeros_like(a: Tree) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(u) for u in a)
+
+
+# --- batches of independent instances: the leading dimension of every tensor is the instance ---
+def instance_dot(a: Tree, b: Tree) -> Tensor:
+    """Per-instance sum_i <a_i[k], b_i[k]> for each k along the leading dimension, shape (N,)."""
+    return sum(((u * v).reshape(u.shape[0], -1).sum(1) for u, v in zip(a, b)),
+               torch.zeros(a[0].shape[0], dtype=a[0].dtype, device=a[0].device))
+
+
+def instance_axpy(alpha: Tensor, x: Tree, y: Tree) -> tuple[Tensor, ...]:
+    """y + alpha[k] * x for each instance k (alpha of shape (N,))."""
+    return tuple(v + alpha.reshape(-1, *([1] * (u.dim() - 1))) * u for u, v in zip(x, y))

@@ -276,7 +276,8 @@ def _run(
             last_stats = result.stats.as_floats()
             record: dict[str, Any] = {}
             logged = (step + 1) % spec.run.log_every == 0 or step + 1 == spec.run.steps
-            monitored = problem.monitor is not None and ((step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps)
+            monitored = (problem.monitor is not None or _monitors_instances(problem)) and (
+                (step + 1) % spec.run.monitor_every == 0 or step + 1 == spec.run.steps)
             if logged:
                 record = {"step": step + 1, "upper_loss": loss, "hypergrad_norm": grad_norm, **last_stats,
                           "elapsed_s": time.perf_counter() - began}
@@ -322,6 +323,11 @@ def _run(
         if problem.report is not None:
             view = upper.view(tuple(p.detach() for p in x))
             result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
+        if problem.instances:  # final loss above is the sum over instances; each one's results here
+            result_json["instances"] = problem.instance_results(x, y, out_dir)
+        execution = getattr(eng, "execution_report", None)
+        if execution is not None:
+            result_json["fast_path"] = execution()
         _write_result(out_dir, result_json)
     result_json = broadcast_from_main(result_json)  # every rank returns rank 0's result (with its report)
     return RunResult(result_json, out_dir, tuple(p.detach() for p in x), y)
@@ -361,11 +367,17 @@ def _unflatten_tracked(tracked: list[tuple[str, Any, tuple[int, ...]]], values: 
 
 def _monitor(problem: Problem, x: Params, state: EngineState, step: int, out_dir: Path) -> dict[str, Any]:
     """The spec's monitor at the current variables, as JSON-ready values."""
+    if problem.instances:
+        return {"instances": problem.monitor_instances(x, state.lower, step, out_dir)}
     assert problem.monitor is not None
     with torch.no_grad():
         values = problem.monitor(problem.upper.view(tuple(p.detach() for p in x)), problem.lower.view(state.lower),
                                  step=step, out_dir=out_dir)
     return _jsonable(dict(values or {}))
+
+
+def _monitors_instances(problem: Problem) -> bool:
+    return bool(problem.instances) and problem.members[0].monitor is not None
 
 
 def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float]:

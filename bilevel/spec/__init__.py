@@ -17,7 +17,9 @@ from bilevel.spec.engine import (
     UnrolledConfig,
 )
 from bilevel.spec.errors import SpecError, SpecIssue, VariableError
+from bilevel.spec.fastpath import FastPathMode, PrecisionSpec
 from bilevel.spec.hyperparameter import HyperparameterVariable
+from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import (
     Assumptions,
     DataSpec,
@@ -55,9 +57,11 @@ __all__ = [
     "DartsConfig",
     "DataSpec",
     "DistributedSpec",
+    "FastPathMode",
     "EngineSpec",
     "HyperparameterVariable",
     "ImplicitConfig",
+    "InstancesSpec",
     "LVHBAConfig",
     "LevelSpec",
     "LinearSolverSpec",
@@ -65,6 +69,7 @@ __all__ = [
     "MLPSearchSpace",
     "ModuleVariable",
     "OptimizerSpec",
+    "PrecisionSpec",
     "PenaltyConfig",
     "RartsConfig",
     "RetrainSpec",

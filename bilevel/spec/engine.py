@@ -7,6 +7,7 @@ from typing import Annotated, Literal, Union
 from pydantic import Field, model_validator
 
 from bilevel.spec._base import SpecModel
+from bilevel.spec.fastpath import FastPathMode, PrecisionSpec
 
 __all__ = [
     "AutoEngine",
@@ -54,6 +55,15 @@ class ImplicitConfig(SpecModel):
     hvp: Literal["reverse", "forward"] = "reverse"
     """reverse: double backward through a graph of grad_y G linearized once per hypergradient;
     forward: forward-over-reverse (torch.func.jvp of torch.func.grad)."""
+    fast_path: FastPathMode = "auto"
+    """How the hypergradient is executed (the result is the same): auto picks per device (CUDA:
+    one CUDA graph of the whole hypergradient; CPU: eager); off: eager; cuda_graph: capture the
+    whole hypergradient in a CUDA graph and replay it; compile: the first-order inner loop through
+    torch.compile (also captured on CUDA). Falls back to eager, saying why once, where it cannot
+    apply (see docs/fastpath.md)."""
+    precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
+    """Reduced precision (TF32, bf16) for the inner solve and Hessian-vector products, checked
+    against full precision."""
 
 
 class UnrolledConfig(SpecModel):
@@ -66,6 +76,15 @@ class UnrolledConfig(SpecModel):
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     """Store every k-th inner state and recompute the others during the backward pass:
     memory O(T/k + k) states instead of O(T). None: store every state."""
+    fast_path: FastPathMode = "auto"
+    """How the hypergradient is executed (the result is the same): auto picks per device (CUDA:
+    one CUDA graph of the whole hypergradient; CPU: eager); off: eager; cuda_graph: capture the
+    whole hypergradient in a CUDA graph and replay it; compile: the first-order inner loop through
+    torch.compile (also captured on CUDA). Falls back to eager, saying why once, where it cannot
+    apply (see docs/fastpath.md)."""
+    precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
+    """Reduced precision (TF32, bf16) for the inner solve and Hessian-vector products, checked
+    against full precision."""
 
 
 class PenaltyConfig(SpecModel):

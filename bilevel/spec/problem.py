@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from bilevel.spec._base import SpecModel
 from bilevel.spec.engine import AutoEngine, EngineSpec
+from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import LevelSpec
 from bilevel.spec.run import RunSpec
 
@@ -41,6 +42,10 @@ class BilevelSpec(SpecModel):
     It may also write files into out_dir."""
     monitor_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments bound to the monitor function."""
+    instances: InstancesSpec | None = None
+    """Solve a batch of independent instances of this problem as one (differing by seed, data
+    arguments, numeric objective arguments or initial values); results are reported per instance.
+    None: one instance."""
 
     @field_validator("levels")
     @classmethod
