@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from bilevel.stn import StnLinear, dropout, hyper_input
 from bilevel.trajectories import plot_trajectories
+from problems.common.data import Split, bundled, part_source, shuffled_split, standardized
 
 __all__ = [
     "Mlp",
@@ -53,34 +54,15 @@ CLASSES, FEATURES = 10, 64
 
 
 @lru_cache(maxsize=4)
-def split(n_train: int = 500, n_val: int = 500, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+def split(n_train: int = 500, n_val: int = 500, seed: int = 0) -> Split:
     """Shuffled, standardized digits splits {train, val, test} of {x, y} (float32 x, int64 y)."""
-    from sklearn.datasets import load_digits
-
-    features, labels = load_digits(return_X_y=True)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    x = torch.as_tensor(features, dtype=torch.float64)[order]
-    y = torch.as_tensor(labels, dtype=torch.int64)[order]
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1.0)
-    x = ((x - mean) / std).float()
-    cut = n_train + n_val
-    return {
-        "train": {"x": x[:n_train], "y": y[:n_train]},
-        "val": {"x": x[n_train:cut], "y": y[n_train:cut]},
-        "test": {"x": x[cut:], "y": y[cut:]},
-    }
+    features, labels = bundled("digits")
+    return standardized(shuffled_split({"x": features, "y": labels}, n_train, n_val, seed), min_std=1.0)
 
 
-def train_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["train"])
-
-
-def val_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["val"])
-
-
-def test_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["test"])
+train_data = part_source(split, "train")
+val_data = part_source(split, "val")
+test_data = part_source(split, "test")
 
 
 def _on(batch: dict[str, Tensor], like: Tensor) -> dict[str, Tensor]:
