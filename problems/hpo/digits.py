@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from bilevel.data import DataStream
 from bilevel.stn import StnLinear, dropout, hyper_input
 from bilevel.trajectories import plot_trajectories
 from problems.common.data import Split, bundled, part_source, shuffled_split, standardized
@@ -215,23 +216,18 @@ def train_fixed(
 ) -> dict[str, float]:
     """Train the plain MLP for ``steps`` Adam steps on minibatches with the given dropout rates and
     L2 strength (the training loss of ``stn_lower``); return validation and test loss / accuracy
-    and the wall time. Plain PyTorch: the search baselines pay no framework overhead."""
+    and the wall time. Plain PyTorch (minibatches from the DataStream a run draws them from): the
+    search baselines pay no framework overhead."""
     began = time.perf_counter()
     splits = split(**(data or {}))
     torch.manual_seed(seed)
     net = Mlp(hidden)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    train = splits["train"]
-    n = train["y"].shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = DataStream(splits["train"], batch_size, seed)  # the minibatches a run's lower level draws
     for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        logits = net(train["x"][index], dropout_in, dropout_hidden)
-        loss = nnf.cross_entropy(logits, train["y"][index]) + 0.5 * l2 * sum((p * p).sum() for p in net.parameters())
+        batch = batches.next()
+        logits = net(batch["x"], dropout_in, dropout_hidden)
+        loss = nnf.cross_entropy(logits, batch["y"]) + 0.5 * l2 * sum((p * p).sum() for p in net.parameters())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
