@@ -5,17 +5,20 @@ trained from a random initialization for evaluation, PNG image grids and result 
 
 from __future__ import annotations
 
-from problems.common.data import Split, bundled, digits_images, part_source, shuffled_split, standardized
-from problems.common.images import class_balanced_subset, image_split, one_hot
+from problems.common.data import Split, bundled, class_count, digits_images, part_source, shuffled_split, standardized
+from problems.common.images import ImageDataset, Positive, class_balanced_subset, image_split, one_hot
 from problems.common.models import convnet, linear, make_model, mlp
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 
 __all__ = [
+    "ImageDataset",
+    "Positive",
     "Split",
     "accuracy",
     "bundled",
     "class_balanced_subset",
+    "class_count",
     "convnet",
     "digits_images",
     "fit_linear",

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "bundled", "digits_images", "part_source", "shuffled_split", "standardized"]
+__all__ = ["Split", "bundled", "class_count", "digits_images", "part_source", "shuffled_split", "standardized"]
 
 Split = dict[str, dict[str, Tensor]]
 """{"train", "val", "test"} -> {name: Tensor}: the parts of a data set, each a mapping of tensors
@@ -72,6 +72,12 @@ def standardized(split: Split, key: str = "x", min_std: float = 0.0, dtype: torc
     train = split["train"][key]
     mean, std = train.mean(0), train.std(0).clamp_min(min_std)
     return {part: {**arrays, key: ((arrays[key] - mean) / std).to(dtype)} for part, arrays in split.items()}
+
+
+def class_count(*labels: Tensor) -> int:
+    """The number of classes: one more than the largest of the integer ``labels`` (of one or more
+    parts of a split)."""
+    return 1 + max(int(y.max()) for y in labels)
 
 
 def part_source(split: Callable[..., Split], part: str, doc: str | None = None) -> Callable[..., dict[str, Tensor]]:

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from problems.common.data import Split, digits_images, shuffled_split
 
-__all__ = ["class_balanced_subset", "image_split", "one_hot"]
+__all__ = ["ImageDataset", "Positive", "class_balanced_subset", "image_split", "one_hot"]
+
+ImageDataset = Literal["digits", "npz"]
+"""The data sets ``image_split`` reads: the bundled digits, or a local .npz file."""
+Positive = Annotated[int, Field(ge=1)]
+"""A count of at least 1, for validated arguments (``pydantic.validate_call``, models)."""
 
 
 def _load(dataset: str, path: str | None) -> tuple[Tensor, Tensor]:

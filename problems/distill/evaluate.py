@@ -21,23 +21,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from problems.common.images import class_balanced_subset, image_split, one_hot
+from problems.common.data import class_count
+from problems.common.images import class_balanced_subset, one_hot
 from problems.common.models import make_model
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
+from problems.distill.data import real_split
 from problems.distill.krr import krr_predict, synthetic_regression_targets
 from problems.distill.objectives import student_logits, synthetic_targets
 
 __all__ = ["evaluate_set", "report", "transfer_report"]
 
-_SPLIT_KEYS = ("dataset", "n_train", "seed", "path")
-
-
-def _split(data: Mapping[str, Any] | None) -> dict[str, dict[str, Tensor]]:
-    """The train pool and test split named by the data source's kwargs (other keys ignored)."""
-    kwargs = {k: v for k, v in (data or {}).items() if k in _SPLIT_KEYS}
-    split = image_split(kwargs.get("dataset", "digits"), kwargs.get("n_train", 1000), 0, kwargs.get("seed", 0), kwargs.get("path"))
-    return {"train": split["train"], "test": split["test"]}
+def _split_kwargs(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The arguments of ``real_split`` among the data source's kwargs (other keys ignored)."""
+    return {k: v for k, v in (data or {}).items() if k in ("dataset", "n_train", "seed", "path")}
 
 
 def evaluate_set(
@@ -90,10 +87,10 @@ def report(
 ) -> dict[str, Any]:
     """Accuracy of ``models`` fresh models trained on the synthetic set vs on random real subsets
     of the same size; the lower solution's own test accuracy; PNG grid and table in out_dir."""
-    split = _split(data)
+    split = real_split(**_split_kwargs(data))
     pool, test = split["train"], split["test"]
     images = upper["images"].detach()
-    classes = int(max(pool["y"].max(), test["y"].max())) + 1
+    classes = class_count(pool["y"], test["y"])
     n = images.shape[0]
     per_class = n // classes
     if per_class * classes != n:
@@ -176,14 +173,14 @@ def transfer_report(
     subsets of the same size with the teacher's targets, no pretraining, and the teacher."""
     from problems.distill.ssl import encoder, representations, teacher
 
-    split = _split(data)
+    kwargs = _split_kwargs(data)
+    split = real_split(**kwargs)
     pool, test = split["train"], split["test"]
-    kwargs = {k: v for k, v in (data or {}).items() if k in _SPLIT_KEYS}
     if "ssl_steps" in (data or {}):
         kwargs["steps"] = data["ssl_steps"]  # type: ignore[index]
     images = upper["images"].detach().cpu().float()
     targets = upper["targets"].detach().cpu().float()
-    classes = int(max(pool["y"].max(), test["y"].max())) + 1
+    classes = class_count(pool["y"], test["y"])
     n = images.shape[0]
     per_class = n // classes
     rows: dict[str, list[float]] = {"distilled": [], "random real subset": [], "no pretraining": []}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from problems.common.data import Split, digits_images, part_source, shuffled_split
+from problems.common.data import Split, class_count, digits_images, part_source, shuffled_split
 
 __all__ = [
     "digits_split",
@@ -170,7 +170,7 @@ def report(upper: Any, lower: Any, dataset: str = "digits", mu: float = 1e-3, ba
     out: dict[str, Any] = {"test_accuracy": accuracy, "flagged_corrupted": int(flagged.sum())}
     out.update({f"detection_{k}": v for k, v in _f1(flagged, train["corrupted"]).items()})
     if baselines and "net" not in lower:
-        classes = int(max(train["clean_y"].max(), val["y"].max())) + 1
+        classes = class_count(train["clean_y"], val["y"])
 
         def accuracy_of(x: Tensor, y: Tensor, w: Tensor) -> float:
             W, b = _fit_linear(x.double(), y, w.double(), mu, classes)
