@@ -5,9 +5,10 @@ trained from a random initialization for evaluation, PNG image grids and result 
 
 from __future__ import annotations
 
+from problems.common.classifier import classifier_logits, classifier_squared_norm
 from problems.common.data import Split, bundled, class_count, digits_images, part_source, shuffled_split, standardized
 from problems.common.images import ImageDataset, Positive, class_balanced_subset, image_split, one_hot
-from problems.common.models import convnet, linear, make_model, mlp
+from problems.common.models import convnet, linear, make_model, mlp, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 
@@ -19,6 +20,8 @@ __all__ = [
     "bundled",
     "class_balanced_subset",
     "class_count",
+    "classifier_logits",
+    "classifier_squared_norm",
     "convnet",
     "digits_images",
     "fit_linear",
@@ -30,6 +33,7 @@ __all__ = [
     "one_hot",
     "part_source",
     "save_image_grid",
+    "seeded",
     "shuffled_split",
     "standardized",
     "train_model",

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from problems.common.data import class_count
 from problems.common.images import class_balanced_subset, one_hot
-from problems.common.models import make_model
+from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 from problems.distill.data import real_split
@@ -50,9 +50,7 @@ def evaluate_set(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Test accuracy of one fresh model (initialized from ``seed``) trained only on (x, targets)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = make_model(model, x.shape[1:], classes, **dict(model_kwargs or {})).to(x.device, x.dtype)
+    net = seeded(seed, make_model, model, x.shape[1:], classes, **dict(model_kwargs or {})).to(x.device, x.dtype)
     train_model(net, x, targets, loss=loss, steps=steps, lr=lr, seed=seed)
     return accuracy(net, test["x"].to(x.device, x.dtype), test["y"].to(x.device))
 
@@ -190,9 +188,7 @@ def transfer_report(
         real_x = pool["x"][subset]
         real_t = representations(real_x, **kwargs)
         for name, (x, t) in {"distilled": (images, targets), "random real subset": (real_x, real_t), "no pretraining": (None, None)}.items():
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = encoder(images[0].numel(), out=targets.shape[1])
+            net = seeded(seed, encoder, images[0].numel(), out=targets.shape[1])
             if x is not None:
                 train_model(net, x, t, loss="mse", steps=pretrain_steps, lr=pretrain_lr, weight_decay=0.0, seed=seed)
             rows[name].append(_probe_accuracy(net, pool, test, classes, probe_per_class, index, probe_mu))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from problems.common.data import class_count
-from problems.common.models import make_model
+from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 from problems.poison.budget import PoisonBudget
@@ -67,9 +67,7 @@ def train_victims(x: Tensor, y: Tensor, test: Mapping[str, Tensor], classes: int
     linear = scores(fit_linear(x, y, classes, mu))
     networks = []
     for index in range(models):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(2000 + index)
-            net = make_model("mlp", x.shape[1:], classes).to(x)
+        net = seeded(2000 + index, make_model, "mlp", x.shape[1:], classes).to(x)
         networks.append(scores(train_model(net, x, y, steps=mlp_steps, seed=index)))
     out: dict[str, Any] = {f"linear_{k}": v for k, v in linear.items()}
     for key in networks[0] if networks else []:
