@@ -9,7 +9,7 @@ from problems.common.classifier import classifier_logits, classifier_squared_nor
 from problems.common.data import Split, bundled, class_count, digits_images, part_source, shuffled_split, standardized
 from problems.common.images import ImageDataset, Positive, class_balanced_subset, image_split, one_hot
 from problems.common.models import convnet, linear, make_model, mlp, seeded
-from problems.common.outputs import mean_std, save_image_grid, write_table
+from problems.common.outputs import format_cell, markdown_table, mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 
 __all__ = [
@@ -25,9 +25,11 @@ __all__ = [
     "convnet",
     "digits_images",
     "fit_linear",
+    "format_cell",
     "image_split",
     "linear",
     "make_model",
+    "markdown_table",
     "mean_std",
     "mlp",
     "one_hot",
