@@ -32,6 +32,7 @@ from problems.distill.objectives import student_logits, synthetic_targets
 
 __all__ = ["evaluate_set", "report", "transfer_report"]
 
+
 def _split_kwargs(data: Mapping[str, Any] | None) -> dict[str, Any]:
     """The arguments of ``real_split`` among the data source's kwargs (other keys ignored)."""
     return {k: v for k, v in (data or {}).items() if k in ("dataset", "n_train", "seed", "path")}

@@ -38,6 +38,7 @@ __all__ = [
     "val_data",
 ]
 
+
 def _corrupt(y: Tensor, fraction: float, classes: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Replace the labels of a random `fraction` of examples by a different class."""
     n = y.shape[0]
