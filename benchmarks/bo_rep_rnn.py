@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 # step sizes: the best of a grid on seed 0 (BO-REP lr in {0.05, 0.2, 0.5}: 0.2 without test-loss
 # blow-up; SGD lr in {0.5, 1, 2, 4}: 2 is the largest stable one), plus SGD at lr 4 to show the
@@ -64,16 +65,16 @@ def main() -> None:
             clocks.setdefault(name, []).append([r["elapsed_s"] for r in records])
             finals.setdefault(name, []).append(report)
 
-    print("| method | final validation loss | test loss | test accuracy | time per run |")
-    print("|---|---|---|---|---|")
-    for name, reports in finals.items():
-        def stat(key: str) -> str:
-            values = [r[key] for r in reports if r[key] == r[key]]
-            if not values:
-                return "diverged"
-            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):.3f} +- {spread:.3f}" + ("" if len(values) == len(reports) else f" ({len(reports) - len(values)} diverged)")
-        print(f"| {name} | {stat('final_val_loss')} | {stat('test_loss')} | {stat('test_accuracy')} | {statistics.mean(r['time_s'] for r in reports):.1f} s |")
+    def stat(reports: list[dict], key: str) -> str:
+        values = [r[key] for r in reports if r[key] == r[key]]
+        if not values:
+            return "diverged"
+        spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.3f} +- {spread:.3f}" + ("" if len(values) == len(reports) else f" ({len(reports) - len(values)} diverged)")
+
+    print(markdown_table(["method", "final validation loss", "test loss", "test accuracy", "time per run"],
+                         ([name, *(stat(reports, key) for key in ("final_val_loss", "test_loss", "test_accuracy")),
+                           f"{statistics.mean(r['time_s'] for r in reports):.1f} s"] for name, reports in finals.items())))
 
     import matplotlib
 

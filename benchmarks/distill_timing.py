@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import device_name, measure, write_json  # noqa: E402
 from bilevel import build_engine, compile_spec  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 
 def synthetic_npz(folder: Path, n: int = 12000, side: int = 28, classes: int = 10, seed: int = 0) -> Path:
@@ -69,57 +68,29 @@ def spec_overrides(ipc: int, student: str, steps: int, device: str, data: dict[s
     ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(problem, configs: dict[str, Any], repeats: int) -> dict[str, dict[str, Any]]:
+def measure_engines(problem, configs: dict[str, Any], repeats: int) -> dict[str, dict[str, Any]]:
     x = problem.fresh(problem.upper.init)
-    device = problem.device
     engines = {name: build_engine(config) for name, config in configs.items()}
     states = {name: engine.init(problem, x) for name, engine in engines.items()}
     batch = problem.upper.batch()
-    out: dict[str, dict[str, Any]] = {}
+
+    grads: dict[str, torch.Tensor] = {}  # each method's first hypergradient (its warm-up call), compared below
 
     def call(name: str):
         result = engines[name].hypergrad(problem, x, states[name], batch)
         states[name] = result.state
+        if name not in grads:
+            grads[name] = torch.cat([g.reshape(-1) for g in result.grad]).double().cpu()
         return result
 
-    for name in engines:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        result = call(name)  # warm-up; its hypergradient is compared below
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        out[name] = {"grad": torch.cat([g.reshape(-1) for g in result.grad]).double().cpu(), "peak_mib": peak, "times_ms": []}
-    for _ in range(repeats):
-        for name in engines:
-            _sync(device)
-            start = time.perf_counter()
-            call(name)
-            _sync(device)
-            out[name]["times_ms"].append(1000 * (time.perf_counter() - start))
-    reference = out["implicit (CG 20)"]["grad"]
-    for row in out.values():
-        row["median_ms"] = statistics.median(row["times_ms"])
-        grad = row.pop("grad")
-        row["cos_vs_implicit"] = float(grad @ reference / (grad.norm() * reference.norm()).clamp_min(1e-30))
+    timed = measure({name: lambda name=name: call(name) for name in engines}, problem.device, 1, repeats)
+    reference = grads["implicit (CG 20)"]
+    out: dict[str, dict[str, Any]] = {}
+    for name, row in timed.items():
+        grad = grads[name]
+        out[name] = {"peak_mib": row["peak_mib"], "times_ms": row["times_ms"], "median_ms": row["median_ms"],
+                     "cos_vs_implicit": float(grad @ reference / (grad.norm() * reference.norm()).clamp_min(1e-30))}
     return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "cpu"
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -154,21 +125,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     f"unrolled ({steps} steps)": UnrolledConfig(),
                     f"unrolled, checkpoint every {every}": UnrolledConfig(checkpoint_every=every),
                 }
-                for method, figures in measure(problem, configs, args.repeats).items():
+                for method, figures in measure_engines(problem, configs, args.repeats).items():
                     rows.append({"ipc": ipc, "student": student, "inner_steps": steps, "method": method,
                                  **{k: v for k, v in figures.items() if k != "times_ms"}, "times_ms": figures["times_ms"]})
                     print(f"ipc {ipc} {student} T={steps} {method}: {figures['median_ms']:.1f} ms"
                           + (f", {figures['peak_mib']:.0f} MiB" if figures["peak_mib"] is not None else ""), file=sys.stderr)
-    meta = {"device": _device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda, "dataset": args.dataset,
+    meta = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda, "dataset": args.dataset,
             "argv": sys.argv[1:] if argv is None else argv}
     print(f"{meta['device']}, torch {meta['torch']}, {args.dataset}, float32, median of {args.repeats}\n")
-    print("| ipc | student | T | method | median ms | peak MiB | cos vs implicit |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        peak = "" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-        print(f"| {row['ipc']} | {row['student']} | {row['inner_steps']} | {row['method']} | {row['median_ms']:.1f} | {peak} | {row['cos_vs_implicit']:.4f} |")
+    print(markdown_table(["ipc", "student", "T", "method", "median ms", "peak MiB", "cos vs implicit"],
+                         ([row["ipc"], row["student"], row["inner_steps"], row["method"], f"{row['median_ms']:.1f}",
+                           "" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}", f"{row['cos_vs_implicit']:.4f}"] for row in rows)))
     if args.json is not None:
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        write_json(args.json, {"meta": meta, "rows": rows})
     return rows
 
 

@@ -20,7 +20,6 @@ the full figures as JSON. All methods run in one process, one after the other, o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import shutil
@@ -35,9 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import write_json  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import HyperparameterVariable, load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 from problems.hpo.digits import train_fixed  # noqa: E402
 
 PRESET = "hpo/mlp_stn"
@@ -169,18 +170,16 @@ def compare(trials: int, steps: int | None, seed: int, optuna: bool = True) -> d
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| method | val loss | test loss | test accuracy | wall time | trainings |", "|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['method']} | {_fmt(row['val_loss'], '.4f')} | {_fmt(row['test_loss'], '.4f')} |"
-                     f" {_fmt(row['test_accuracy'], '.4f')} | {row['wall_time_s']:.1f} s | {row['trainings']} |")
-    return "\n".join(lines)
+    return markdown_table(["method", "val loss", "test loss", "test accuracy", "wall time", "trainings"],
+                          ([row["method"], *(_fmt(row[key], ".4f") for key in ("val_loss", "test_loss", "test_accuracy")),
+                            f"{row['wall_time_s']:.1f} s", row["trainings"]] for row in rows))
 
 
 def summary(runs: list[dict[str, Any]]) -> str:
     """Per method over seeds: mean (min .. max) of the test loss, mean wall time, and on how many
     seeds STN's test loss was at most the method's."""
     methods = [row["method"] for row in runs[0]["rows"]]
-    lines = ["| method | test loss, mean (min .. max) | wall time, mean | STN's test loss <= it |", "|---|---|---|---|"]
+    rows = []
     stn = [r["rows"][0]["test_loss"] for r in runs]
     for index, method in enumerate(methods):
         losses = [r["rows"][index]["test_loss"] for r in runs]
@@ -188,8 +187,8 @@ def summary(runs: list[dict[str, Any]]) -> str:
         known = [v for v in losses if v is not None]
         spread = f"{sum(known) / len(known):.4f} ({min(known):.4f} .. {max(known):.4f})" if known else "n/a"
         wins = sum(a <= b for a, b in zip(stn, losses) if b is not None)
-        lines.append(f"| {method} | {spread} | {sum(walls) / len(walls):.1f} s | {'' if index == 0 else f'{wins} of {len(known)}'} |")
-    return "\n".join(lines)
+        rows.append([method, spread, f"{sum(walls) / len(walls):.1f} s", "" if index == 0 else f"{wins} of {len(known)}"])
+    return markdown_table(["method", "test loss, mean (min .. max)", "wall time, mean", "STN's test loss <= it"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload["summary"] = summary(runs)
         print(f"\nover seeds {args.seeds}\n{payload['summary']}")
     if args.json is not None:
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        write_json(args.json, payload)
     return payload
 
 

@@ -14,13 +14,10 @@ CG steps; lam = 0; half of the training labels corrupted; Gaussian-mixture data.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch.nn.functional as nnf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import device_name, measure, write_json  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
 from bilevel.spec import (  # noqa: E402
@@ -236,32 +234,11 @@ class Bench:
         return grad
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_all(bench: Bench, names: list[str], repeats: int) -> dict[str, dict]:
-    """Warm up every method, then time them round-robin (one call of each per round), so that
-    drift and background load fall on all methods alike; peak CUDA memory per method."""
-    out: dict[str, dict] = {}
-    for name in names:
-        if bench.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(bench.device)
-        grad = bench.methods[name]()  # warm-up, and the value checked for correctness
-        _sync(bench.device)
-        peak = torch.cuda.max_memory_allocated(bench.device) / 2**20 if bench.device.type == "cuda" else None
-        out[name] = {"grad": grad.detach(), "peak_mib": peak, "times_ms": []}
-    for _ in range(repeats):
-        for name in names:
-            _sync(bench.device)
-            start = time.perf_counter()
-            bench.methods[name]()
-            _sync(bench.device)
-            out[name]["times_ms"].append(1000 * (time.perf_counter() - start))
-    for result in out.values():
-        result["median_ms"] = statistics.median(result["times_ms"])
-    return out
+    """Warm up every method (one call, whose value is checked for correctness), then time them
+    round-robin (one call of each per round), so that drift and background load fall on all
+    methods alike; peak CUDA memory per method."""
+    return measure({name: bench.methods[name] for name in names}, bench.device, 1, repeats)
 
 
 def _status_kib(field: str) -> int | None:
@@ -354,12 +331,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for name, res in results.items():
             reference = "plain IFT (CG)" if name in IFT_METHODS else "plain unrolled" if name in UNROLLED_METHODS else None
             ref = results.get(reference) if reference else None
-            rel = None if ref is None else float((res["grad"] - ref["grad"]).norm() / ref["grad"].norm())
+            rel = None if ref is None else float((res["value"] - ref["value"]).norm() / ref["value"].norm())
             peak = res["peak_mib"]
             if peak is None and args.memory and device.type == "cpu":
                 peak = rss_peak(size, name, args)
             truth = exact.get(reference) if reference else None
-            rel64 = None if truth is None else float((res["grad"].float() - truth).norm() / truth.norm())
+            rel64 = None if truth is None else float((res["value"].float() - truth).norm() / truth.norm())
             rows.append({"size": size, "n": n, "method": name, "median_ms": res["median_ms"], "times_ms": res["times_ms"],
                          "peak_mib": peak, "rel_err_vs_plain": rel, "rel_err_vs_float64": rel64, "reference": reference})
         for row in rows:
@@ -373,7 +350,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["speedup_vs_peer"] = None if base is None else base / row["median_ms"]
 
     load_after = os.getloadavg()
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(), "torch": torch.__version__,
+    meta = {"device": device_name(device), "torch": torch.__version__,
             "dtype": args.dtype, "inner_steps": args.inner_steps, "cg_steps": args.cg_steps, "repeats": args.repeats,
             "threads": torch.get_num_threads(), "loadavg_before": load_before, "loadavg_after": load_after,
             "cuda": torch.version.cuda, "argv": sys.argv[1:] if argv is None else argv}
@@ -392,8 +369,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"# load average rose to {load_after[0]:.2f} during the run (this process counts for about 1):"
               " other work shared the CPU, compare ratios only", file=sys.stderr)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        write_json(args.json, {"meta": meta, "rows": rows})
     return rows
 
 
@@ -408,16 +384,6 @@ def _check(row: dict, plain: dict, dtype: str) -> str:
         return "ok" if row["rel_err_vs_plain"] is not None and row["rel_err_vs_plain"] <= tol else "FAIL"
     bound = max(10 * (plain["rel_err_vs_float64"] or 0.0), 1e-4)
     return "ok" if row["rel_err_vs_float64"] <= bound else "FAIL"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

@@ -34,12 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "runtime_data"))
 
+from benchmarks._common import write_json  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.multilevel import build_chain_engine  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, load_spec  # noqa: E402
 from nonquadratic_chain import chain_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 from problems.toy.three_level import three_level_closed_form, three_level_spec  # noqa: E402
 
 
@@ -156,28 +158,23 @@ def main() -> None:
     args = parser.parse_args()
     if args.ablation:
         rows = ablation(args.repeats)
-        print("| T per level | steps in the nest | variant | median ms | relative difference of the hypergradients |")
-        print("|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['steps']} | {r['nest']} | {r['variant']} | {r['median_ms']:.0f} | {r['relative_difference']:.1e} |")
+        print(markdown_table(["T per level", "steps in the nest", "variant", "median ms", "relative difference of the hypergradients"],
+                             ([r["steps"], r["nest"], r["variant"], f"{r['median_ms']:.0f}", f"{r['relative_difference']:.1e}"] for r in rows)))
         if args.json is not None:
-            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+            write_json(args.json, rows)
         return
     runs = runs_to_optimum()
     rows = measure(args.repeats)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float64 (toys) / float32 (digits)")
-    print("| engine | inner steps per lower level | outer steps | relative distance of a to a* | wall time (s) |")
-    print("|---|---|---|---|---|")
-    for r in runs:
-        print(f"| {r['engine']} | {r['inner_steps']} | {r['outer_steps']} | {r['relative_error_a']:.1e} | {r['wall_time_s']:.1f} |")
+    print(markdown_table(["engine", "inner steps per lower level", "outer steps", "relative distance of a to a*", "wall time (s)"],
+                         ([r["engine"], r["inner_steps"], r["outer_steps"], f"{r['relative_error_a']:.1e}", f"{r['wall_time_s']:.1f}"]
+                          for r in runs)))
     print()
-    print("| case | engine | median ms | HVP count | inner steps | inner residual | relative error |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['engine']} | {r['median_ms']:.0f} | {r['hvp_count']} | {r['inner_steps']} |"
-              f" {r['inner_residual']:.1e} | {r['error']:.1e} (vs {r['error_vs']}) |")
+    print(markdown_table(["case", "engine", "median ms", "HVP count", "inner steps", "inner residual", "relative error"],
+                         ([r["case"], r["engine"], f"{r['median_ms']:.0f}", r["hvp_count"], r["inner_steps"], f"{r['inner_residual']:.1e}",
+                           f"{r['error']:.1e} (vs {r['error_vs']})"] for r in rows)))
     if args.json is not None:
-        args.json.write_text(json.dumps({"runs": runs, "hypergradients": rows}, indent=2) + "\n")
+        write_json(args.json, {"runs": runs, "hypergradients": rows})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ accuracy mean +- std, search time) and writes the full figures as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,10 +28,12 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import bilevel  # noqa: E402
+from benchmarks._common import measure, write_json  # noqa: E402
 from bilevel.nas.genotype import Genotype, random_genotype  # noqa: E402
 from bilevel.nas.retrain import retrain  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import DartsConfig, RartsConfig, load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 METHODS = {
     "DARTS 1st order": DartsConfig(order=1),
@@ -82,8 +83,6 @@ def random_cells(count: int, overrides: list[str]) -> list[dict[str, Any]]:
 def step_times(methods: list[str], steps: int, rounds: int = 3) -> dict[str, float]:
     """Median time (ms) of one outer step (weight step + architecture direction + Adam step) per
     method on the preset, timed round-robin after a warm-up so that machine load falls on all alike."""
-    import statistics as stats
-
     from bilevel import build_engine, compile_spec
     from bilevel.runtime.outer import build_outer_optimizer
 
@@ -94,21 +93,19 @@ def step_times(methods: list[str], steps: int, rounds: int = 3) -> dict[str, flo
         x = problem.fresh(problem.upper.init, requires_grad=True)
         engine = build_engine(METHODS[name])
         setups[name] = [problem, x, engine, engine.init(problem, x), build_outer_optimizer(loaded.spec.levels["upper"].solver, x)]
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for round_index in range(rounds + 1):
-        for name in methods:
-            problem, x, engine, state, optimizer = setups[name]
-            began = time.perf_counter()
-            for _ in range(steps):
-                out = engine.hypergrad(problem, x, state, problem.upper.batch())
-                for p, g in zip(x, out.grad):
-                    p.grad = g
-                optimizer.step()
-                state = out.state
-            setups[name][3] = state
-            if round_index:  # the first round warms up
-                times[name].append((time.perf_counter() - began) / steps * 1000)
-    return {name: stats.median(values) for name, values in times.items()}
+
+    def outer_steps(name: str) -> None:
+        problem, x, engine, state, optimizer = setups[name]
+        for _ in range(steps):
+            out = engine.hypergrad(problem, x, state, problem.upper.batch())
+            for p, g in zip(x, out.grad):
+                p.grad = g
+            optimizer.step()
+            state = out.state
+        setups[name][3] = state
+
+    timed = measure({name: lambda name=name: outer_steps(name) for name in methods}, torch.device("cpu"), 1, rounds)
+    return {name: result["median_ms"] / steps for name, result in timed.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -126,11 +123,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     if args.step_times:
         medians = step_times(args.methods, args.step_times)
-        print("| method | ms per outer step (median of 3 rounds) | relative to DARTS 1st order |")
-        print("|---|---|---|")
         base = medians.get("DARTS 1st order", next(iter(medians.values())))
-        for name, value in medians.items():
-            print(f"| {name} | {value:.0f} | {value / base:.2f} |")
+        print(markdown_table(["method", "ms per outer step (median of 3 rounds)", "relative to DARTS 1st order"],
+                             ([name, f"{value:.0f}", f"{value / base:.2f}"] for name, value in medians.items())))
         return {"step_times_ms": medians}
     overrides = [] if args.steps is None else [f"run.steps={args.steps}"]
     rows: list[dict[str, Any]] = []
@@ -146,18 +141,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"random cell {row['index']}: test accuracy {row['test_accuracy']:.4f}", flush=True)
 
     random_mean, random_std = _mean_std([r["test_accuracy"] for r in randoms]) if randoms else (float("nan"), 0.0)
-    summary = []
-    print()
-    print(f"| method | test accuracy (mean +- std) | search time per run (s) | beats the random mean ({random_mean:.4f}) |")
-    print("|---|---|---|---|")
+    summary, table = [], []
     for name in args.methods:
         mine = [r for r in rows if r["method"] == name]
         mean, std = _mean_std([r["test_accuracy"] for r in mine])
         seconds = statistics.fmean(r["search_time_s"] for r in mine)
         summary.append({"method": name, "runs": len(mine), "test_accuracy_mean": mean, "test_accuracy_std": std,
                         "search_time_s_mean": seconds, "beats_random_mean": mean > random_mean})
-        print(f"| {name} ({len(mine)} seeds) | {mean:.4f} +- {std:.4f} | {seconds:.1f} | {'yes' if mean > random_mean else 'no'} |")
-    print(f"| random cells ({len(randoms)}) | {random_mean:.4f} +- {random_std:.4f} | - | - |")
+        table.append([f"{name} ({len(mine)} seeds)", f"{mean:.4f} +- {std:.4f}", f"{seconds:.1f}", "yes" if mean > random_mean else "no"])
+    table.append([f"random cells ({len(randoms)})", f"{random_mean:.4f} +- {random_std:.4f}", "-", "-"])
+    print()
+    print(markdown_table(["method", "test accuracy (mean +- std)", "search time per run (s)", f"beats the random mean ({random_mean:.4f})"], table))
     payload = {
         "command": "python benchmarks/nas_digits.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "torch": torch.__version__,
@@ -166,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "random": {"mean": random_mean, "std": random_std, "cells": randoms},
         "runs": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out / "results.json", payload)
     if args.figure is not None and rows:
         from bilevel.nas.draw import draw_genotype
 

@@ -14,7 +14,6 @@ images of the same shape (the cost is the same). Prints one table last and write
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import tempfile
@@ -29,8 +28,10 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import bilevel  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import DartsConfig, load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 SPACE = "levels.upper.variables.arch.space"
 CONFIGS = {
@@ -91,14 +92,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"{name}: {row['time_per_step_s'] * 1000:.1f} ms/step, {row['time_per_epoch_s']:.1f} s/epoch, peak {memory}", flush=True)
     payload = {"command": "python benchmarks/nas_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "torch": torch.__version__, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    write_json(args.out, payload)
     device = rows[0]["gpu"] or rows[0]["device"]
-    print(f"\n| configuration ({device}, torch {torch.__version__}) | time per step (ms) | time per epoch (s) | peak memory (MiB) |")
-    print("|---|---|---|---|")
-    for row in rows:
-        memory = "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
-        print(f"| {row['config']} | {row['time_per_step_s'] * 1000:.1f} | {row['time_per_epoch_s']:.1f} | {memory} |")
+    print()
+    print(markdown_table([f"configuration ({device}, torch {torch.__version__})", "time per step (ms)", "time per epoch (s)", "peak memory (MiB)"],
+                         ([row["config"], f"{row['time_per_step_s'] * 1000:.1f}", f"{row['time_per_epoch_s']:.1f}",
+                           "-" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"] for row in rows)))
     print(f"\nfull figures in {args.out}")
     return rows
 

@@ -1,5 +1,5 @@
 """What the fast path costs where it does nothing: `fast_path: auto` (eager on CPU) against `off`,
-medians of many interleaved calls on a small hyper-cleaning problem, where a per-call overhead
+medians of many interleaved calls (after 5 warm-up calls each) on a small hyper-cleaning problem, where a per-call overhead
 would show most. Prints a table and writes JSON.
 
     python benchmarks/overhead.py --json overhead.json
@@ -8,10 +8,7 @@ would show most. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import measure, write_json  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
 from bilevel.spec import ImplicitConfig, UnrolledConfig, spec_from_data  # noqa: E402
@@ -51,18 +49,9 @@ def main() -> None:
     rows = []
     for kind in (ImplicitConfig, UnrolledConfig):
         engines = {mode: build_engine(kind(fast_path=mode)) for mode in ("off", "auto")}
-        times: dict[str, list[float]] = {mode: [] for mode in engines}
-        for index in range(args.calls + 5):
-            for mode, engine in engines.items():
-                if prob.device.type == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                engine.hypergrad(prob, x, engine.init(prob, x), prob.upper.batch())
-                if prob.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if index >= 5:
-                    times[mode].append(1000 * (time.perf_counter() - started))
-        medians = {mode: statistics.median(values) for mode, values in times.items()}
+        calls = {mode: lambda engine=engine: engine.hypergrad(prob, x, engine.init(prob, x), prob.upper.batch())
+                 for mode, engine in engines.items()}
+        medians = {mode: result["median_ms"] for mode, result in measure(calls, prob.device, 5, args.calls).items()}
         rows.append({"engine": kind().kind, "off_ms": medians["off"], "auto_ms": medians["auto"],
                      "auto_over_off": medians["auto"] / medians["off"], "ran_as": engines["auto"].execution_report()})
     print(f"# fast_path auto vs off, {args.calls} interleaved calls, {args.device}, torch {torch.__version__}")
@@ -70,7 +59,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['engine']:10} {row['off_ms']:8.3f} {row['auto_ms']:8.3f} {row['auto_over_off']:9.3f}")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+        write_json(args.json, {"torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from hypergrad import CLASSES, LR, MU, SIZES, Bench, _check, _cpu_name, _peak_growth_mib  # noqa: E402
+from hypergrad import CLASSES, LR, MU, SIZES, Bench, _check, _peak_growth_mib  # noqa: E402
+
+from benchmarks._common import device_name, measure, write_json  # noqa: E402
 
 from bilevel import run  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
@@ -114,68 +115,7 @@ def ran_as(engine: Any) -> str | None:
     return {"cuda_graph": "inner loop in a graph", "compiled": "compiled inner loop"}.get(report["inner_loop"], "eager")
 
 
-# --- measuring ----------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(
-    calls: dict[str, Callable[[], Any]],
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-    engines: dict[str, Any] | None = None,
-    order: str = "round-robin",
-) -> dict[str, dict[str, Any]]:
-    """Per method: warm-up calls (the fast path captures here), with peak memory over them; then
-    the timed calls. ``round-robin`` (CPU default) times one call of each method per round, so
-    that the load of a shared machine falls on all alike; ``sequential`` (GPU default) times each
-    method in turn and then frees what it holds (captured graphs of one method would otherwise
-    sit in memory while the next one runs: two full unrolls of size L do not fit in 80 GB)."""
-    out: dict[str, dict[str, Any]] = {}
-
-    def warm(name: str, call: Callable[[], Any]) -> None:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        started = time.perf_counter()
-        value = None
-        for _ in range(warmup):
-            value = call()
-        sync(device)
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        out[name] = {"value": value, "peak_mib": peak, "warmup_s": time.perf_counter() - started, "times_ms": []}
-
-    def timed(name: str, call: Callable[[], Any]) -> None:
-        sync(device)
-        started = time.perf_counter()
-        call()
-        sync(device)
-        out[name]["times_ms"].append(1000 * (time.perf_counter() - started))
-
-    if order == "sequential":
-        for name, call in calls.items():
-            warm(name, call)
-            for _ in range(repeats):
-                timed(name, call)
-            engine = (engines or {}).get(name)
-            if engine is not None:
-                engine.fast.release()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    else:
-        for name, call in calls.items():
-            warm(name, call)
-        for _ in range(repeats):
-            for name, call in calls.items():
-                timed(name, call)
-    for result in out.values():
-        result["median_ms"] = statistics.median(result["times_ms"]) if result["times_ms"] else None
-    return out
-
-
+# --- measuring (benchmarks/_common.py times the calls) ---------------------------------------
 def rss_of(size: str, method: str, args: argparse.Namespace) -> float:
     """Peak resident-set growth (MiB) of one call in a fresh process (the CPU memory figure)."""
     cmd = [sys.executable, __file__, "--rss-child", method, "--sizes", size, "--device", "cpu",
@@ -531,7 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"# {size} done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     e2e = run_e2e(args, device) if args.e2e else []
     meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device": device_name(device),
         "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
         "inner_steps": args.inner_steps, "cg_steps": args.cg_steps, "inner_lr": LR, "mu": MU, "classes": CLASSES,
         "warmup": args.warmup, "repeats": args.repeats, "loadavg_before": load, "loadavg_after": os.getloadavg(),
@@ -540,8 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print_tables(rows, e2e, meta)
     out = {"meta": meta, "rows": rows, "e2e": e2e}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2))
+        write_json(args.json, out)
     return out
 
 

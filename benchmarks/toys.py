@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 from problems.constrained_toy import relative_error  # noqa: E402
 from problems.nonconvex_toy import hyper_objective_minima  # noqa: E402
 
@@ -36,14 +37,12 @@ def lv_hba_table(checkpoints=(100, 500, 1000, 2000, 5000, 20000)) -> str:
 
     loaded = load_spec(find_preset("constrained_toy/lv_hba"), overrides=[f"run.steps={max(checkpoints)}", "run.checkpoint_every=null"])
     run(loaded, out=tempfile.mkdtemp(), progress=False, on_step=record)
-    rows = ["| iterations | relative error of x | reference |", "|---|---|---|"]
-    rows += [f"| {k} | {errors[k]:.4f} | {reference[k]} |" for k in checkpoints]
-    return "\n".join(rows)
+    return markdown_table(["iterations", "relative error of x", "reference"], ([k, f"{errors[k]:.4f}", reference[k]] for k in checkpoints))
 
 
 def v_pbgd_table(starts=(0.2, 0.7, 1.0, 1.6, 2.2, 2.5, 2.9)) -> str:
     minima = hyper_objective_minima(30001)
-    rows = ["| gamma | iterations | start -> final x (distance to the nearest minimum) | median iterations to settle |", "|---|---|---|---|"]
+    rows = []
     for gamma, steps in ((10.0, 1000), (100.0, 6000)):
         finals, settles = [], []
         for x0 in starts:
@@ -55,8 +54,9 @@ def v_pbgd_table(starts=(0.2, 0.7, 1.0, 1.6, 2.2, 2.5, 2.9)) -> str:
             nearest = min(minima, key=lambda m: abs(m - x))
             finals.append(f"{x0} -> {x:.3f} ({abs(x - nearest):.3f})")
             settles.append(next(k + 1 for k in range(len(xs)) if all(abs(v - x) <= 0.01 for v in xs[k:])))
-        rows.append(f"| {gamma:g} | {steps} | {'; '.join(finals)} | {statistics.median(settles):.0f} |")
-    return "\n".join(rows)
+        rows.append([f"{gamma:g}", steps, "; ".join(finals), f"{statistics.median(settles):.0f}"])
+    columns = ["gamma", "iterations", "start -> final x (distance to the nearest minimum)", "median iterations to settle"]
+    return markdown_table(columns, rows)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from bilevel.fastpath.compiled import first_order_step
 from bilevel.fastpath.precision import _tf32, agreement, precision_scope
 from bilevel.optim import InnerOptimizer
 from bilevel.spec import ImplicitConfig, LinearSolverSpec, PrecisionSpec, UnrolledConfig, spec_from_data
+from helpers import hypergrad_calls
 
 HERE_OBJECTIVES = str(Path(__file__).resolve().parent / "fastpath_data" / "objectives.py")
 
@@ -45,18 +46,6 @@ def hyperclean(n: int = 120, d: int = 12, dtype: str = "float64", steps: int = 2
     }
     data.update(extra)
     return spec_from_data(data)
-
-
-def calls(engine: Any, problem: Any, n: int) -> list[Any]:
-    """n successive hypergradients, each warm-started from the previous state."""
-    x = problem.fresh(problem.upper.init)
-    state = engine.init(problem, x)
-    out = []
-    for _ in range(n):
-        result = engine.hypergrad(problem, x, state, problem.upper.batch())
-        state = result.state
-        out.append(result)
-    return out
 
 
 @pytest.fixture
@@ -102,7 +91,7 @@ def test_a_hypergradient_never_synchronizes_the_host(config, solver) -> None:
     for batch_size in (None, 32):
         problem = compile_spec(hyperclean(batch_size=batch_size, solver=solver, steps=6))
         engine = build_engine(config)
-        calls(engine, problem, 1)  # the first call may set things up
+        hypergrad_calls(engine, problem, 1)  # the first call may set things up
         x = problem.fresh(problem.upper.init)
         with forbid_host_sync():
             result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
@@ -130,9 +119,9 @@ def test_the_detector_catches_every_kind_of_sync(action: str) -> None:
 @pytest.mark.parametrize("config", [ImplicitConfig(fast_path="cuda_graph"), UnrolledConfig(fast_path="cuda_graph", checkpoint_every=5)], ids=repr)
 def test_captured_hypergradients_equal_eager_ones(config, replay) -> None:
     problem = compile_spec(hyperclean())
-    eager = calls(build_engine(config.model_copy(update={"fast_path": "off"})), problem, 5)
+    eager = hypergrad_calls(build_engine(config.model_copy(update={"fast_path": "off"})), problem, 5)
     engine = build_engine(config)
-    fast = calls(engine, problem, 5)
+    fast = hypergrad_calls(engine, problem, 5)
     report = engine.execution_report()
     assert report["hypergradient"] == "cuda_graph", report
     for a, b in zip(fast, eager):
@@ -143,7 +132,7 @@ def test_captured_hypergradients_equal_eager_ones(config, replay) -> None:
         assert float(a.stats.inner_residual) == float(b.stats.inner_residual)
     # results are copies: holding one across later calls does not see it change
     kept = fast[-2].grad[0].clone()
-    calls(engine, problem, 2)
+    hypergrad_calls(engine, problem, 2)
     assert torch.equal(fast[-2].grad[0], kept)
 
 
@@ -151,8 +140,8 @@ def test_a_new_shape_is_captured_anew(replay) -> None:
     engine = build_engine(ImplicitConfig(fast_path="cuda_graph"))
     for n in (60, 80, 60):
         problem = compile_spec(hyperclean(n=n))
-        got = calls(engine, problem, 3)[-1]
-        ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 3)[-1]
+        got = hypergrad_calls(engine, problem, 3)[-1]
+        ref = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 3)[-1]
         assert got.grad[0].shape == (n,) and torch.equal(got.grad[0], ref.grad[0])
     assert len(engine.fast._graphs) >= 2
 
@@ -165,7 +154,7 @@ def test_minibatches_fall_back_to_eager_with_the_reason(replay, caplog) -> None:
     problem = compile_spec(hyperclean(batch_size=32))
     engine = build_engine(ImplicitConfig(fast_path="cuda_graph"))
     with caplog.at_level(logging.WARNING, logger="bilevel.fastpath"):
-        calls(engine, problem, 4)
+        hypergrad_calls(engine, problem, 4)
     assert engine.execution_report()["hypergradient"] == "eager"
     assert "minibatches" in _reasons(engine)
     assert sum("minibatches" in r.message for r in caplog.records) == 1  # logged once
@@ -174,8 +163,8 @@ def test_minibatches_fall_back_to_eager_with_the_reason(replay, caplog) -> None:
 def test_a_synchronizing_objective_falls_back_to_eager(replay) -> None:
     problem = compile_spec(hyperclean(lower_objective=f"{HERE_OBJECTIVES}:syncing_lower"))
     engine = build_engine(ImplicitConfig(fast_path="cuda_graph"))
-    got = calls(engine, problem, 4)
-    ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
+    got = hypergrad_calls(engine, problem, 4)
+    ref = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
     assert engine.execution_report()["hypergradient"] == "eager"
     assert "HostSyncError" in _reasons(engine)
     assert torch.equal(got[-1].grad[0], ref[-1].grad[0])
@@ -189,8 +178,8 @@ def test_a_synchronizing_upper_objective_keeps_the_inner_loop_captured(replay) -
     spec["levels"]["upper"]["objective"] = f"{HERE_OBJECTIVES}:syncing_upper"
     problem = compile_spec(spec_from_data(spec))
     engine = build_engine(ImplicitConfig(fast_path="cuda_graph"))
-    got = calls(engine, problem, 4)
-    ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
+    got = hypergrad_calls(engine, problem, 4)
+    ref = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
     report = engine.execution_report()
     assert report["hypergradient"] == "eager" and report["inner_loop"] == "cuda_graph", report
     assert "whole-hypergradient capture failed" in _reasons(engine)
@@ -204,7 +193,7 @@ def test_an_engine_reading_host_state_is_not_captured_whole(replay) -> None:
 
     problem = compile_spec(hyperclean())
     engine = StepReading(ImplicitConfig(fast_path="cuda_graph"))
-    calls(engine, problem, 4)
+    hypergrad_calls(engine, problem, 4)
     report = engine.execution_report()
     assert report["hypergradient"] == "eager" and report["inner_loop"] == "cuda_graph"
     assert "host-side state" in _reasons(engine)
@@ -227,12 +216,12 @@ def test_a_capture_that_depends_on_host_state_is_rejected() -> None:
 def test_cpu_auto_is_eager_and_says_why() -> None:
     problem = compile_spec(hyperclean())
     engine = build_engine(ImplicitConfig())
-    calls(engine, problem, 3)
+    hypergrad_calls(engine, problem, 3)
     report = engine.execution_report()
     assert report == {**report, "requested": "auto", "hypergradient": "eager", "inner_loop": "eager"}
     assert "CPU" in _reasons(engine)
     explicit = build_engine(ImplicitConfig(fast_path="cuda_graph"))
-    calls(explicit, problem, 2)
+    hypergrad_calls(explicit, problem, 2)
     assert "needs a CUDA device" in _reasons(explicit)
 
 
@@ -260,8 +249,8 @@ def test_the_compiled_step_is_the_eager_step() -> None:
 def test_compile_mode_matches_eager_and_reports_its_calibration() -> None:
     problem = compile_spec(hyperclean(steps=30))
     engine = build_engine(ImplicitConfig(fast_path="compile"))
-    got = calls(engine, problem, 4)
-    ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
+    got = hypergrad_calls(engine, problem, 4)
+    ref = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
     for a, b in zip(got, ref):
         assert float((a.grad[0] - b.grad[0]).norm() / b.grad[0].norm()) < 1e-10
     report = engine.execution_report()
@@ -300,7 +289,7 @@ def test_compile_is_kept_only_where_it_is_faster(monkeypatch, compiled_delay: fl
     monkeypatch.setattr(accel, "solve_lower", _slowed(eager_delay))
     problem = compile_spec(hyperclean(steps=10))
     engine = build_engine(ImplicitConfig(fast_path="compile"))
-    calls(engine, problem, 4)
+    hypergrad_calls(engine, problem, 4)
     report = engine.execution_report()
     assert (report["inner_loop"] == "compiled") == kept, report
     assert ("no gain" in _reasons(engine)) == (not kept)
@@ -312,9 +301,9 @@ def test_compile_is_kept_only_where_it_is_faster(monkeypatch, compiled_delay: fl
 def test_bf16_hypergradients_agree_with_float32_and_say_so(config) -> None:
     problem = compile_spec(hyperclean(n=300, d=32, dtype="float32", steps=30))
     before = (torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu"))
-    got = calls(build_engine(config), problem, 3)
+    got = hypergrad_calls(build_engine(config), problem, 3)
     assert (torch.get_float32_matmul_precision(), torch.is_autocast_enabled("cpu")) == before
-    ref = calls(build_engine(config.model_copy(update={"precision": PrecisionSpec()})), problem, 3)
+    ref = hypergrad_calls(build_engine(config.model_copy(update={"precision": PrecisionSpec()})), problem, 3)
     for index, (a, b) in enumerate(zip(got, ref)):
         cosine, rel = agreement(a.grad, b.grad)
         assert float(cosine) >= 0.99
@@ -357,8 +346,8 @@ def test_cuda_graph_replays_equal_eager(config) -> None:
     spec["run"]["device"] = "cuda"
     problem = compile_spec(spec_from_data(spec))
     engine = build_engine(config)
-    got = calls(engine, problem, 4)
-    ref = calls(build_engine(config.model_copy(update={"fast_path": "off"})), problem, 4)
+    got = hypergrad_calls(engine, problem, 4)
+    ref = hypergrad_calls(build_engine(config.model_copy(update={"fast_path": "off"})), problem, 4)
     assert engine.execution_report()["hypergradient"] == "cuda_graph", engine.execution_report()
     for a, b in zip(got, ref):
         assert float((a.grad[0] - b.grad[0]).norm() / b.grad[0].norm()) < 1e-5
@@ -371,7 +360,7 @@ def test_cuda_hypergradients_with_minibatches_never_synchronize() -> None:
     problem = compile_spec(spec_from_data(spec))
     for config in (ImplicitConfig(fast_path="off"), UnrolledConfig(fast_path="off", checkpoint_every=3)):
         engine = build_engine(config)
-        calls(engine, problem, 1)
+        hypergrad_calls(engine, problem, 1)
         x = problem.fresh(problem.upper.init)
         with forbid_host_sync(cuda=True, aten=False):
             engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
@@ -383,8 +372,8 @@ def test_cuda_compile_mode_captures_a_graph_of_compiled_kernels() -> None:
     spec["run"]["device"] = "cuda"
     problem = compile_spec(spec_from_data(spec))
     engine = build_engine(ImplicitConfig(fast_path="compile"))
-    got = calls(engine, problem, 4)
-    ref = calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
+    got = hypergrad_calls(engine, problem, 4)
+    ref = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 4)
     report = engine.execution_report()
     assert report["hypergradient"] == "cuda_graph" and "compiled" in report["inner_loop"], report
     assert float((got[-1].grad[0] - ref[-1].grad[0]).norm() / ref[-1].grad[0].norm()) < 1e-4
@@ -397,6 +386,6 @@ def test_cuda_reduced_precision_agrees_with_float32(mode: str) -> None:
     spec["run"]["device"] = "cuda"
     problem = compile_spec(spec_from_data(spec))
     before = torch.get_float32_matmul_precision()
-    got = calls(build_engine(ImplicitConfig(precision={"mode": mode, "check_every": 1})), problem, 3)
+    got = hypergrad_calls(build_engine(ImplicitConfig(precision={"mode": mode, "check_every": 1})), problem, 3)
     assert torch.get_float32_matmul_precision() == before
     assert all(float(r.stats.extra["precision_cosine"]) >= 0.99 for r in got)

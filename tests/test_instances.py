@@ -18,6 +18,7 @@ from bilevel.fastpath import ReplayBackend, set_graph_backend
 from bilevel.instances import BatchedProblem, instance_specs
 from bilevel.planner import make_plan
 from bilevel.spec import ImplicitConfig, LinearSolverSpec, SpecError, UnrolledConfig, spec_from_data
+from helpers import hypergrad_calls
 
 N = 3
 
@@ -48,18 +49,6 @@ def batched_spec(batch_size: int | None = None, solver: dict | None = None, vary
     return data
 
 
-def hypergrads(config: Any, problem: Any, calls: int = 2) -> list[Any]:
-    engine = build_engine(config)
-    x = problem.fresh(problem.upper.init)
-    state = engine.init(problem, x)
-    out = []
-    for _ in range(calls):
-        result = engine.hypergrad(problem, x, state, problem.upper.batch())
-        state = result.state
-        out.append(result)
-    return out
-
-
 CONFIGS = [
     ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=6)),  # CG far from converged: per-instance steps matter
     ImplicitConfig(linear_solver=LinearSolverSpec(method="neumann", maxiter=10)),
@@ -78,10 +67,10 @@ def test_each_instance_gets_its_own_hypergradient(config, batch_size, vectorize:
     assert batched.vectorize == "loop"  # CPU, per-instance data: see bilevel.instances.vectorization
     batched.vectorize = vectorize
     singles = [compile_spec(one) for one in instance_specs(loaded)]
-    got = hypergrads(config, batched)  # two warm-started calls: the CG warm start is per instance too
+    got = hypergrad_calls(build_engine(config), batched, 2)  # two warm-started calls: the CG warm start is per instance too
     upper_losses = 0.0
     for k, single in enumerate(singles):
-        want = hypergrads(config, single)
+        want = hypergrad_calls(build_engine(config), single, 2)
         for a, b in zip(got, want):
             assert float((a.grad[0][k] - b.grad[0]).norm() / b.grad[0].norm()) < 1e-10
             for u, v in zip(a.state.lower, b.state.lower):
@@ -102,7 +91,7 @@ def test_shared_data_enters_vmap_once() -> None:
 def test_captured_batched_hypergradients_equal_eager_ones() -> None:
     """The batch is an ordinary problem to the fast path: one captured graph serves all instances."""
     problem = compile_spec(spec_from_data(batched_spec()))
-    eager = hypergrads(ImplicitConfig(fast_path="off"), problem, 3)
+    eager = hypergrad_calls(build_engine(ImplicitConfig(fast_path="off")), problem, 3)
     set_graph_backend(ReplayBackend, capture_at_sighting=1)
     try:
         config = ImplicitConfig(fast_path="cuda_graph")

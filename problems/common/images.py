@@ -1,5 +1,5 @@
 """Image data sets as (N, C, H, W) float tensors in [0, 1] with integer labels, split into
-train / validation / test by a seeded permutation.
+train / validation / test by a seeded permutation (``problems.common.data.shuffled_split``).
 
 ``digits`` is the 8x8 digits set bundled with scikit-learn (1797 images, 10 classes, pixel values
 0..16 scaled to [0, 1]): nothing is downloaded. ``npz`` reads a local file with arrays ``x``
@@ -10,23 +10,26 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
-__all__ = ["class_balanced_subset", "image_split", "one_hot"]
+from problems.common.data import Split, digits_images, shuffled_split
 
-Split = dict[str, dict[str, Tensor]]
+__all__ = ["ImageDataset", "Positive", "class_balanced_subset", "image_split", "one_hot"]
+
+ImageDataset = Literal["digits", "npz"]
+"""The data sets ``image_split`` reads: the bundled digits, or a local .npz file."""
+Positive = Annotated[int, Field(ge=1)]
+"""A count of at least 1, for validated arguments (``pydantic.validate_call``, models)."""
 
 
 def _load(dataset: str, path: str | None) -> tuple[Tensor, Tensor]:
     if dataset == "digits":
-        from sklearn.datasets import load_digits
-
-        images, labels = load_digits(return_X_y=True)
-        x = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
-        return x, torch.as_tensor(labels, dtype=torch.long)
+        return digits_images()
     if dataset == "npz":
         if path is None:
             raise ValueError("dataset 'npz' needs path: a .npz file with arrays x and y")
@@ -54,16 +57,7 @@ def _load(dataset: str, path: str | None) -> tuple[Tensor, Tensor]:
 def image_split(dataset: str = "digits", n_train: int = 1000, n_val: int = 0, seed: int = 0, path: str | None = None) -> Split:
     """{"train", "val", "test"} -> {"x": (n, C, H, W), "y": (n,)}; the test split is the rest."""
     x, y = _load(dataset, path)
-    if n_train < 1 or n_val < 0 or n_train + n_val >= len(y):
-        raise ValueError(f"n_train={n_train} and n_val={n_val} must leave test examples (the set has {len(y)})")
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    x, y = x[order], y[order]
-    cut = n_train + n_val
-    return {
-        "train": {"x": x[:n_train], "y": y[:n_train]},
-        "val": {"x": x[n_train:cut], "y": y[n_train:cut]},
-        "test": {"x": x[cut:], "y": y[cut:]},
-    }
+    return shuffled_split({"x": x, "y": y}, n_train, n_val, seed)
 
 
 def class_balanced_subset(y: Tensor, per_class: int, classes: int, seed: int) -> Tensor:

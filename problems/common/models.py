@@ -5,11 +5,15 @@ bilevel problems."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
-__all__ = ["convnet", "linear", "make_model", "mlp"]
+__all__ = ["convnet", "linear", "make_model", "mlp", "seeded"]
+
+Built = TypeVar("Built")
 
 
 def linear(in_shape: Sequence[int] = (1, 8, 8), classes: int = 10) -> nn.Module:
@@ -55,3 +59,13 @@ def make_model(name: str, in_shape: Sequence[int], classes: int, **kwargs: objec
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(_FACTORIES)}")
     return _FACTORIES[name](tuple(in_shape), classes, **kwargs)  # type: ignore[operator]
+
+
+def seeded(seed: int, factory: Callable[..., Built], *args: Any, **kwargs: Any) -> Built:
+    """``factory(*args, **kwargs)`` with the global random state seeded by ``seed`` inside a fork
+    of the CPU random state: a CPU initialization depends on the seed only, and the caller's CPU
+    random state is left as it was (``torch.manual_seed`` also reseeds CUDA, which is not
+    restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(*args, **kwargs)

@@ -1,18 +1,19 @@
 """What the image problems write into a run directory: PNG image grids and result tables
-(Markdown for people, JSON for scripts)."""
+(Markdown for people, JSON for scripts); the Markdown tables the comparison and benchmark
+scripts print."""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["mean_std", "save_image_grid", "write_table"]
+__all__ = ["format_cell", "markdown_table", "mean_std", "save_image_grid", "write_table"]
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -74,12 +75,20 @@ def save_image_grid(
     return path
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: {"mean", "std"} as mean ± std and floats with 3 decimals, anything else as str()."""
     if isinstance(value, Mapping) and {"mean", "std"} <= set(value):
         return f"{value['mean']:.3f} ± {value['std']:.3f}"
     if isinstance(value, float):
         return f"{value:.3f}"
     return str(value)
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table: the header row, the separator row and one line per row (cells as str())."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: str, title: str | None = None) -> None:
@@ -89,8 +98,6 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: st
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
-    lines = [f"# {title}", ""] if title else []
-    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (out_dir / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    table = markdown_table(columns, ([format_cell(row.get(c, "")) for c in columns] for row in rows))
+    (out_dir / f"{stem}.md").write_text((f"# {title}\n\n" if title else "") + table + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps(list(rows), indent=2) + "\n")

@@ -16,7 +16,7 @@ the synthetic set and compares them with random real subsets of the same size.""
 
 from __future__ import annotations
 
-from problems.distill.data import label_logits, one_hot_targets, real_images, real_train, ssl_targets, test_split
+from problems.distill.data import label_logits, one_hot_targets, real_images, real_split, real_train, ssl_targets, test_split
 from problems.distill.evaluate import evaluate_set, report, transfer_report
 from problems.distill.krr import kernel, krr_lower, krr_predict, krr_real_loss, krr_solution
 from problems.distill.objectives import real_loss, student_logits, student_loss, synthetic_targets
@@ -32,6 +32,7 @@ __all__ = [
     "one_hot_targets",
     "real_images",
     "real_loss",
+    "real_split",
     "real_train",
     "report",
     "ssl_targets",

@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec  # noqa: E402
+from problems.common.outputs import format_cell, markdown_table  # noqa: E402
 
 __all__ = ["METHODS", "compare", "method_overrides", "transfer"]
 
@@ -90,28 +91,21 @@ def transfer(ipcs: list[int], models: int, steps: int, device: str, log: Any = p
     return rows
 
 
-def _cell(value: Any) -> str:
-    return f"{value['mean']:.3f} ± {value['std']:.3f}" if isinstance(value, dict) else f"{value:.3f}"
-
-
 def table(results: dict[str, Any]) -> str:
     """One row per (images per class, method): the distilled set and random real subsets of the
     same size, evaluated the same way (the method's evaluation loss), and the method's own lower
     solution (the trained student, or the kernel regressor) on the synthetic set."""
-    lines = ["| images per class | method | distilled set | random real subset | own lower solution |", "|---|---|---|---|---|"]
-    for row in results["rows"]:
-        for method in results["settings"]["methods"]:
-            lines.append(f"| {row['ipc']} | {METHODS[method][1]} | {_cell(row[method])} | {_cell(row[f'{method} random real subset'])}"
-                         f" | {_cell(row[f'{method} (own lower solution)'])} |")
-    return "\n".join(lines)
+    columns = ["images per class", "method", "distilled set", "random real subset", "own lower solution"]
+    return markdown_table(columns, ([row["ipc"], METHODS[method][1], *(format_cell(row[key]) for key in
+                                     (method, f"{method} random real subset", f"{method} (own lower solution)"))]
+                                    for row in results["rows"] for method in results["settings"]["methods"]))
 
 
 def transfer_table(rows: list[dict[str, Any]]) -> str:
     names = [("distilled_probe_accuracy", "KRR-ST distilled"), ("random_real_subset_probe_accuracy", "random real subset"),
              ("no_pretraining_probe_accuracy", "no pretraining"), ("teacher_probe_accuracy", "teacher (full pool)")]
-    lines = ["| images per class | " + " | ".join(label for _, label in names) + " |", "|---|" + "---|" * len(names)]
-    lines += [f"| {row['ipc']} | " + " | ".join(_cell(row[key]) for key, _ in names) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(["images per class", *(label for _, label in names)],
+                          ([row["ipc"], *(format_cell(row[key]) for key, _ in names)] for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

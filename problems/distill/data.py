@@ -10,35 +10,32 @@ class c (``ipc`` images per class)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, validate_call
+from pydantic import validate_call
 from torch import Tensor
 
-from problems.common.images import class_balanced_subset, image_split, one_hot
+from problems.common.data import Split, class_count
+from problems.common.images import ImageDataset, Positive, class_balanced_subset, image_split, one_hot
 
-__all__ = ["label_logits", "one_hot_targets", "real_images", "real_train", "ssl_targets", "test_split"]
-
-Positive = Annotated[int, Field(ge=1)]
+__all__ = ["label_logits", "one_hot_targets", "real_images", "real_split", "real_train", "ssl_targets", "test_split"]
 
 
-def _pool(dataset: str, n_train: int, seed: int, path: str | None) -> dict[str, Tensor]:
-    return image_split(dataset, n_train, 0, seed, path)["train"]
+def real_split(dataset: str = "digits", n_train: int = 1000, seed: int = 0, path: str | None = None) -> Split:
+    """The real images: the training pool the synthetic set is distilled from (``n_train``
+    images of a seeded split) and the rest as test images (no validation part)."""
+    return image_split(dataset, n_train, 0, seed, path)
 
 
 def test_split(dataset: str = "digits", n_train: int = 1000, seed: int = 0, path: str | None = None) -> dict[str, Tensor]:
     """The held-out test images and labels of the same split."""
-    return image_split(dataset, n_train, 0, seed, path)["test"]
-
-
-def _classes(y: Tensor) -> int:
-    return int(y.max()) + 1
+    return real_split(dataset, n_train, seed, path)["test"]
 
 
 @validate_call
 def real_train(
-    dataset: Literal["digits", "npz"] = "digits",
+    dataset: ImageDataset = "digits",
     n_train: Positive = 1000,
     seed: int = 0,
     path: str | None = None,
@@ -48,9 +45,9 @@ def real_train(
     """The real training pool: x (n, C, H, W), y (n,), and with ``targets`` a regression target
     per image: its one-hot label (KIP), or its representation by a self-supervised encoder
     trained on the pool (KRR-ST; see problems.distill.ssl)."""
-    pool = dict(_pool(dataset, n_train, seed, path))
+    pool = dict(real_split(dataset, n_train, seed, path)["train"])
     if targets == "one_hot":
-        pool["target"] = one_hot(pool["y"], _classes(pool["y"]))
+        pool["target"] = one_hot(pool["y"], class_count(pool["y"]))
     elif targets == "self_supervised":
         from problems.distill.ssl import representations
 
@@ -59,15 +56,15 @@ def real_train(
 
 
 def _subset(per_class: int, dataset: str, n_train: int, seed: int, path: str | None, subset_seed: int) -> tuple[Tensor, Tensor]:
-    pool = _pool(dataset, n_train, seed, path)
-    index = class_balanced_subset(pool["y"], per_class, _classes(pool["y"]), subset_seed)
+    pool = real_split(dataset, n_train, seed, path)["train"]
+    index = class_balanced_subset(pool["y"], per_class, class_count(pool["y"]), subset_seed)
     return pool["x"][index], pool["y"][index]
 
 
 @validate_call
 def real_images(
     per_class: Positive = 1,
-    dataset: Literal["digits", "npz"] = "digits",
+    dataset: ImageDataset = "digits",
     n_train: Positive = 1000,
     seed: int = 0,
     path: str | None = None,
@@ -82,7 +79,7 @@ def real_images(
 def label_logits(per_class: Positive = 1, classes: Positive = 10, scale: float = 3.0) -> Tensor:
     """Soft-label logits ``scale * one_hot`` for a class-by-class synthetic set (learned labels,
     Sucholutsky & Schonlau 2021; Bohdal et al. 2020): softmax gives the true class most mass."""
-    return scale * one_hot(torch.arange(classes).repeat_interleave(per_class), classes)
+    return scale * one_hot_targets(per_class, classes)
 
 
 @validate_call
@@ -94,7 +91,7 @@ def one_hot_targets(per_class: Positive = 1, classes: Positive = 10) -> Tensor:
 @validate_call
 def ssl_targets(
     per_class: Positive = 1,
-    dataset: Literal["digits", "npz"] = "digits",
+    dataset: ImageDataset = "digits",
     n_train: Positive = 1000,
     seed: int = 0,
     path: str | None = None,

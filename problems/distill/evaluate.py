@@ -21,23 +21,21 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from problems.common.images import class_balanced_subset, image_split, one_hot
-from problems.common.models import make_model
+from problems.common.data import class_count
+from problems.common.images import class_balanced_subset, one_hot
+from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
+from problems.distill.data import real_split
 from problems.distill.krr import krr_predict, synthetic_regression_targets
 from problems.distill.objectives import student_logits, synthetic_targets
 
 __all__ = ["evaluate_set", "report", "transfer_report"]
 
-_SPLIT_KEYS = ("dataset", "n_train", "seed", "path")
 
-
-def _split(data: Mapping[str, Any] | None) -> dict[str, dict[str, Tensor]]:
-    """The train pool and test split named by the data source's kwargs (other keys ignored)."""
-    kwargs = {k: v for k, v in (data or {}).items() if k in _SPLIT_KEYS}
-    split = image_split(kwargs.get("dataset", "digits"), kwargs.get("n_train", 1000), 0, kwargs.get("seed", 0), kwargs.get("path"))
-    return {"train": split["train"], "test": split["test"]}
+def _split_kwargs(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The arguments of ``real_split`` among the data source's kwargs (other keys ignored)."""
+    return {k: v for k, v in (data or {}).items() if k in ("dataset", "n_train", "seed", "path")}
 
 
 def evaluate_set(
@@ -53,9 +51,7 @@ def evaluate_set(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> float:
     """Test accuracy of one fresh model (initialized from ``seed``) trained only on (x, targets)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = make_model(model, x.shape[1:], classes, **dict(model_kwargs or {})).to(x.device, x.dtype)
+    net = seeded(seed, make_model, model, x.shape[1:], classes, **dict(model_kwargs or {})).to(x.device, x.dtype)
     train_model(net, x, targets, loss=loss, steps=steps, lr=lr, seed=seed)
     return accuracy(net, test["x"].to(x.device, x.dtype), test["y"].to(x.device))
 
@@ -90,10 +86,10 @@ def report(
 ) -> dict[str, Any]:
     """Accuracy of ``models`` fresh models trained on the synthetic set vs on random real subsets
     of the same size; the lower solution's own test accuracy; PNG grid and table in out_dir."""
-    split = _split(data)
+    split = real_split(**_split_kwargs(data))
     pool, test = split["train"], split["test"]
     images = upper["images"].detach()
-    classes = int(max(pool["y"].max(), test["y"].max())) + 1
+    classes = class_count(pool["y"], test["y"])
     n = images.shape[0]
     per_class = n // classes
     if per_class * classes != n:
@@ -176,14 +172,14 @@ def transfer_report(
     subsets of the same size with the teacher's targets, no pretraining, and the teacher."""
     from problems.distill.ssl import encoder, representations, teacher
 
-    split = _split(data)
+    kwargs = _split_kwargs(data)
+    split = real_split(**kwargs)
     pool, test = split["train"], split["test"]
-    kwargs = {k: v for k, v in (data or {}).items() if k in _SPLIT_KEYS}
     if "ssl_steps" in (data or {}):
         kwargs["steps"] = data["ssl_steps"]  # type: ignore[index]
     images = upper["images"].detach().cpu().float()
     targets = upper["targets"].detach().cpu().float()
-    classes = int(max(pool["y"].max(), test["y"].max())) + 1
+    classes = class_count(pool["y"], test["y"])
     n = images.shape[0]
     per_class = n // classes
     rows: dict[str, list[float]] = {"distilled": [], "random real subset": [], "no pretraining": []}
@@ -193,9 +189,7 @@ def transfer_report(
         real_x = pool["x"][subset]
         real_t = representations(real_x, **kwargs)
         for name, (x, t) in {"distilled": (images, targets), "random real subset": (real_x, real_t), "no pretraining": (None, None)}.items():
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = encoder(images[0].numel(), out=targets.shape[1])
+            net = seeded(seed, encoder, images[0].numel(), out=targets.shape[1])
             if x is not None:
                 train_model(net, x, t, loss="mse", steps=pretrain_steps, lr=pretrain_lr, weight_decay=0.0, seed=seed)
             rows[name].append(_probe_accuracy(net, pool, test, classes, probe_per_class, index, probe_mu))

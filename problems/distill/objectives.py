@@ -25,21 +25,14 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from bilevel.spec.errors import VariableError
+from problems.common.classifier import classifier_logits, classifier_squared_norm
 
 __all__ = ["check_images", "real_loss", "student_logits", "student_loss", "synthetic_targets"]
 
 
 def student_logits(lower: Any, x: Tensor) -> Tensor:
     """The student's logits: a module variable ``student``, or a linear model ``W``, ``b``."""
-    if "student" in lower:
-        return lower["student"](x)
-    return nnf.linear(x.reshape(x.shape[0], -1), lower["W"], lower["b"])
-
-
-def _student_params(lower: Any) -> list[Tensor]:
-    if "student" in lower:
-        return list(lower["student"].params.values())
-    return [lower["W"], lower["b"]]
+    return classifier_logits(lower, x, "student")
 
 
 def check_images(images: Tensor, real: Tensor) -> None:
@@ -70,7 +63,7 @@ def student_loss(upper: Any, lower: Any, batch: Any, mu: float = 1e-3) -> Tensor
     logits = student_logits(lower, upper["images"])
     loss = nnf.cross_entropy(logits, synthetic_targets(upper, logits.shape[1]))
     if mu:
-        loss = loss + 0.5 * mu * sum((p * p).sum() for p in _student_params(lower))
+        loss = loss + 0.5 * mu * classifier_squared_norm(lower, "student")
     return loss
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from problems.common.images import image_split
+from problems.distill.data import real_split
 
 __all__ = ["augment", "barlow_twins_loss", "encoder", "representations", "teacher"]
 
@@ -68,7 +68,7 @@ def barlow_twins_loss(za: Tensor, zb: Tensor, redundancy: float = 5e-3) -> Tenso
 @lru_cache(maxsize=4)
 def teacher(dataset: str = "digits", n_train: int = 1000, seed: int = 0, path: str | None = None, steps: int = 1000) -> tuple[nn.Module, Tensor, Tensor]:
     """(encoder, mean, std) trained with Barlow Twins on the unlabeled training pool (CPU, seeded)."""
-    pool = image_split(dataset, n_train, 0, seed, path)["train"]["x"]
+    pool = real_split(dataset, n_train, seed, path)["train"]["x"]
     gen = torch.Generator().manual_seed(seed + 17)
     with torch.random.fork_rng():
         torch.manual_seed(seed + 17)

@@ -20,40 +20,22 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from problems.common.data import Split, bundled, part_source, shuffled_split, standardized
+
 __all__ = ["lower_objective", "report", "split", "test_data", "train_data", "upper_objective", "val_data"]
 
 
 @lru_cache(maxsize=4)
-def split(n_train: int = 200, n_val: int = 150, seed: int = 0) -> dict[str, dict[str, Tensor]]:
-    """Shuffled, standardized breast-cancer splits {train, val, test} of {x, t}."""
-    from sklearn.datasets import load_breast_cancer
-
-    features, targets = load_breast_cancer(return_X_y=True)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(targets), generator=gen)
-    x = torch.as_tensor(features, dtype=torch.float64)[order]
-    t = torch.as_tensor(targets, dtype=torch.float64)[order]
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1e-8)
-    x = ((x - mean) / std).float()
-    t = t.float()
-    cut = n_train + n_val
-    return {
-        "train": {"x": x[:n_train], "t": t[:n_train]},
-        "val": {"x": x[n_train:cut], "t": t[n_train:cut]},
-        "test": {"x": x[cut:], "t": t[cut:]},
-    }
+def split(n_train: int = 200, n_val: int = 150, seed: int = 0) -> Split:
+    """Shuffled, standardized breast-cancer splits {train, val, test} of {x, t} (float32; x
+    standardized with the training split's statistics, t = 1 for benign)."""
+    features, labels = bundled("breast_cancer")
+    return standardized(shuffled_split({"x": features, "t": labels.float()}, n_train, n_val, seed), min_std=1e-8)
 
 
-def train_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["train"])
-
-
-def val_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["val"])
-
-
-def test_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["test"])
+train_data = part_source(split, "train")
+val_data = part_source(split, "val")
+test_data = part_source(split, "test")
 
 
 def _bce(lower: Any, batch: dict[str, Tensor]) -> Tensor:

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from bilevel.data import DataStream
 from bilevel.stn import StnLinear, dropout, hyper_input
 from bilevel.trajectories import plot_trajectories
+from problems.common.data import Split, bundled, part_source, shuffled_split, standardized
 
 __all__ = [
     "Mlp",
@@ -53,34 +55,15 @@ CLASSES, FEATURES = 10, 64
 
 
 @lru_cache(maxsize=4)
-def split(n_train: int = 500, n_val: int = 500, seed: int = 0) -> dict[str, dict[str, Tensor]]:
+def split(n_train: int = 500, n_val: int = 500, seed: int = 0) -> Split:
     """Shuffled, standardized digits splits {train, val, test} of {x, y} (float32 x, int64 y)."""
-    from sklearn.datasets import load_digits
-
-    features, labels = load_digits(return_X_y=True)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    x = torch.as_tensor(features, dtype=torch.float64)[order]
-    y = torch.as_tensor(labels, dtype=torch.int64)[order]
-    mean, std = x[:n_train].mean(0), x[:n_train].std(0).clamp_min(1.0)
-    x = ((x - mean) / std).float()
-    cut = n_train + n_val
-    return {
-        "train": {"x": x[:n_train], "y": y[:n_train]},
-        "val": {"x": x[n_train:cut], "y": y[n_train:cut]},
-        "test": {"x": x[cut:], "y": y[cut:]},
-    }
+    features, labels = bundled("digits")
+    return standardized(shuffled_split({"x": features, "y": labels}, n_train, n_val, seed), min_std=1.0)
 
 
-def train_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["train"])
-
-
-def val_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["val"])
-
-
-def test_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(split(**kwargs)["test"])
+train_data = part_source(split, "train")
+val_data = part_source(split, "val")
+test_data = part_source(split, "test")
 
 
 def _on(batch: dict[str, Tensor], like: Tensor) -> dict[str, Tensor]:
@@ -233,23 +216,18 @@ def train_fixed(
 ) -> dict[str, float]:
     """Train the plain MLP for ``steps`` Adam steps on minibatches with the given dropout rates and
     L2 strength (the training loss of ``stn_lower``); return validation and test loss / accuracy
-    and the wall time. Plain PyTorch: the search baselines pay no framework overhead."""
+    and the wall time. Plain PyTorch (minibatches from the DataStream a run draws them from): the
+    search baselines pay no framework overhead."""
     began = time.perf_counter()
     splits = split(**(data or {}))
     torch.manual_seed(seed)
     net = Mlp(hidden)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    train = splits["train"]
-    n = train["y"].shape[0]
-    generator = torch.Generator().manual_seed(seed)
-    order, cursor = torch.randperm(n, generator=generator), 0
+    batches = DataStream(splits["train"], batch_size, seed)  # the minibatches a run's lower level draws
     for _ in range(steps):
-        if cursor + batch_size > n:
-            order, cursor = torch.randperm(n, generator=generator), 0
-        index = order[cursor : cursor + batch_size]
-        cursor += batch_size
-        logits = net(train["x"][index], dropout_in, dropout_hidden)
-        loss = nnf.cross_entropy(logits, train["y"][index]) + 0.5 * l2 * sum((p * p).sum() for p in net.parameters())
+        batch = batches.next()
+        logits = net(batch["x"], dropout_in, dropout_hidden)
+        loss = nnf.cross_entropy(logits, batch["y"]) + 0.5 * l2 * sum((p * p).sum() for p in net.parameters())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -30,24 +30,20 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from problems.hyperclean import digits_split
+from problems import hyperclean
+from problems.common.data import part_source
 
 __all__ = ["model_objective", "report", "test_data", "train_data", "val_data", "validation_loss"]
 
 
-def _splits(n_train: int = 600, n_val: int = 400, noise: float = 0.5, seed: int = 0) -> dict[str, dict[str, Tensor]]:
-    return digits_split(n_train, n_val, noise, seed)
-
-
 def train_data(**kwargs: Any) -> dict[str, Tensor]:
     """The noisy training set: x, y (half of the labels corrupted), index (for the per-example weights)."""
-    train = _splits(**kwargs)["train"]
-    return {"x": train["x"], "y": train["y"], "index": train["index"]}
+    return hyperclean.train_data("digits", **kwargs)
 
 
 def val_data(split: int | None = None, **kwargs: Any) -> dict[str, Tensor]:
     """Clean validation examples: the first half (split=1), the second half (split=2) or all (None)."""
-    val = _splits(**kwargs)["val"]
+    val = hyperclean.digits_split(**kwargs)["val"]
     if split is None:
         return dict(val)
     if split not in (1, 2):
@@ -57,8 +53,7 @@ def val_data(split: int | None = None, **kwargs: Any) -> dict[str, Tensor]:
     return {k: v[part] for k, v in val.items()}
 
 
-def test_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(_splits(**kwargs)["test"])
+test_data = part_source(hyperclean.digits_split, "test")
 
 
 def model_objective(upper: Any, lower: Any, batch: dict[str, Tensor], log_l2: float = -4.0) -> Tensor:
@@ -84,7 +79,7 @@ def report(upper: Any, lower: Any, log_l2: float = -4.0, **kwargs: Any) -> dict[
     flagging the corrupted training labels as those with weight sigmoid(lam) < 1/2."""
     from sklearn.metrics import f1_score
 
-    splits = _splits(**kwargs)
+    splits = hyperclean.digits_split(**kwargs)
     test, train = splits["test"], splits["train"]
     variables = {**dict(upper), **dict(lower)}
     W, b = variables["W"], variables["b"]

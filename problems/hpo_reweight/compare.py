@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec, spec_from_data  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 INNER_STEPS = 5  # middle-level Adam steps per outer step in the three-level preset
 GRID = (-8.0, -6.0, -4.0, -2.0)  # log L2 strengths of the grid-search baseline
@@ -131,14 +132,14 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
-    print("| configuration | engine | outer steps | test accuracy | detection F1 | L2 strength | wall time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    table = []
     names = [n for n in configurations(seeds[0], args.steps) if not n.startswith("grid ")]
     for name in [*names[:-1], "weights, L2 by grid", names[-1]]:
         rows = [r for r in runs if r["config"] == name]
         f1 = cell([r["detection_f1"] for r in rows]) if "detection_f1" in rows[0] else "-"
-        print(f"| {name} | {rows[0]['engine']} | {rows[0]['steps']} | {cell([r['test_accuracy'] for r in rows])} | {f1}"
-              f" | {cell([r['l2_strength'] for r in rows], 4)} | {cell([r['wall_time_s'] for r in rows], 0)} |")
+        table.append([name, rows[0]["engine"], rows[0]["steps"], cell([r["test_accuracy"] for r in rows]), f1,
+                      cell([r["l2_strength"] for r in rows], 4), cell([r["wall_time_s"] for r in rows], 0)])
+    print(markdown_table(["configuration", "engine", "outer steps", "test accuracy", "detection F1", "L2 strength", "wall time (s)"], table))
     if args.json is not None:
         args.json.write_text(json.dumps(runs, indent=2) + "\n")
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from problems.common.data import Split, class_count, digits_images, part_source, shuffled_split
+
 __all__ = [
     "digits_split",
     "lower_objective",
@@ -35,8 +37,6 @@ __all__ = [
     "upper_objective",
     "val_data",
 ]
-
-Split = dict[str, dict[str, Tensor]]
 
 
 def _corrupt(y: Tensor, fraction: float, classes: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -51,22 +51,15 @@ def _corrupt(y: Tensor, fraction: float, classes: int, gen: torch.Generator) -> 
 
 @lru_cache(maxsize=8)
 def digits_split(n_train: int = 600, n_val: int = 400, noise: float = 0.5, seed: int = 0) -> Split:
-    """The scikit-learn digits set, shuffled and split; the training labels are corrupted."""
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
+    """The scikit-learn digits set (64 features in [0, 1]), shuffled and split; the training
+    labels are corrupted, drawn from the same seeded generator as the permutation."""
+    images, labels = digits_images()
     gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=gen)
-    x = torch.as_tensor(images, dtype=torch.float32)[order] / 16.0
-    y = torch.as_tensor(labels, dtype=torch.long)[order]
-    if n_train + n_val >= len(y):
-        raise ValueError(f"n_train + n_val must leave test examples (the set has {len(y)})")
-    noisy, flipped = _corrupt(y[:n_train], noise, 10, gen)
-    return {
-        "train": {"x": x[:n_train], "y": noisy, "index": torch.arange(n_train), "corrupted": flipped, "clean_y": y[:n_train]},
-        "val": {"x": x[n_train : n_train + n_val], "y": y[n_train : n_train + n_val]},
-        "test": {"x": x[n_train + n_val :], "y": y[n_train + n_val :]},
-    }
+    split = shuffled_split({"x": images.flatten(1), "y": labels}, n_train, n_val, gen)
+    train = split["train"]
+    noisy, flipped = _corrupt(train["y"], noise, 10, gen)
+    train = {"x": train["x"], "y": noisy, "index": torch.arange(n_train), "corrupted": flipped, "clean_y": train["y"]}
+    return {"train": train, "val": split["val"], "test": split["test"]}
 
 
 @lru_cache(maxsize=8)
@@ -90,7 +83,7 @@ def mixture_split(n_train: int = 5000, n_val: int = 5000, d: int = 784, classes:
     }
 
 
-def _split(dataset: str, **kwargs: Any) -> Split:
+def _split(dataset: str = "digits", **kwargs: Any) -> Split:
     if dataset == "digits":
         return digits_split(**kwargs)
     if dataset == "mixture":
@@ -104,14 +97,8 @@ def train_data(dataset: str = "digits", **kwargs: Any) -> dict[str, Tensor]:
     return {"x": train["x"], "y": train["y"], "index": train["index"]}
 
 
-def val_data(dataset: str = "digits", **kwargs: Any) -> dict[str, Tensor]:
-    """Clean validation split: x, y."""
-    return dict(_split(dataset, **kwargs)["val"])
-
-
-def test_data(dataset: str = "digits", **kwargs: Any) -> dict[str, Tensor]:
-    """Clean test split: x, y."""
-    return dict(_split(dataset, **kwargs)["test"])
+val_data = part_source(_split, "val", "Clean validation split: x, y.")
+test_data = part_source(_split, "test", "Clean test split: x, y.")
 
 
 def mlp(d_in: int = 784, hidden: int = 256, classes: int = 10) -> nn.Module:
@@ -184,7 +171,7 @@ def report(upper: Any, lower: Any, dataset: str = "digits", mu: float = 1e-3, ba
     out: dict[str, Any] = {"test_accuracy": accuracy, "flagged_corrupted": int(flagged.sum())}
     out.update({f"detection_{k}": v for k, v in _f1(flagged, train["corrupted"]).items()})
     if baselines and "net" not in lower:
-        classes = int(max(train["clean_y"].max(), val["y"].max())) + 1
+        classes = class_count(train["clean_y"], val["y"])
 
         def accuracy_of(x: Tensor, y: Tensor, w: Tensor) -> float:
             W, b = _fit_linear(x.double(), y, w.double(), mu, classes)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from problems.common.data import part_source
+
 __all__ = ["ElmanEncoder", "encoder", "mlp_encoder", "lower_objective", "report", "sequences", "train_data", "upper_objective", "val_data"]
 
 
@@ -71,12 +73,8 @@ def sequences(n_train: int = 400, n_val: int = 200, n_test: int = 400, length: i
     return {"train": draw(n_train), "val": draw(n_val), "test": draw(n_test)}
 
 
-def train_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(sequences(**kwargs)["train"])
-
-
-def val_data(**kwargs: Any) -> dict[str, Tensor]:
-    return dict(sequences(**kwargs)["val"])
+train_data = part_source(sequences, "train")
+val_data = part_source(sequences, "val")
 
 
 def _logits(upper: Any, lower: Any, s: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from problems.common.images import image_split
+
 __all__ = [
     "cifar10_data",
     "cifar10_retrain_data",
@@ -40,24 +42,6 @@ __all__ = [
 Split = dict[str, Tensor]
 
 
-@lru_cache(maxsize=4)
-def _digits(seed: int = 0, n_train: int = 600, n_val: int = 600) -> dict[str, Split]:
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    x = torch.as_tensor(images, dtype=torch.float32)[order].reshape(-1, 1, 8, 8) / 16.0
-    y = torch.as_tensor(labels, dtype=torch.long)[order]
-    if n_train + n_val >= len(y):
-        raise ValueError(f"n_train + n_val must leave test images (the set has {len(y)})")
-    cut = n_train + n_val
-    return {
-        "train": {"x": x[:n_train], "y": y[:n_train]},
-        "val": {"x": x[n_train:cut], "y": y[n_train:cut]},
-        "test": {"x": x[cut:], "y": y[cut:]},
-    }
-
-
 def _shape(split: Split, flat: bool) -> Split:
     return {"x": split["x"].flatten(1) if flat else split["x"], "y": split["y"]}
 
@@ -67,12 +51,12 @@ def digits_data(part: str = "train", flat: bool = False, seed: int = 0, n_train:
     [0, 1], or (N, 64) features with ``flat``."""
     if part not in ("train", "val", "test"):
         raise ValueError(f"part must be train, val or test (got {part!r})")
-    return _shape(_digits(seed, n_train, n_val)[part], flat)
+    return _shape(image_split("digits", n_train, n_val, seed)[part], flat)
 
 
 def digits_retrain_data(flat: bool = False, seed: int = 0, n_train: int = 600, n_val: int = 600) -> dict[str, Split]:
     """Retraining data: the search's train + validation images for training, the held-out test images."""
-    split = _digits(seed, n_train, n_val)
+    split = image_split("digits", n_train, n_val, seed)
     train = {k: torch.cat([split["train"][k], split["val"][k]]) for k in ("x", "y")}
     return {"train": _shape(train, flat), "test": _shape(split["test"], flat)}
 

@@ -14,12 +14,13 @@ validated at its dotted path and enforced by construction and projection. See RE
 from __future__ import annotations
 
 from problems.poison.budget import PoisonBudget
-from problems.poison.data import poisoned_index, test_data, train, val, zero_perturbation
+from problems.poison.data import PoisonData, poisoned_index, test_data, train, val, zero_perturbation
 from problems.poison.evaluate import availability_report, backdoor_report, budget_check, corner_patch, train_victims
 from problems.poison.objectives import apply_perturbation, availability_loss, backdoor_loss, perturbation, victim_logits, victim_loss
 
 __all__ = [
     "PoisonBudget",
+    "PoisonData",
     "apply_perturbation",
     "availability_loss",
     "availability_report",

@@ -31,6 +31,7 @@ from pydantic import TypeAdapter  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import EngineSpec, load_spec  # noqa: E402
+from problems.common.outputs import markdown_table  # noqa: E402
 
 __all__ = ["AVAILABILITY", "BACKDOOR", "run_attack", "seed_overrides"]
 
@@ -68,25 +69,24 @@ def _mlp(report: dict[str, Any], key: str) -> float | None:
 
 
 def availability_table(reports: list[dict[str, Any]]) -> str:
-    lines = ["| training set | linear victim: test accuracy | MLP victims: test accuracy |", "|---|---|---|"]
+    rows = []
     for key, label in AVAILABILITY.items():
         linear = [r[f"{key}_linear_accuracy"] for r in reports]
         mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_accuracy")) is not None]
-        lines.append(f"| {label} | {_summary(linear)} | {_summary(mlp) if mlp else ''} |")
-    return "\n".join(lines)
+        rows.append([label, _summary(linear), _summary(mlp) if mlp else ""])
+    return markdown_table(["training set", "linear victim: test accuracy", "MLP victims: test accuracy"], rows)
 
 
 def backdoor_table(reports: list[dict[str, Any]]) -> str:
-    lines = ["| trigger | linear: clean accuracy | linear: attack success | MLP: clean accuracy | MLP: attack success |",
-             "|---|---|---|---|---|"]
+    rows = []
     for key, label in BACKDOOR.items():
-        cells = [_summary([r[f"{key}_linear_accuracy"] for r in reports]), _summary([r[f"{key}_linear_attack_success"] for r in reports])]
+        cells = [label, _summary([r[f"{key}_linear_accuracy"] for r in reports]), _summary([r[f"{key}_linear_attack_success"] for r in reports])]
         for metric in ("accuracy", "attack_success"):
             mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_{metric}")) is not None]
             cells.append(_summary(mlp) if mlp else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines.append(f"| none (clean training, optimized trigger at test time) | | {_summary([r['no_poisoning_linear_attack_success'] for r in reports])} | | |")
-    return "\n".join(lines)
+        rows.append(cells)
+    table = markdown_table(["trigger", "linear: clean accuracy", "linear: attack success", "MLP: clean accuracy", "MLP: attack success"], rows)
+    return table + f"\n| none (clean training, optimized trigger at test time) | | {_summary([r['no_poisoning_linear_attack_success'] for r in reports])} | | |"
 
 
 def main(argv: list[str] | None = None) -> int:

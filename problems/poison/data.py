@@ -9,28 +9,55 @@
 which can never exceed the budget: examples outside the poisoned fraction have epsilon_i = 0 and
 stay exactly as they are. For a backdoor the poisoned examples (drawn from classes other than
 the target) are relabeled to the target class, and the trigger is one z shared by all of them.
-All arguments are validated (``pydantic.validate_call``): a bad budget is a spec error at its
-dotted path."""
+All arguments are validated (:class:`PoisonData`): a bad budget is a spec error at its dotted
+path."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, validate_call
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from problems.common.images import image_split
+from problems.common.data import Split
+from problems.common.images import ImageDataset, Positive, image_split
 from problems.poison.budget import PoisonBudget
 
-__all__ = ["poisoned_index", "test_data", "train", "val", "zero_perturbation"]
+__all__ = ["PoisonData", "poisoned_index", "test_data", "train", "val", "zero_perturbation"]
 
-Positive = Annotated[int, Field(ge=1)]
 Attack = Literal["availability", "backdoor"]
 
 
-def _split(dataset: str, n_train: int, n_val: int, seed: int, path: str | None) -> dict[str, dict[str, Tensor]]:
-    return image_split(dataset, n_train, n_val, seed, path)
+class PoisonData(BaseModel):
+    """The keyword arguments of every data source and init function of the poisoning problems
+    (``train``, ``val``, ``zero_perturbation``; ``data.kwargs`` and ``init_kwargs`` in a spec,
+    declared once with a YAML anchor). A bad value is a spec error at its dotted path."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    budget: PoisonBudget
+    """What the attacker may change: the fraction of the training set and epsilon per pixel."""
+    attack: Attack = "availability"
+    """availability (perturb training images so that the victim does worse on clean data) or
+    backdoor (a trigger that sends any input to ``target``)."""
+    target: Annotated[int, Field(ge=0)] = 0
+    """The backdoor's target class."""
+    dataset: ImageDataset = "digits"
+    """The images: the bundled digits, or a local .npz file (``path``)."""
+    n_train: Positive = 600
+    """Training images (the victim's training set); the next ``n_val`` are the attacker's clean
+    validation images, the rest the test images."""
+    n_val: Positive = 400
+    """Clean validation images."""
+    seed: int = 0
+    """Seed of the split and of the choice of the poisoned examples."""
+    path: str | None = None
+    """The .npz file of ``dataset: npz`` (arrays x and y)."""
+
+    def split(self) -> Split:
+        """The images split train / val / test (``problems.common.images.image_split``)."""
+        return image_split(self.dataset, self.n_train, self.n_val, self.seed, self.path)
 
 
 def poisoned_index(y: Tensor, budget: PoisonBudget, attack: str, target: int, seed: int) -> Tensor:
@@ -44,68 +71,44 @@ def poisoned_index(y: Tensor, budget: PoisonBudget, attack: str, target: int, se
     return candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
 
 
-@validate_call
-def train(
-    budget: PoisonBudget,
-    attack: Attack = "availability",
-    target: Annotated[int, Field(ge=0)] = 0,
-    dataset: Literal["digits", "npz"] = "digits",
-    n_train: Positive = 600,
-    n_val: Positive = 400,
-    seed: int = 0,
-    path: str | None = None,
-) -> dict[str, Tensor]:
+def train(**kwargs: Any) -> dict[str, Tensor]:
     """The victim's training set: x (clean images), y (labels; relabeled to ``target`` on the
-    poisoned examples of a backdoor), epsilon (per-example L-infinity budget), poisoned (mask)."""
-    data = _split(dataset, n_train, n_val, seed, path)["train"]
-    x, y = data["x"], data["y"].clone()
-    index = poisoned_index(y, budget, attack, target, seed)
+    poisoned examples of a backdoor), epsilon (per-example L-infinity budget), poisoned (mask).
+    Keyword arguments: the fields of :class:`PoisonData`."""
+    data = PoisonData.model_validate(kwargs)
+    part = data.split()["train"]
+    x, y = part["x"], part["y"].clone()
+    index = poisoned_index(y, data.budget, data.attack, data.target, data.seed)
     poisoned = torch.zeros(len(y), dtype=torch.bool)
     poisoned[index] = True
-    if attack == "backdoor":
-        y[index] = target
-    epsilon = torch.where(poisoned, budget.epsilon, 0.0).to(torch.float32)
+    if data.attack == "backdoor":
+        y[index] = data.target
+    epsilon = torch.where(poisoned, data.budget.epsilon, 0.0).to(torch.float32)
     return {"x": x, "y": y, "epsilon": epsilon, "poisoned": poisoned}
 
 
-@validate_call
-def val(
-    budget: PoisonBudget,
-    attack: Attack = "availability",
-    target: Annotated[int, Field(ge=0)] = 0,
-    dataset: Literal["digits", "npz"] = "digits",
-    n_train: Positive = 600,
-    n_val: Positive = 400,
-    seed: int = 0,
-    path: str | None = None,
-) -> dict[str, Tensor]:
+def val(**kwargs: Any) -> dict[str, Tensor]:
     """The attacker's clean validation set: x, y, and epsilon (the budget's epsilon, which a
-    backdoor's trigger has at test time). For a backdoor only examples outside the target class."""
-    data = _split(dataset, n_train, n_val, seed, path)["val"]
-    x, y = data["x"], data["y"]
-    if attack == "backdoor":
-        keep = y != target
+    backdoor's trigger has at test time). For a backdoor only examples outside the target class.
+    Keyword arguments: the fields of :class:`PoisonData`."""
+    data = PoisonData.model_validate(kwargs)
+    part = data.split()["val"]
+    x, y = part["x"], part["y"]
+    if data.attack == "backdoor":
+        keep = y != data.target
         x, y = x[keep], y[keep]
-    return {"x": x, "y": y, "epsilon": torch.full((len(y),), budget.epsilon)}
+    return {"x": x, "y": y, "epsilon": torch.full((len(y),), data.budget.epsilon)}
 
 
 def test_data(dataset: str = "digits", n_train: int = 600, n_val: int = 400, seed: int = 0, path: str | None = None, **_: object) -> dict[str, Tensor]:
-    """The held-out clean test split."""
-    return _split(dataset, n_train, n_val, seed, path)["test"]
+    """The held-out clean test split (the other fields of :class:`PoisonData` are ignored)."""
+    return image_split(dataset, n_train, n_val, seed, path)["test"]
 
 
-@validate_call
-def zero_perturbation(
-    budget: PoisonBudget,
-    attack: Attack = "availability",
-    target: Annotated[int, Field(ge=0)] = 0,
-    dataset: Literal["digits", "npz"] = "digits",
-    n_train: Positive = 600,
-    n_val: Positive = 400,
-    seed: int = 0,
-    path: str | None = None,
-) -> Tensor:
+def zero_perturbation(**kwargs: Any) -> Tensor:
     """Zeros of the shape the attack's upper variable must have: one perturbation per training
-    example (availability; only the poisoned ones can move) or one trigger (1, C, H, W)."""
-    x = _split(dataset, n_train, n_val, seed, path)["train"]["x"]
-    return torch.zeros((x.shape[0] if attack == "availability" else 1, *x.shape[1:]))
+    example (availability; only the poisoned ones can move) or one trigger (1, C, H, W).
+    Keyword arguments: the fields of :class:`PoisonData`."""
+    data = PoisonData.model_validate(kwargs)
+    x = data.split()["train"]["x"]
+    return torch.zeros((x.shape[0] if data.attack == "availability" else 1, *x.shape[1:]))

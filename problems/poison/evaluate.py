@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from problems.common.models import make_model
+from problems.common.data import class_count
+from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 from problems.poison.budget import PoisonBudget
-from problems.poison.data import test_data, train
+from problems.poison.data import PoisonData, train
 from problems.poison.objectives import apply_perturbation
 
 __all__ = ["availability_report", "backdoor_report", "budget_check", "corner_patch", "train_victims"]
@@ -66,9 +67,7 @@ def train_victims(x: Tensor, y: Tensor, test: Mapping[str, Tensor], classes: int
     linear = scores(fit_linear(x, y, classes, mu))
     networks = []
     for index in range(models):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(2000 + index)
-            net = make_model("mlp", x.shape[1:], classes).to(x)
+        net = seeded(2000 + index, make_model, "mlp", x.shape[1:], classes).to(x)
         networks.append(scores(train_model(net, x, y, steps=mlp_steps, seed=index)))
     out: dict[str, Any] = {f"linear_{k}": v for k, v in linear.items()}
     for key in networks[0] if networks else []:
@@ -77,12 +76,10 @@ def train_victims(x: Tensor, y: Tensor, test: Mapping[str, Tensor], classes: int
 
 
 def _clean_and_budget(data: Mapping[str, Any]) -> tuple[dict[str, Tensor], PoisonBudget, dict[str, Tensor], int]:
-    kwargs = dict(data)
-    budget = PoisonBudget.model_validate(kwargs["budget"])
-    training = train(**kwargs)
-    test = test_data(**{k: v for k, v in kwargs.items() if k in ("dataset", "n_train", "n_val", "seed", "path")})
-    classes = int(max(training["y"].max(), test["y"].max())) + 1
-    return training, budget, test, classes
+    settings = PoisonData.model_validate(dict(data))
+    training = train(**data)
+    test = settings.split()["test"]
+    return training, settings.budget, test, class_count(training["y"], test["y"])
 
 
 def availability_report(upper: Any, lower: Any, out_dir: Path | None = None, data: Mapping[str, Any] | None = None,

@@ -28,21 +28,14 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from bilevel.spec.errors import VariableError
+from problems.common.classifier import classifier_logits, classifier_squared_norm
 
 __all__ = ["apply_perturbation", "availability_loss", "backdoor_loss", "perturbation", "victim_logits", "victim_loss"]
 
 
 def victim_logits(lower: Any, x: Tensor) -> Tensor:
     """The victim's logits: a module variable ``victim``, or a linear model ``W``, ``b``."""
-    if "victim" in lower:
-        return lower["victim"](x)
-    return nnf.linear(x.reshape(x.shape[0], -1), lower["W"], lower["b"])
-
-
-def _victim_params(lower: Any) -> list[Tensor]:
-    if "victim" in lower:
-        return list(lower["victim"].params.values())
-    return [lower["W"], lower["b"]]
+    return classifier_logits(lower, x, "victim")
 
 
 def perturbation(upper: Any, x: Tensor) -> Tensor:
@@ -74,7 +67,7 @@ def victim_loss(upper: Any, lower: Any, batch: dict[str, Tensor], mu: float = 1e
     poisoned = apply_perturbation(x, perturbation(upper, x), batch["epsilon"])
     loss = nnf.cross_entropy(victim_logits(lower, poisoned), batch["y"])
     if mu:
-        loss = loss + 0.5 * mu * sum((p * p).sum() for p in _victim_params(lower))
+        loss = loss + 0.5 * mu * classifier_squared_norm(lower, "victim")
     return loss
 
 
