@@ -58,7 +58,11 @@ class InnerOptimizer:
         n = len(params)
         b1, b2 = spec.betas
         m, v, count = list(state[:n]), list(state[n : 2 * n]), state[2 * n]
-        count = count + 1
+        # the step count is a constant of the trajectory (its derivative is zero): detached, so that
+        # differentiating through a checkpointed segment, whose restarted state requires grad, never
+        # meets the backward of torch._foreach_div(list, Tensor) with a Tensor that requires grad
+        # ("inconsistent range for TensorList output", torch 2.13)
+        count = count.detach() + 1
         m = torch._foreach_add(torch._foreach_mul(m, b1), grads, alpha=1 - b1)
         v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(grads, grads), alpha=1 - b2)
         correction1 = 1 - b1**count

@@ -67,20 +67,11 @@ SYNC_FREE_CONFIGS = [
 ]
 
 
-# Checkpointed unrolling through Adam fails in the engine itself, fast path or not: the backward
-# of torch._foreach_div(list, tensor) with a 0-d tensor that requires grad (Adam's bias
-# correction once its step count is differentiated) raises "inconsistent range for TensorList
-# output" in torch 2.13. Strict, so that the day it passes this mark is removed.
-_ADAM_CHECKPOINTED = pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                       reason="torch 2.13 foreach backward with a tensor scalar (bilevel.optim Adam)")
-
-
 def _sync_cases() -> list[Any]:
     cases = []
     for solver in ({"name": "sgd"}, {"name": "momentum", "momentum": 0.5}, {"name": "adam", "lr": 0.01}):
         for config in SYNC_FREE_CONFIGS:
-            marks = [_ADAM_CHECKPOINTED] if solver["name"] == "adam" and getattr(config, "checkpoint_every", None) else []
-            cases.append(pytest.param(config, solver, marks=marks, id=f"{config.kind}-{solver['name']}-{SYNC_FREE_CONFIGS.index(config)}"))
+            cases.append(pytest.param(config, solver, id=f"{config.kind}-{solver['name']}-{SYNC_FREE_CONFIGS.index(config)}"))
     return cases
 
 

@@ -19,7 +19,7 @@ N_TRAIN, N_VAL, D, CLASSES, MU, LR, STEPS = 120, 80, 12, 4, 0.1, 0.5, 60
 DATA = {"dataset": "mixture", "n_train": N_TRAIN, "n_val": N_VAL, "d": D, "classes": CLASSES, "seed": 3}
 
 
-def _problem(steps: int = STEPS, warm_start: bool = False):
+def _problem(steps: int = STEPS, warm_start: bool = False, solver: dict | None = None):
     data = {
         "levels": {
             "upper": {
@@ -33,7 +33,7 @@ def _problem(steps: int = STEPS, warm_start: bool = False):
                 "objective": "problems.hyperclean:lower_objective",
                 "objective_kwargs": {"mu": MU},
                 "data": {"source": "problems.hyperclean:train_data", "kwargs": DATA},
-                "solver": {"name": "sgd", "lr": LR, "steps": steps, "warm_start": warm_start},
+                "solver": {"name": "sgd", "lr": LR, "steps": steps, "warm_start": warm_start, **(solver or {})},
                 "assumptions": {"convexity": "strongly_convex"},
             },
         },
@@ -111,6 +111,40 @@ def test_unrolled_matches_higher() -> None:
     # checkpointed and truncated-to-everything variants are the same derivative
     assert _rel(_ours(problem, x, UnrolledConfig(checkpoint_every=7)).grad[0], reference) < 1e-10
     assert _rel(_ours(problem, x, UnrolledConfig(truncate=STEPS)).grad[0], reference) < 1e-10
+
+
+PEER_OPTIMIZERS = {
+    "momentum": ({"name": "momentum", "momentum": 0.7, "lr": 0.2},
+                 lambda params: torch.optim.SGD(params, lr=0.2, momentum=0.7)),
+    # eps ~ 0: higher adds eps to sqrt(v) before the bias correction (the pre-1.6 torch.optim.Adam
+    # form), ours after it as torch.optim.Adam does now; the two agree exactly only as eps -> 0
+    "adam": ({"name": "adam", "lr": 0.05, "betas": [0.8, 0.95], "eps": 1e-30},
+             lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.95), eps=1e-30)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PEER_OPTIMIZERS))
+def test_unrolled_through_stateful_optimizers_matches_higher(name: str) -> None:
+    """Heavy ball and Adam carry state across inner steps: the derivative through that state, with
+    every checkpointing and truncation that covers all steps, is higher's through torch.optim."""
+    solver, make_optimizer = PEER_OPTIMIZERS[name]
+    steps = 30
+    problem, x = _problem(steps=steps, solver=solver)
+    xt, yt, xv, yv = _arrays(problem)
+    model = torch.nn.Linear(D, CLASSES).double()
+    with torch.no_grad():
+        model.weight.copy_(problem.lower.init[0])
+        model.bias.copy_(problem.lower.init[1])
+    lam = x[0].detach().clone().requires_grad_(True)
+    with higher.innerloop_ctx(model, make_optimizer(model.parameters()), copy_initial_weights=True) as (fmodel, opt):
+        for _ in range(steps):
+            losses = nnf.cross_entropy(fmodel(xt), yt, reduction="none")
+            reg = 0.5 * MU * sum((p**2).sum() for p in fmodel.parameters())
+            opt.step((torch.sigmoid(lam) * losses).mean() + reg)
+        (reference,) = torch.autograd.grad(nnf.cross_entropy(fmodel(xv), yv), lam)
+    for config in (UnrolledConfig(), UnrolledConfig(checkpoint_every=7), UnrolledConfig(checkpoint_every=1),
+                   UnrolledConfig(truncate=steps, checkpoint_every=10)):
+        assert _rel(_ours(problem, x, config).grad[0], reference) < 1e-8, config
 
 
 def _upper_after_solve(problem, lam: torch.Tensor, steps: int) -> float:
