@@ -368,8 +368,35 @@ def retrain(
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point.
+
+    Where a data-parallel run created a process group in this process (launched by torchrun
+    with several processes), the process ends through ``bilevel.distributed.leave_process``:
+    output flushed, then ``os._exit`` with the status the interpreter would have given (0, the
+    command's exit code, or 1 after printing the traceback of an uncaught exception, as with
+    --debug), because interpreter shutdown can abort a rank in gloo's C++ threads after the run
+    finished, which torchrun reports as a failed job."""
+    from bilevel.distributed import leave_process, process_group_was_created
+
+    try:
+        app()
+    except BaseException as exc:
+        if not process_group_was_created():
+            raise
+        leave_process(_exit_status(exc))
+    leave_process(0)
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The exit status the interpreter gives a process that ends by ``exc``, printing to stderr
+    what it would print (a SystemExit's message, or the traceback of any other exception)."""
+    if isinstance(exc, SystemExit):
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    sys.excepthook(type(exc), exc, exc.__traceback__)
+    return 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,7 +155,7 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
 
     resumed = subprocess.run(_torchrun("run", str(spec), "--out", str(out), "-q", "--resume"),
                              capture_output=True, text=True, timeout=180, env=_env())
-    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.returncode == 0, resumed.stdout + "\n----\n" + resumed.stderr
     assert resumed.stderr.count("resuming from step") == 1  # rank 0 speaks for both
     assert "processes: 2" in resumed.stdout and resumed.stdout.count("final upper loss") == 1
     reference = two_ranks[0]["run"]
@@ -169,3 +170,49 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
     # a checkpoint written by 2 processes is not resumed by 1
     with pytest.raises(SpecError, match=r"2 process\(es\)"):
         run(load_spec(spec), out=out, resume=True, progress=False)
+
+
+# --- leaving a process that held a process group ---------------------------------------------------
+@pytest.mark.parametrize(("options", "code", "printed"), [
+    ((), 2, "levels: 3 levels"),  # the spec error, on rank 0 only
+    (("--debug",), 1, "bilevel.spec.errors.SpecError: "),  # the traceback, on every rank
+])
+def test_torchrun_a_failing_command_keeps_its_exit_code_on_every_rank(options: tuple[str, ...], code: int, printed: str,
+                                                                      tmp_path: Path) -> None:
+    """A chain is refused once the process group exists (compiling inside the data-parallel
+    block), so each rank leaves through bilevel.distributed.leave_process: with the CLI's exit
+    code, or with 1 and the traceback under --debug, never aborted at interpreter shutdown."""
+    failed = subprocess.run([*_torchrun(*options, "run", "toy/three_level", "--out", str(tmp_path / "out"), "-q")],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    assert failed.returncode != 0, failed.stdout + failed.stderr
+    # torchrun's failure table: one entry per failed rank with its exit code
+    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", failed.stderr))
+    assert codes == {"0": str(code), "1": str(code)}, failed.stderr
+    expected_count = 1 if code == 2 else WORLD
+    assert failed.stderr.count(printed) == expected_count, failed.stderr
+    assert "terminate called" not in failed.stderr and not (tmp_path / "out" / "result.json").exists()
+
+
+_LEAVE = """
+import atexit, logging, sys
+from bilevel.distributed import launch
+atexit.register(lambda: print("atexit ran", flush=True))
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+logging.getLogger("check").info("logged before leaving")
+launch._created_group = sys.argv[2] == "created"
+print("buffered, no newline", end="")
+launch.leave_process(5)
+"""
+
+
+@pytest.mark.parametrize("group", ["created", "none"])
+def test_leave_process_flushes_and_keeps_the_exit_code(group: str, tmp_path: Path) -> None:
+    """After data_parallel created a process group: output and logs flushed, the status kept, the
+    interpreter's finalization (atexit handlers included) skipped. Without one: an ordinary exit."""
+    log = tmp_path / "log.txt"
+    done = subprocess.run([sys.executable, "-c", _LEAVE, str(log), group], capture_output=True, text=True,
+                          timeout=60, env=_env())
+    assert done.returncode == 5, done.stderr
+    assert done.stdout.startswith("buffered, no newline")
+    assert ("atexit ran" in done.stdout) == (group == "none")
+    assert "logged before leaving" in log.read_text()

@@ -4,7 +4,13 @@ of the union of the shards (semantics in bilevel.distributed.reduce)."""
 
 from __future__ import annotations
 
-from bilevel.distributed.launch import choose_backend, data_parallel, launched_world_size
+from bilevel.distributed.launch import (
+    choose_backend,
+    data_parallel,
+    launched_world_size,
+    leave_process,
+    process_group_was_created,
+)
 from bilevel.distributed.reduce import World, current_world, sum_over_ranks, sum_over_ranks_differentiable
 from bilevel.distributed.shard import replicated_share, shard_bounds, shard_rows
 from bilevel.distributed.sync import ReplicaMismatch, broadcast_from_main, check_replicas, gather_on_main
@@ -19,6 +25,8 @@ __all__ = [
     "data_parallel",
     "gather_on_main",
     "launched_world_size",
+    "leave_process",
+    "process_group_was_created",
     "replicated_share",
     "shard_bounds",
     "shard_rows",

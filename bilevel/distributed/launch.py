@@ -1,20 +1,26 @@
 """Joining a data-parallel run: the process group torchrun describes through its environment
 variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) or one the caller initialized
-already; the backend (NCCL for CUDA devices, gloo on CPU); each rank's device (cuda:LOCAL_RANK)."""
+already; the backend (NCCL for CUDA devices, gloo on CPU); each rank's device (cuda:LOCAL_RANK);
+and leaving a process that held a process group (``leave_process``)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from bilevel.distributed.reduce import World, activate, current_world
 
-__all__ = ["choose_backend", "data_parallel", "launched_world_size"]
+__all__ = ["choose_backend", "data_parallel", "launched_world_size", "leave_process", "process_group_was_created"]
+
+_created_group = False
+"""Set once data_parallel has initialized a process group in this process (see leave_process)."""
 
 
 def launched_world_size() -> int:
@@ -44,6 +50,7 @@ def data_parallel(device: torch.device, backend: str = "auto", timeout_s: float 
     * otherwise: a single process; nothing is communicated.
 
     On CUDA each rank uses cuda:LOCAL_RANK (torchrun sets LOCAL_RANK)."""
+    global _created_group
     world = current_world()
     if world.active:
         yield world, device
@@ -59,7 +66,7 @@ def data_parallel(device: torch.device, backend: str = "auto", timeout_s: float 
         if chosen == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(chosen, timeout=timedelta(seconds=timeout_s))
-        created = initialized = True
+        _created_group = created = initialized = True
     if not initialized or dist.get_world_size() == 1:
         try:
             yield World(), device
@@ -99,3 +106,32 @@ def _leave(dist: Any) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def process_group_was_created() -> bool:
+    """Whether ``data_parallel`` has initialized a process group in this process (it destroys
+    the group again when its block ends). False in a single process and where the caller
+    initialized the group itself."""
+    return _created_group
+
+
+def leave_process(code: int = 0) -> NoReturn:
+    """End this process with exit status ``code``.
+
+    After ``data_parallel`` created a process group here (``process_group_was_created``): flush
+    stdout and stderr, shut logging down, and leave with ``os._exit(code)``, skipping interpreter
+    finalization. gloo's worker threads outlive ``destroy_process_group`` and can abort the
+    process while the interpreter finalizes ("terminate called without an active exception",
+    the fault described in pytorch/pytorch#179291), which torchrun reports as a failed job
+    although the run finished.
+    ``os._exit`` also skips ``atexit`` handlers and the flushing of files left open. Otherwise:
+    ``sys.exit(code)``, an ordinary exit."""
+    if not _created_group:
+        sys.exit(code)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # replaced by None, closed, or a broken pipe
+            pass
+    logging.shutdown()
+    os._exit(code)
