@@ -1,5 +1,6 @@
-"""Data-parallel runs on 2 gloo processes (CPU): every engine's hypergradient on sharded data
-equals the single-process one on the union of the shards (float64)."""
+"""Data-parallel runs on 2 gloo processes (CPU): the hypergradient (or search direction) of each
+engine in runtime_data/distributed_cases.CASES on sharded data equals the single-process one on
+the union of the shards (float64); runs, resume and exits under torchrun."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", list(cases.CASES))
 def test_distributed_hypergradient_equals_single_process(name: str, two_ranks: list[dict], single: dict) -> None:
     reference = single[name]
-    for key in ("grad", "loss", "residual", "lower"):
+    for key in ("grad", "loss", "residual", "lower", "extra"):
         for call, expected in enumerate(reference[key]):
             got = two_ranks[0]["cases"][name][key][call]
             assert _rel(got, expected) < 1e-6, f"{name} {key} call {call}: relative error {_rel(got, expected):.2e}"

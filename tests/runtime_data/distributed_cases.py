@@ -13,9 +13,11 @@ import torch
 from bilevel import build_engine, compile_spec
 from bilevel.spec import (
     BORepConfig,
+    DartsConfig,
     ImplicitConfig,
     LVHBAConfig,
     PenaltyConfig,
+    RartsConfig,
     UnrolledConfig,
     spec_from_data,
 )
@@ -44,6 +46,17 @@ def ridge_constrained() -> dict:
     data = ridge()
     data["levels"]["lower"]["constraints"] = [{"fn": f"{HERE / 'ridge_constraint.py'}:constraint", "kind": "inequality"}]
     data["levels"]["lower"]["assumptions"]["convexity"] = "convex"
+    return data
+
+
+def mixed_ridge() -> dict:
+    """Architecture weights over two operations on the ridge data (runtime_data/mixed_ridge.py), for
+    DARTS and RARTS: 10 warm-started weight steps per outer step."""
+    data = ridge(steps=10)
+    module = str(HERE / "mixed_ridge.py")
+    data["levels"]["upper"]["variables"] = {"alpha": {"shape": [2], "init": "normal", "init_scale": 0.5}}
+    data["levels"]["upper"]["objective"] = f"{module}:upper"
+    data["levels"]["lower"]["objective"] = f"{module}:lower"
     return data
 
 
@@ -85,19 +98,24 @@ CASES: dict[str, tuple[Any, Any]] = {
     "penalty": (ridge, PenaltyConfig(gamma_init=1.0, gamma_max=10.0, gamma_ramp_steps=2)),
     "bo_rep": (ridge, BORepConfig(lower_steps=5, update_every=1)),
     "lv_hba": (ridge_constrained, LVHBAConfig()),
+    "darts-first-order": (mixed_ridge, DartsConfig(order=1)),
+    "darts": (mixed_ridge, DartsConfig(order=2, eigen_every=1, eigen_iters=5)),
+    "darts-exact-hessian": (mixed_ridge, DartsConfig(order=2, hessian="exact")),
+    "rarts": (mixed_ridge, RartsConfig(beta=2.0)),
     "hyperclean-implicit": (hyperclean, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 10, "tol": 0.0})),
     "hyperclean-unrolled": (hyperclean, UnrolledConfig(checkpoint_every=10)),
 }
 
 
 def hypergradients(name: str) -> dict[str, list[torch.Tensor]]:
-    """CALLS hypergradients at the initial upper variables, the engine state carried between calls."""
+    """CALLS hypergradients at the initial upper variables, the engine state carried between calls:
+    each call's direction, upper loss, inner residual, lower solution and extra statistics."""
     build, config = CASES[name]
     problem = compile_spec(spec_from_data(build()))
     engine = build_engine(config)
     x = problem.fresh(problem.upper.init)
     state = engine.init(problem, x)
-    out: dict[str, list[torch.Tensor]] = {"grad": [], "loss": [], "residual": [], "lower": []}
+    out: dict[str, list[torch.Tensor]] = {"grad": [], "loss": [], "residual": [], "lower": [], "extra": []}
     for _ in range(CALLS):
         result = engine.hypergrad(problem, x, state, problem.upper.batch())
         state = result.state
@@ -105,6 +123,8 @@ def hypergradients(name: str) -> dict[str, list[torch.Tensor]]:
         out["loss"].append(result.upper_loss.reshape(1))
         out["residual"].append(result.stats.inner_residual.reshape(1))
         out["lower"].append(torch.cat([p.reshape(-1) for p in state.lower]))
+        # an engine's own statistics (DARTS's Hessian eigenvalue, RARTS's weight gap), by name
+        out["extra"].append(torch.tensor([float(v) for _, v in sorted(result.stats.extra.items())], dtype=torch.float64))
     return {k: [t.detach().clone() for t in v] for k, v in out.items()}
 
 
