@@ -2,7 +2,9 @@
 without partial channels (PC-DARTS, K = 4, with edge normalization), first and second order.
 
 Each configuration runs the preset through `bilevel.run` (warm-up steps, then timed steps, CUDA
-synchronized at both ends) and reads `torch.cuda.max_memory_allocated` after resetting the peak.
+synchronized at both ends). The peak memory is the search's: `torch.cuda.max_memory_allocated` is
+reset when the timed steps begin and read, in the step callback, when they end, before the run's
+final evaluation and report.
 Time per epoch is the time per outer step times the steps of one pass over the 25k training half
 at the preset's batch size (391). CIFAR-10 is read from CIFAR10_ROOT when set, else synthetic
 images of the same shape (the cost is the same). Prints one table last and writes JSON.
@@ -49,6 +51,7 @@ def measure(name: str, config: Any, overrides: list[str], steps: int, warmup: in
                                                               "run.checkpoint_every=null", "run.monitor_every=100000"])
     cuda = device == "cuda"
     stamps: dict[int, float] = {}
+    peak: dict[str, float] = {}
 
     def on_step(step: int, x: Any, y: Any) -> None:
         if step in (warmup, warmup + steps):
@@ -57,6 +60,8 @@ def measure(name: str, config: Any, overrides: list[str], steps: int, warmup: in
             stamps[step] = time.perf_counter()
             if cuda and step == warmup:
                 torch.cuda.reset_peak_memory_stats()
+            if cuda and step == warmup + steps:  # the timed steps' peak, not the final evaluation's
+                peak["mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     with tempfile.TemporaryDirectory() as out:
         result = bilevel.run(loaded, engine=config, device=device, out=out, progress=False, on_step=on_step)
@@ -70,7 +75,7 @@ def measure(name: str, config: Any, overrides: list[str], steps: int, warmup: in
         "time_per_step_s": per_step,
         "steps_per_epoch": per_epoch_steps,
         "time_per_epoch_s": per_step * per_epoch_steps,
-        "peak_memory_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "peak_memory_mib": peak.get("mib"),
         "device": result.result["device"],
         "gpu": torch.cuda.get_device_name() if cuda else None,
     }

@@ -1,13 +1,15 @@
-"""Minibatch streams over a level's data, sampled on the device without host synchronization."""
+"""Minibatch streams over a level's data, sampled on the device without host synchronization,
+and the evaluation of an objective on a level's whole data set, batch by batch."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["DataStream"]
+__all__ = ["DataStream", "evaluate_on_all_data"]
 
 
 class DataStream:
@@ -35,6 +37,17 @@ class DataStream:
         """The whole data set as one batch."""
         return self.data
 
+    def chunks(self) -> Iterator[tuple[dict[str, Tensor], int]]:
+        """The whole data set in order, as consecutive batches of ``batch_size`` examples (the
+        last one smaller) with the number of examples in each; one batch, the whole set, when
+        ``batch_size`` is None."""
+        if self.batch_size is None:
+            yield self.data, self.size
+            return
+        for start in range(0, self.size, self.batch_size):
+            stop = min(start + self.batch_size, self.size)
+            yield {name: value[start:stop] for name, value in self.data.items()}, stop - start
+
     def next(self) -> dict[str, Tensor]:
         """The next minibatch (the whole set when batch_size is None)."""
         if self.batch_size is None:
@@ -58,3 +71,43 @@ class DataStream:
         perm = state["perm"]
         self._perm = None if perm is None else perm.to(self._device)  # type: ignore[union-attr]
         self._cursor = int(state["cursor"])  # type: ignore[arg-type]
+
+
+class _Chunked(Protocol):
+    size: int
+
+    def chunks(self) -> Iterator[tuple[Any, int]]: ...
+
+
+def evaluate_on_all_data(objective: Callable[[Any], Tensor], data: _Chunked | None) -> Tensor:
+    """An objective's value on a level's whole data set, one minibatch at a time.
+
+    With consecutive chunks B_1 .. B_K of n_1 .. n_K examples (``data.chunks()``: batches of the
+    level's ``batch_size``, the last one possibly smaller; N = sum_k n_k),
+
+        F(all data) = sum_k (n_k / N) F(B_k),
+
+    which is exact for the objectives the framework assumes wherever it draws minibatches or sums
+    data-parallel shares (``bilevel.distributed.reduce``): a *mean* over the batch's examples plus
+    terms that do not depend on the batch, F(B) = (1/|B|) sum_{i in B} f_i + R, since the weights
+    sum to one. The weights n_k / N matter: an unweighted mean of the chunk values would count the
+    examples of a smaller last chunk more. Peak memory is that of one minibatch (as in training),
+    not that of the whole set (a DARTS supernet's activations on CIFAR-10's 25k validation images
+    at once would take tens of GiB).
+
+    A level whose data declares no batch size (``data.batch_size`` None) is evaluated in one
+    batch, the whole set: its objective may be any function of the whole data (a sum over
+    examples, a statistic of the set), since it is never evaluated on parts of it. Objectives
+    whose value depends on the batch beyond a mean over its examples (batch statistics:
+    BatchNorm in training mode, as in the DARTS supernet) give the average of their minibatch
+    values, the quantity that training on those minibatches estimates. ``data`` None (a level
+    without data): ``objective(None)``. The objective's value may be a tensor of any shape (one
+    value per instance of a batch of problems); it is weighted elementwise."""
+    if data is None:
+        return objective(None)
+    total: Tensor | None = None
+    for batch, count in data.chunks():
+        value = objective(batch) * (count / data.size)
+        total = value if total is None else total + value
+    assert total is not None, "a data stream holds at least one example"
+    return total

@@ -30,14 +30,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bilevel.data import DataStream
+from bilevel.data import DataStream, evaluate_on_all_data
 from bilevel.problem import Level, Params, Problem, project_onto
 from bilevel.spec.constraints import SimplexSet
 from bilevel.spec.errors import SpecError
@@ -130,6 +130,16 @@ class StackedDataStream:
     @property
     def full(self) -> dict[str, Tensor]:
         return self._full
+
+    def chunks(self) -> Iterator[tuple[dict[str, Tensor], int]]:
+        """The instances' whole data sets in consecutive batches along the example dimension (as
+        ``DataStream.chunks``, every batch stacked); the full batch when there is no batch size."""
+        if self.batch_size is None:
+            yield self._full, self.size
+            return
+        for start in range(0, self.size, self.batch_size):
+            stop = min(start + self.batch_size, self.size)
+            yield {name: value[:, start:stop] for name, value in self._full.items()}, stop - start
 
     @property
     def data(self) -> dict[str, Tensor]:
@@ -246,10 +256,9 @@ class BatchedProblem(Problem):
     def instance_results(self, x: Params, y: Params, out_dir: Path | None) -> list[dict[str, Any]]:
         """Per instance: what varied, the final upper loss (full upper data), the upper
         variables and the instance's report."""
-        upper_data = self.upper.data
-        batch = None if upper_data is None else upper_data.full
+        xd = tuple(p.detach() for p in x)
         with torch.no_grad():
-            losses = self.upper_objective_per_instance(tuple(p.detach() for p in x), y, batch).tolist()
+            losses = evaluate_on_all_data(lambda batch: self.upper_objective_per_instance(xd, y, batch), self.upper.data).tolist()
         results = []
         for index, member in enumerate(self.members):
             xk = tuple(p[index].detach() for p in x)

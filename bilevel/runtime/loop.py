@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from bilevel.compile import compile_spec, resolve_device
+from bilevel.data import evaluate_on_all_data
 from bilevel.distributed import broadcast_from_main, current_world, data_parallel, sum_over_ranks
 from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
@@ -381,8 +382,11 @@ def _monitors_instances(problem: Problem) -> bool:
 
 
 def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float]:
-    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data.
-    For a chain of levels, the engine solves all the levels below the top its own way."""
+    """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data,
+    one upper minibatch at a time when the upper data declares a batch size (weighted by the
+    batches' sizes: ``bilevel.data.evaluate_on_all_data``), so that the evaluation needs no more
+    memory than a training step. For a chain of levels, the engine solves all the levels below
+    the top its own way."""
     if isinstance(problem, ChainProblem):
         y = engine.solve_below(problem, x, state)
     else:
@@ -390,9 +394,10 @@ def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: A
         optimizer = InnerOptimizer(lower.solver)
         y0 = lower_start(problem, state)
         y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
-    batch = None if problem.upper.data is None else problem.upper.data.full
+    xd = tuple(p.detach() for p in x)
     with torch.no_grad():
-        (loss,) = sum_over_ranks((problem.upper_objective(tuple(p.detach() for p in x), y, batch),))
+        local = evaluate_on_all_data(lambda batch: problem.upper_objective(xd, y, batch), problem.upper.data)
+        (loss,) = sum_over_ranks((local,))
     return y, float(loss)
 
 
