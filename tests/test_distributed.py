@@ -75,6 +75,18 @@ def test_a_chain_of_levels_is_refused_in_a_data_parallel_run(two_ranks: list[dic
     assert "levels" in message and "one process" in message
 
 
+def test_replicas_that_differ_between_ranks_are_reported_not_checkpointed(two_ranks: list[dict]) -> None:
+    for rank in two_ranks:  # every rank sees the mismatch, so no rank waits for the others in a collective
+        checked = rank["replicas"]
+        assert "differ between ranks" in checked.get("error", ""), checked
+        assert "upper variables" in checked["error"]
+        assert "diverged tensors differ between ranks" in checked.get("check_error", ""), checked
+    assert two_ranks[0]["replicas"]["files"] == ["checkpoint.pt"]
+    saved = two_ranks[0]["replicas"]["saved"]
+    assert saved["step"] == 1, "the checkpoint of the diverged state must not replace the last good one"
+    assert [r["rng"].tolist() for r in saved["ranks"]] == [[0.0, 0.0], [1.0, 1.0]]
+
+
 # --- runs: rank 0 writes; torchrun; resume after SIGKILL across ranks -------------------------------
 def test_a_data_parallel_run_matches_the_single_process_run(two_ranks: list[dict], tmp_path: Path) -> None:
     """Full batches upstairs, minibatches of 8 per rank downstairs: the same run in one process

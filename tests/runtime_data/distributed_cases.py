@@ -196,6 +196,35 @@ def chain_error() -> str:
     return ""
 
 
+def replica_checks(out_dir: Path) -> dict[str, Any]:
+    """Checkpoints of replicated state that agrees, then differs, across ranks (one entry of the
+    upper variable is off by 1e-9 on rank 1): the errors raised and, on rank 0, what was left on disk."""
+    from bilevel.distributed import ReplicaMismatch, check_replicas, current_world
+    from bilevel.runtime.snapshot import save_snapshot
+
+    rank = current_world().rank
+    x = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64)
+    local = {"rng": torch.full((2,), float(rank))}  # per-rank state may differ
+    checked: dict[str, Any] = {}
+    check_replicas([x, torch.ones(3)], "identical tensors")  # agreeing replicas pass
+    save_snapshot(out_dir, {"step": 1, "x": [x]}, local)
+    diverged = x.clone()
+    if rank == 1:
+        diverged[3] += 1e-9
+    try:
+        save_snapshot(out_dir, {"step": 2, "x": [diverged]}, local)
+    except ReplicaMismatch as exc:
+        checked["error"] = str(exc)
+    try:
+        check_replicas([torch.ones(3), diverged], "diverged tensors")
+    except ReplicaMismatch as exc:
+        checked["check_error"] = str(exc)
+    if rank == 0:  # the writer: what the directory holds now
+        checked["files"] = sorted(path.name for path in out_dir.iterdir())
+        checked["saved"] = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    return checked
+
+
 def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank: join the gloo group, compute every case and a reference run, save the results."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -211,6 +240,7 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices(),
                                        "closed_form_error": closed_form_error(), "chain_error": chain_error()}
             results["run"] = reference_run(Path(out_dir) / f"run-rank{rank}")
+            results["replicas"] = replica_checks(Path(out_dir) / "replicas")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
