@@ -7,6 +7,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -99,6 +100,23 @@ BAD = {
                    d["levels"]["lower"]["variables"]["net"].update(architecture="arch2")),
         "levels.lower.variables.net.architecture", "not above level 'lower'",
     ),
+    "skip limit that cannot be met": (
+        lambda d: _space(d).update(ops=["none", "skip_connect"], max_skip=0),
+        "levels.upper.variables.arch.space.max_skip",
+        "max_skip 0 cannot be met: ops has no operation other than none and skip_connect, so all 6 edges",
+    ),
+    "keep above a node's incoming edges": (
+        lambda d: _space(d).update(cell={"inputs": 2, "nodes": 2, "edges": [[0, 2], [1, 3], [2, 3]], "keep": 2}),
+        "levels.upper.variables.arch.space.cell.keep", "intermediate node 2 has only 1 incoming edge (from 0)",
+    ),
+    "keep above the dense cell's": (
+        lambda d: _space(d).update(cell={"inputs": 2, "nodes": 3, "keep": 3}),
+        "levels.upper.variables.arch.space.cell.keep", "keep is 3, but intermediate node 2 has only 2 incoming edges",
+    ),
+    "default keep with one input": (  # the default keep (2) is checked too
+        lambda d: _space(d).update(cell={"inputs": 1, "nodes": 3}),
+        "levels.upper.variables.arch.space.cell.keep", "intermediate node 1 has only 1 incoming edge",
+    ),
     "early stop without estimates": (
         lambda d: d.update(engine={"kind": "darts", "early_stop_ratio": 0.75}), "engine", "needs eigen_every",
     ),
@@ -148,3 +166,41 @@ def test_python_api_errors_name_the_path() -> None:
     with pytest.raises(SpecError) as info:
         spec_from_data(data)
     assert "levels.upper.variables.arch.space.cell.edges" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("ops", "cell", "max_skip", "valid"),
+    [
+        (["none", "skip_connect"], {"nodes": 3}, 5, False),       # 6 kept edges, all skips
+        (["none", "skip_connect"], {"nodes": 3}, 6, True),        # every kept edge may be a skip
+        (["none", "skip_connect", "tanh"], {"nodes": 3}, 0, True),  # one other operation suffices
+        (["none", "tanh"], {"nodes": 3}, 0, True),                # no skips at all
+        (["none", "skip_connect"], {"nodes": 3, "keep": 1}, 2, False),
+    ],
+)
+def test_the_skip_limit_is_checked_against_what_the_derivation_can_do(ops, cell, max_skip, valid) -> None:
+    """The MLP space too; and a limit given in Python to derive_genotype or random_genotype is
+    refused the same way, not after drawing cells until a retry limit."""
+    from bilevel.nas.genotype import derive_genotype, random_genotype
+    from bilevel.nas.supernet import Architecture
+    from bilevel.spec import ArchitectureVariable, CellSpec, MLPSearchSpace
+
+    def space(limit):
+        return MLPSearchSpace(ops=ops, cell=CellSpec(**cell), width=4, in_features=4, classes=2, max_skip=limit)
+
+    if valid:
+        assert space(max_skip).max_skip == max_skip
+    else:
+        with pytest.raises(ValueError, match=f"max_skip {max_skip} cannot be met"):
+            space(max_skip)
+    unlimited = space(None)
+    weights = Architecture(ArchitectureVariable(space=unlimited))()
+    generator = torch.Generator().manual_seed(0)
+    if valid:
+        assert derive_genotype(weights, unlimited, max_skip=max_skip).skip_count() <= max_skip
+        assert random_genotype(unlimited, generator, max_skip=max_skip).skip_count() <= max_skip
+    else:
+        for derive in (lambda: derive_genotype(weights, unlimited, max_skip=max_skip),
+                       lambda: random_genotype(unlimited, generator, max_skip=max_skip)):
+            with pytest.raises(ValueError, match=f"max_skip {max_skip} cannot be met"):
+                derive()

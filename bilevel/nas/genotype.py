@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.nas.search_space import cell_edges, cell_graph, incoming
+from bilevel.nas.search_space import cell_edges, cell_graph, check_skip_limit, incoming
 
 __all__ = ["Genotype", "derive_genotype", "random_genotype"]
 
@@ -73,8 +73,10 @@ def _strongest(row: Tensor, names: list[str], excluded: set[str]) -> tuple[int, 
 def derive_genotype(weights: Mapping[str, Tensor], space: Any, max_skip: int | None | str = "space") -> Genotype:
     """The discrete cell of each cell type from mixture weights (``upper["arch"]()``).
 
-    ``max_skip``: "space" uses the space's limit; an int overrides it; None derives without one."""
+    ``max_skip``: "space" uses the space's limit; an int overrides it (ValueError when the space's
+    operations cannot meet it); None derives without one."""
     limit = space.max_skip if max_skip == "space" else max_skip
+    check_skip_limit(space.ops, space.cell.keep, space.cell.nodes, limit)
     graph = cell_graph(space.cell.inputs, space.cell.nodes, space.cell.edges)
     edges = cell_edges(graph)
     names = list(space.ops)
@@ -118,8 +120,10 @@ def _limit_skips(kept: list[tuple[int, str]], w: Tensor, edge_w: Tensor, names: 
 def random_genotype(space: Any, generator: torch.Generator, max_skip: int | None | str = "space") -> Genotype:
     """A cell drawn uniformly from the derived cells of the space: for each node, ``keep`` distinct
     incoming edges and an operation other than none for each; redrawn while the normal cell has more
-    skip connections than the limit (uniform over the cells the derivation can produce)."""
+    skip connections than the limit (uniform over the cells the derivation can produce). ValueError
+    when the space's operations cannot meet the limit."""
     limit = space.max_skip if max_skip == "space" else max_skip
+    check_skip_limit(space.ops, space.cell.keep, space.cell.nodes, limit)
     graph = cell_graph(space.cell.inputs, space.cell.nodes, space.cell.edges)
     edges = cell_edges(graph)
     names = [n for n in space.ops if n != "none"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import networkx as nx
 
-__all__ = ["cell_edges", "cell_graph", "dense_edges", "incoming", "intermediate_nodes"]
+__all__ = ["cell_edges", "cell_graph", "check_keep", "check_skip_limit", "dense_edges", "incoming", "intermediate_nodes"]
 
 
 def dense_edges(inputs: int, nodes: int) -> list[tuple[int, int]]:
@@ -92,3 +92,36 @@ def incoming(graph: nx.DiGraph) -> dict[int, list[int]]:
     for index, (_, dst) in enumerate(cell_edges(graph)):
         out.setdefault(dst, []).append(index)
     return out
+
+
+def check_keep(graph: nx.DiGraph, keep: int) -> None:
+    """ValueError unless every intermediate node has at least ``keep`` incoming edges: a derived
+    cell keeps exactly ``keep`` of them per node (DARTS: 2), so a node with fewer could not be
+    derived as declared. (With one input and the dense cell, the first intermediate node has a
+    single incoming edge: keep 1, or declare edges.)"""
+    for node, rows in sorted(incoming(graph).items()):
+        if len(rows) < keep:
+            sources = ", ".join(str(src) for src, _ in sorted(graph.in_edges(node)))
+            raise ValueError(
+                f"keep is {keep}, but intermediate node {node} has only {len(rows)} incoming"
+                f" edge{'s' if len(rows) > 1 else ''} (from {sources}); every intermediate node needs at least"
+                f" keep incoming edges: lower keep to {len(rows)} or add edges into node {node}"
+            )
+
+
+def check_skip_limit(ops: Sequence[str], keep: int, nodes: int, limit: int | None) -> None:
+    """ValueError when no derived normal cell can have at most ``limit`` skip connections.
+
+    The derived normal cell keeps keep x nodes edges, each with an operation other than none; an
+    extra skip is replaced by its edge's best operation other than none and skip_connect
+    (``bilevel.nas.genotype``). That needs one such operation among ``ops``: without one, every
+    kept edge is a skip connection, and a limit below keep x nodes cannot be met."""
+    kept = keep * nodes
+    if limit is None or limit >= kept or "skip_connect" not in ops:
+        return
+    if not [op for op in ops if op not in ("none", "skip_connect")]:
+        raise ValueError(
+            f"max_skip {limit} cannot be met: ops has no operation other than none and skip_connect, so all"
+            f" {kept} edges the derived normal cell keeps (keep {keep} x {nodes} nodes) are skip connections;"
+            f" add another operation to ops or raise max_skip to {kept}"
+        )

@@ -7,8 +7,9 @@ supernet variable names the architecture variable it relaxes::
     upper:  variables: {arch: {kind: architecture, space: {kind: conv, ops: [...], cell: {...}}}}
     lower:  variables: {net: {kind: supernet, architecture: arch}}
 
-Cells are validated here (acyclic, every node reachable from an input, known operation names),
-so a bad cell is a spec error with a dotted path before anything is built."""
+Cells are validated here (acyclic, every node reachable from an input, known operation names,
+enough incoming edges for ``keep``, a ``max_skip`` the derivation can meet), so a bad cell is a
+spec error with a dotted path before anything is built."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from bilevel.nas.search_space import cell_graph
+from bilevel.nas.search_space import cell_graph, check_keep, check_skip_limit
 from bilevel.spec._base import SpecModel
 
 __all__ = [
@@ -66,9 +67,9 @@ class CellSpec(SpecModel):
     """Edges as [source, destination] pairs; None: the dense DARTS cell (every input and every
     earlier intermediate node feeds each intermediate node; 14 edges for 2 inputs and 4 nodes).
     Must form a DAG in which every intermediate node is reachable from an input."""
-    keep: Annotated[int, Field(ge=1)] = 2
+    keep: Annotated[int, Field(ge=1, validate_default=True)] = 2
     """Incoming edges kept per intermediate node when a discrete cell is derived (the strongest,
-    excluding none; DARTS keeps 2)."""
+    excluding none; DARTS keeps 2). Every intermediate node needs at least this many incoming edges."""
 
     @field_validator("edges")
     @classmethod
@@ -76,6 +77,13 @@ class CellSpec(SpecModel):
         if "inputs" in info.data and "nodes" in info.data:
             cell_graph(info.data["inputs"], info.data["nodes"], edges)  # ValueError names the problem
         return edges
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_fits(cls, keep: int, info: ValidationInfo) -> int:
+        if all(name in info.data for name in ("inputs", "nodes", "edges")):  # edges absent: already an error
+            check_keep(cell_graph(info.data["inputs"], info.data["nodes"], info.data["edges"]), keep)
+        return keep
 
 
 def _check_ops(ops: list[str]) -> list[str]:
@@ -85,6 +93,13 @@ def _check_ops(ops: list[str]) -> list[str]:
     if not [op for op in ops if op != "none"]:
         raise ValueError("at least one operation other than none is needed")
     return ops
+
+
+def _check_max_skip(value: int | None, info: ValidationInfo) -> int | None:
+    ops, cell = info.data.get("ops"), info.data.get("cell")
+    if ops is not None and cell is not None:  # either absent: already an error
+        check_skip_limit(ops, cell.keep, cell.nodes, value)
+    return value
 
 
 def _check_partial(value: int, info: ValidationInfo, width_field: str) -> int:
@@ -127,12 +142,18 @@ class ConvSearchSpace(SpecModel):
     them, beta being extra architecture parameters; edges are selected by beta times alpha."""
     max_skip: Annotated[int, Field(ge=0)] | None = None
     """At most this many skip connections in the derived normal cell (P-DARTS, Chen et al. 2019):
-    the weakest extra skips are replaced by their edge's best other operation. None: no limit."""
+    the weakest extra skips are replaced by their edge's best other operation, so a limit below
+    the cell's kept edges needs an operation other than none and skip_connect. None: no limit."""
 
     @field_validator("ops")
     @classmethod
     def _ops(cls, ops: list[str]) -> list[str]:
         return _check_ops(ops)
+
+    @field_validator("max_skip")
+    @classmethod
+    def _max_skip(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _check_max_skip(value, info)
 
     @field_validator("reductions")
     @classmethod
@@ -184,12 +205,17 @@ class MLPSearchSpace(SpecModel):
     edge_normalization: bool = False
     """As for conv spaces: softmax(beta) weights over each node's incoming edges."""
     max_skip: Annotated[int, Field(ge=0)] | None = None
-    """At most this many skip connections in the derived cell. None: no limit."""
+    """At most this many skip connections in the derived cell (as for conv spaces). None: no limit."""
 
     @field_validator("ops")
     @classmethod
     def _ops(cls, ops: list[str]) -> list[str]:
         return _check_ops(ops)
+
+    @field_validator("max_skip")
+    @classmethod
+    def _max_skip(cls, value: int | None, info: ValidationInfo) -> int | None:
+        return _check_max_skip(value, info)
 
     @field_validator("partial_channels")
     @classmethod
