@@ -3,8 +3,11 @@ NaN/inf guard stops with a clear message and keeps the last good checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import multiprocessing
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -90,6 +93,66 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch
     loaded = ckpt.load_checkpoint(tmp_path)
     assert loaded["step"] == 3 and torch.equal(loaded["x"][0], torch.ones(4))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"], "temporary files must be cleaned up"
+
+
+CHECKPOINT_ROWS = 2**21  # 16 MB of float64 per version: one write takes tens of milliseconds
+
+
+def _write_versions(directory: str, first: int) -> None:
+    """Save versions first, first + 1, ... of a large checkpoint, one after the other, until killed."""
+    torch.set_num_threads(1)  # a forked child stays out of the parent's thread pools
+    x = torch.empty(CHECKPOINT_ROWS, dtype=torch.float64)
+    for version in itertools.count(first):
+        ckpt.save_checkpoint(Path(directory), {"version": version, "x": [x.fill_(float(version))]})
+
+
+def test_sigkill_while_writing_checkpoints_leaves_a_complete_latest_one(tmp_path: Path) -> None:
+    """A writer process SIGKILLed at random moments while it saves one large checkpoint after
+    another: the latest checkpoint always loads with weights_only=True, is one complete version
+    and never older than before the kill; the next write removes what the killed writers left."""
+    fork = multiprocessing.get_context("fork")  # a real process, started in milliseconds
+    moments = random.Random(int.from_bytes(os.urandom(4), "little"))
+    latest, killed_mid_write = -1, 0
+    for _ in range(8):
+        writer = fork.Process(target=_write_versions, args=(str(tmp_path), latest + 1), daemon=True)
+        writer.start()
+        time.sleep(moments.uniform(0.0, 0.3))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        killed_mid_write += any(tmp_path.glob(".checkpoint.pt.*.tmp"))
+        if latest < 0 and not (tmp_path / "checkpoint.pt").exists():
+            continue  # killed before its first write finished
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+        assert saved["version"] >= latest
+        assert saved["x"][0].shape == (CHECKPOINT_ROWS,) and bool((saved["x"][0] == saved["version"]).all())
+        latest = saved["version"]
+    assert killed_mid_write > 0, "no kill landed inside a write"
+    ckpt.save_checkpoint(tmp_path, {"version": latest + 1, "x": [torch.zeros(1)]})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
+def test_temporaries_of_killed_writers_are_removed_on_write_and_resume(tmp_path: Path) -> None:
+    """Only temporary files of the same target whose writer no longer runs are removed."""
+    ckpt.save_checkpoint(tmp_path, {"step": 1})
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its process id no longer runs
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = tmp_path / f".checkpoint.pt.{ended.pid}.x1y2z3.tmp"
+        busy = tmp_path / f".checkpoint.pt.{running.pid}.a1b2c3.tmp"  # a writer still at work
+        other = tmp_path / f".result.json.{ended.pid}.q1r2s3.tmp"  # another target's
+        for path in (stale, busy, other):
+            path.write_bytes(b"torn")
+        assert ckpt.load_checkpoint(tmp_path)["step"] == 1  # resume
+        assert not stale.exists() and busy.exists() and other.exists()
+        stale.write_bytes(b"torn")
+        ckpt.save_checkpoint(tmp_path, {"step": 2})  # the next write
+        assert not stale.exists() and busy.exists() and other.exists()
+        ckpt.atomic_write_json(tmp_path / "result.json", {"steps": 2})
+        assert not other.exists() and busy.exists()
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:

@@ -1,9 +1,14 @@
 """Atomic checkpoints: written to a temporary file in the same directory, fsynced, then renamed
 over the previous one, so an interrupted write never leaves a corrupted latest checkpoint.
-Loaded with ``torch.load(weights_only=True)``: a checkpoint cannot execute code."""
+Loaded with ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+
+A temporary file is named ``.NAME.PID.RANDOM.tmp`` after its target NAME and its writer's process
+id. A writer that is killed (SIGKILL, out of memory) leaves it behind; the next write of the same
+target, and ``load_checkpoint`` on resume, remove those whose writer is no longer running."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -12,14 +17,46 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_json", "atomic_write_bytes", "load_checkpoint", "save_checkpoint"]
+__all__ = ["atomic_write_json", "atomic_write_bytes", "load_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_writing: set[str] = set()  # temporary files this process is writing now (never stale)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a zombie counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left in its directory: those named
+    ``.NAME.PID.*.tmp`` whose process PID no longer runs (or is this process, which is not writing
+    them). Files of writers still running are kept. Returns the paths removed."""
+    removed = []
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = candidate.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or str(candidate) in _writing:
+            continue
+        if int(pid) == os.getpid() or not _running(int(pid)):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except FileNotFoundError:  # removed by another cleaner meanwhile
+                pass
+    return removed
 
 
 def _atomic_replace(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    _writing.add(tmp)
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -30,6 +67,8 @@ def _atomic_replace(path: Path, write: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    finally:
+        _writing.discard(tmp)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,8 +87,11 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The latest checkpoint in ``directory``, or None when there is none."""
+    """The latest checkpoint in ``directory``, or None when there is none. Temporary files that
+    a killed writer left beside it are removed."""
     path = directory / CHECKPOINT_NAME
+    if directory.is_dir():
+        remove_stale_temporaries(path)
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
