@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from bilevel.runtime import checkpoint as ckpt
+from bilevel.runtime.callbacks import MetricsWriter
 from bilevel.runtime.loop import DivergenceError, run
 from bilevel.spec import load_spec
 from problems.toy import quadratic_data, quadratic_hypergrad, quadratic_spec
@@ -153,6 +154,30 @@ def test_temporaries_of_killed_writers_are_removed_on_write_and_resume(tmp_path:
     finally:
         running.kill()
         running.wait()
+
+
+def test_metrics_are_cut_back_atomically_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resuming drops the records past the checkpoint's step through the atomic writer: a
+    rewrite that dies midway leaves metrics.jsonl as it was, and no temporary file."""
+    path = tmp_path / "metrics.jsonl"
+    records = [json.dumps({"step": k, "upper_loss": 1.0 / k}) for k in range(1, 6)]
+    original = "".join(r + "\n" for r in records) + '{"step": 6, "upper_lo'  # torn by a killed run
+    path.write_text(original)
+
+    def dies(fd: int) -> None:  # the process dies before the new file is complete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "fsync", dies)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsWriter(path, resume_from_step=3)
+    monkeypatch.undo()
+    assert path.read_text() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+    writer = MetricsWriter(path, resume_from_step=3)
+    writer.write({"step": 4, "upper_loss": 0.5})
+    writer.close()
+    assert path.read_text().splitlines() == [*records[:3], json.dumps({"step": 4, "upper_loss": 0.5})]
 
 
 def test_checkpoints_load_with_weights_only(tmp_path: Path) -> None:

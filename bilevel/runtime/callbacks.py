@@ -7,12 +7,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bilevel.runtime.checkpoint import atomic_write_bytes
+
 __all__ = ["MetricsWriter", "Progress"]
 
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``metrics.jsonl``. On resume, records past the
-    checkpoint's step are dropped first so the file matches an uninterrupted run."""
+    checkpoint's step are dropped first so the file matches an uninterrupted run; the file is
+    rewritten atomically (checkpoint.atomic_write_bytes), so a process killed meanwhile leaves
+    either the old file or the new one, never a truncated one."""
 
     def __init__(self, path: Path, resume_from_step: int | None):
         self.path = path
@@ -25,7 +29,7 @@ class MetricsWriter:
                         kept.append(line)
                 except json.JSONDecodeError:
                     break  # a torn last line from a killed run
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
         self._handle = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
