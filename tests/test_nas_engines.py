@@ -52,17 +52,56 @@ def _drive(config, spec, steps: int):
     return x, state
 
 
-@pytest.mark.parametrize(("lam", "beta", "lr", "steps"), [(1.0, 1.0, 0.05, 3000), (100.0, 100.0, 0.004, 8000)])
+def _rarts_sweep_on_the_toy(lam: float, beta: float, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One RARTS outer step on the toy, written out from the update rules (docs/engines/darts.md)
+    with plain gradient steps of size lr for w, y and alpha, as the affine map z -> M z + c of
+    z = (alpha, w, y) (L_train = (w - alpha)^2, L_val = alpha y - 2 alpha + 1):
+
+        w     <- w - lr (2 lam (w - alpha) + beta (w - y))
+        y     <- y - lr (alpha + beta (y - w))                    (w updated)
+        alpha <- alpha - lr ((y - 2) - 2 lam (w - alpha))         (w, y updated)
+
+    M and c are read off by applying the sweep to 0 and to the unit vectors (float64)."""
+
+    def sweep(z: torch.Tensor) -> torch.Tensor:
+        alpha, w, y = z.tolist()
+        w = w - lr * (2 * lam * (w - alpha) + beta * (w - y))
+        y = y - lr * (alpha + beta * (y - w))
+        alpha = alpha - lr * ((y - 2) - 2 * lam * (w - alpha))
+        return torch.tensor([alpha, w, y], dtype=torch.float64)
+
+    c = sweep(torch.zeros(3, dtype=torch.float64))
+    M = torch.stack([sweep(e) - c for e in torch.eye(3, dtype=torch.float64)], dim=1)
+    return M, c
+
+
+@pytest.mark.parametrize(("lam", "beta", "lr", "steps"), [(1.0, 1.0, 0.5, 200), (10.0, 10.0, 0.08, 200), (100.0, 100.0, 0.009, 600)])
 def test_rarts_on_the_analytic_toy(lam: float, beta: float, lr: float, steps: int) -> None:
-    """RARTS comes to rest at its closed-form fixed point, which approaches the bilevel optimum
-    (1, 1) as lam and beta grow: alpha - 1 = s / (2 - s), s = 1/beta + 1/(2 lam)."""
-    x, state = _drive(RartsConfig(lam=lam, beta=beta), toy_spec(inner_lr=lr, outer_lr=lr), steps)
-    alpha, w, y = rarts_fixed_point(lam, beta)
-    assert float(x[0]) == pytest.approx(alpha, abs=1e-6)
-    assert float(state.lower[0]) == pytest.approx(w, abs=1e-6)
-    assert float(state.extra["y"][0]) == pytest.approx(y, abs=1e-6)
-    bias = 1.0 / beta + 1.0 / (2 * lam)
-    assert alpha - 1.0 == pytest.approx(bias / (2 - bias), rel=1e-12)
+    """The engine's steps are the Gauss-Seidel sweep written out independently below, and RARTS
+    comes to rest, to 1e-8, at that iteration's fixed point, found independently of the engine and
+    of the closed form: the solution of (I - M) z = c for the sweep's affine map, which contracts
+    (spectral radius < 1) at these step sizes. The closed form
+    of problems/nas/toy.py (alpha = 2 / (2 - 1/beta - 1/(2 lam)), w = alpha (1 - 1/(2 lam)),
+    y = 2 - alpha) is that point, and it approaches the bilevel optimum (1, 1) as lam and beta grow."""
+    M, c = _rarts_sweep_on_the_toy(lam, beta, lr)
+    radius = float(torch.linalg.eigvals(M).abs().max())
+    assert radius < 1 and radius**steps < 1e-12  # enough steps for the contraction to reach 1e-8
+    alpha, w, y = torch.linalg.solve(torch.eye(3, dtype=torch.float64) - M, c).tolist()
+    assert rarts_fixed_point(lam, beta) == pytest.approx((alpha, w, y), abs=1e-12)
+
+    config, spec = RartsConfig(lam=lam, beta=beta), toy_spec(inner_lr=lr, outer_lr=lr)
+    z = torch.zeros(3, dtype=torch.float64)  # the toy starts at alpha = w = 0, and y = w
+    for _ in range(3):
+        z = M @ z + c
+    x, state = _drive(config, spec, 3)  # the engine's first sweeps are the map's (Gauss-Seidel order included)
+    assert [float(x[0]), float(state.lower[0]), float(state.extra["y"][0])] == pytest.approx(z.tolist(), abs=1e-12)
+
+    x, state = _drive(config, spec, steps)
+    assert float(x[0]) == pytest.approx(alpha, abs=1e-8)
+    assert float(state.lower[0]) == pytest.approx(w, abs=1e-8)
+    assert float(state.extra["y"][0]) == pytest.approx(y, abs=1e-8)
+    bias = 1.0 / beta + 1.0 / (2 * lam)  # the documented bias alpha - 1 = s / (2 - s), s = 1/beta + 1/(2 lam)
+    assert alpha - 1.0 == pytest.approx(bias / (2 - bias), abs=1e-12)
     if lam >= 100:
         assert abs(float(x[0]) - 1.0) < 0.01 and abs(float(state.lower[0]) - 1.0) < 0.01
 
