@@ -1,11 +1,14 @@
 """DARTS and RARTS: the analytic toy behaves as theory says, the finite-difference architecture
 gradient agrees with the exact one and with autograd through the virtual step, the power
-iteration finds the dominant eigenvalue, and the collapse guards act."""
+iteration finds the dominant eigenvalue, and the collapse guards act, on constructed weights and
+on a supernet search that collapses to skip connections."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ import bilevel
 from bilevel import build_engine, compile_spec
 from bilevel.engines.darts import grad_x, virtual_step
 from bilevel.linalg import Linearization, joint_grad, power_iteration
-from bilevel.nas.genotype import derive_genotype
+from bilevel.nas.genotype import Genotype, derive_genotype
 from bilevel.nas.supernet import Architecture
 from bilevel.spec import ArchitectureVariable, CellSpec, ConvSearchSpace, DartsConfig, RartsConfig, spec_from_data
 from problems.nas.toy import darts_fixed_point, rarts_fixed_point, toy_spec
@@ -284,3 +287,106 @@ def test_skip_collapse_is_limited_by_the_guard() -> None:
         others = {name: float(w[index, j]) for j, name in enumerate(space.ops) if name not in ("none", "skip_connect")}
         assert op == max(others, key=others.get)
     assert guarded.cells["reduce"] == collapsed.cells["reduce"]  # P-DARTS limits the normal cell only
+
+
+# --- collapse on a real search ----------------------------------------------------------------------
+IDENTITY_TASK = '''
+import torch
+
+def data(part="train", n=256, d=8):
+    """Gaussian inputs whose regression target is the input itself."""
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(0 if part == "train" else 1))
+    return {"x": x, "t": x.clone()}
+
+def loss(upper, lower, batch):
+    return ((lower["net"](batch["x"], upper["arch"]()) - batch["t"]) ** 2).mean()
+'''
+
+
+def _identity_search(tmp_path: Path, steps: int, max_skip: int | None = None, engine: dict | None = None) -> dict:
+    """A supernet search on a task the identity solves: MLP cells (width 8, 3 nodes, 6 kept edges)
+    regress their input, y = x. A skip connection is exactly right from the first step while
+    linear_tanh has to be trained and tanh distorts, so DARTS piles weight onto skip_connect:
+    the collapse of long DARTS searches, in a few seconds."""
+    module = tmp_path / "identity_task.py"
+    module.write_text(IDENTITY_TASK)
+    space = {"kind": "mlp", "ops": ["none", "skip_connect", "linear_tanh", "tanh"], "cell": {"inputs": 2, "nodes": 3},
+             "cells": 1, "width": 8, "in_features": 8, "classes": 8, "max_skip": max_skip}
+    return {
+        "name": "identity-collapse",
+        "levels": {
+            "upper": {"variables": {"arch": {"kind": "architecture", "space": space}}, "objective": f"{module}:loss",
+                      "data": {"source": f"{module}:data", "kwargs": {"part": "val"}, "batch_size": 64},
+                      "solver": {"name": "adam", "lr": 0.05, "betas": [0.5, 0.999]}},
+            "lower": {"parent": "upper", "variables": {"net": {"kind": "supernet", "architecture": "arch"}},
+                      "objective": f"{module}:loss", "data": {"source": f"{module}:data", "kwargs": {"part": "train"}, "batch_size": 64},
+                      "solver": {"name": "momentum", "lr": 0.05, "momentum": 0.9, "steps": 1}},
+        },
+        "engine": {"kind": "darts", "order": 1, **(engine or {})},
+        "monitor": "bilevel.nas:monitor",
+        "run": {"device": "cpu", "seed": 0, "steps": steps, "monitor_every": steps, "checkpoint_every": None,
+                "out": str(tmp_path / "run")},
+    }
+
+
+@pytest.fixture(scope="module")
+def collapsed_search(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, list[dict]]:
+    """120 steps of first-order DARTS on the identity task, with max_skip = 1: the spec and the
+    metrics records."""
+    tmp_path = tmp_path_factory.mktemp("collapse")
+    loaded = spec_from_data(_identity_search(tmp_path, steps=120, max_skip=1))
+    bilevel.run(loaded, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return loaded, records
+
+
+def test_a_search_that_collapses_to_skips_derives_a_guarded_cell(collapsed_search) -> None:
+    """Without the guard the searched normal cell has more skip connections than max_skip = 1
+    allows; the genotype the run writes (the guarded derivation) has one, on the same edges."""
+    loaded, records = collapsed_search
+    space = loaded.spec.levels["upper"].variables["arch"].space
+    alpha = torch.tensor(records[-1]["monitor"]["alpha_normal"])  # the softmaxed weights at the end
+    skip = space.ops.index("skip_connect")
+    assert int((alpha.argmax(dim=1) == skip).sum()) > alpha.shape[0] / 2  # skip dominates most edges: collapse
+
+    unguarded = derive_genotype({"normal": alpha}, space, max_skip=None)
+    written = Genotype.load(Path(loaded.spec.run.out) / "genotype.json")
+    assert unguarded.skip_count() > space.max_skip
+    assert written.skip_count() == space.max_skip == records[-1]["monitor"]["skip_normal"]
+    assert written.edges("normal") == unguarded.edges("normal")
+    assert written == derive_genotype({"normal": alpha}, space)
+
+
+def test_the_eigenvalue_early_stop_ends_a_collapsing_search_before_the_collapse(tmp_path: Path, collapsed_search) -> None:
+    """DARTS-ES (default window and lookback, 5 estimates each) on the same search: the dominant
+    eigenvalue of the validation Hessian in alpha grows as weight moves onto the skips; the run
+    stops at an estimate whose window mean exceeds the one 5 estimates before by more than
+    1 / 0.75, and ends with that earlier architecture, whose derived cell (unguarded) has fewer
+    skip connections than the cell the full search collapses to."""
+    every, ratio = 5, 0.75
+    engine = {"eigen_every": every, "eigen_iters": 10, "early_stop_ratio": ratio}
+    config = DartsConfig(order=1, **engine)
+    window, lookback = config.eigen_window, config.eigen_lookback
+    trace: dict[int, torch.Tensor] = {}
+    loaded = spec_from_data(_identity_search(tmp_path, steps=120, max_skip=1, engine=engine))
+    result = bilevel.run(loaded, progress=False,
+                         on_step=lambda step, x, y: trace.__setitem__(step, torch.cat([p.reshape(-1) for p in x])))
+    assert result.result["status"] == "stopped_early" and "DARTS-ES" in result.result["stop_reason"]
+    stopped = result.result["steps"]
+    assert stopped < 120 and (stopped + 1) % every == 0  # at an estimate
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["eigenvalue"] for r in records if "eigenvalue" in r]  # every estimate before the stopping one
+    assert len(logged) == (stopped + 1) // every - 1 >= window + lookback - 1
+    assert logged[-1] > logged[0]  # the curvature grew
+    then = sum(logged[len(logged) + 1 - window - lookback : len(logged) + 1 - lookback]) / window
+    stated = re.search(r"grew from ([0-9.eE+-]+) to ([0-9.eE+-]+)", result.result["stop_reason"])
+    assert stated is not None and float(stated.group(1)) == pytest.approx(then, rel=1e-3)
+    assert float(stated.group(1)) / float(stated.group(2)) < ratio
+    assert torch.allclose(torch.cat([p.reshape(-1) for p in result.x]), trace[stopped - lookback * every])
+
+    restored = compile_spec(loaded).upper.view(result.x)["arch"]()
+    space = restored.space
+    collapsed = torch.tensor(collapsed_search[1][-1]["monitor"]["alpha_normal"])
+    assert (derive_genotype(restored, space, max_skip=None).skip_count()
+            < derive_genotype({"normal": collapsed}, space, max_skip=None).skip_count())
