@@ -186,24 +186,50 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
 
 
 # --- leaving a process that held a process group ---------------------------------------------------
-@pytest.mark.parametrize(("options", "code", "printed"), [
-    ((), 2, "levels: 3 levels"),  # the spec error, on rank 0 only
-    (("--debug",), 1, "bilevel.spec.errors.SpecError: "),  # the traceback, on every rank
-])
-def test_torchrun_a_failing_command_keeps_its_exit_code_on_every_rank(options: tuple[str, ...], code: int, printed: str,
-                                                                      tmp_path: Path) -> None:
+def test_torchrun_a_spec_error_exits_with_code_2_on_every_rank(tmp_path: Path) -> None:
     """A chain is refused once the process group exists (compiling inside the data-parallel
-    block), so each rank leaves through bilevel.distributed.leave_process: with the CLI's exit
-    code, or with 1 and the traceback under --debug, never aborted at interpreter shutdown."""
-    failed = subprocess.run([*_torchrun(*options, "run", "toy/three_level", "--out", str(tmp_path / "out"), "-q")],
+    block), so each rank leaves through bilevel.distributed.leave_process, with the CLI's exit
+    code and never aborted at interpreter shutdown; torchrun lists each rank's code."""
+    failed = subprocess.run(_torchrun("run", "toy/three_level", "--out", str(tmp_path / "out"), "-q"),
                             capture_output=True, text=True, timeout=120, env=_env())
     assert failed.returncode != 0, failed.stdout + failed.stderr
     # torchrun's failure table: one entry per failed rank with its exit code
     codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", failed.stderr))
-    assert codes == {"0": str(code), "1": str(code)}, failed.stderr
-    expected_count = 1 if code == 2 else WORLD
-    assert failed.stderr.count(printed) == expected_count, failed.stderr
+    assert codes == {"0": "2", "1": "2"}, failed.stderr
+    assert failed.stderr.count("levels: 3 levels") == 1, failed.stderr  # rank 0 speaks for both
     assert "terminate called" not in failed.stderr and not (tmp_path / "out" / "result.json").exists()
+
+
+class _Left(Exception):
+    """Stands for os._exit in the test process: carries the status."""
+
+
+@pytest.mark.parametrize(("args", "code", "printed"), [
+    (("engines",), 0, None),
+    (("validate", "missing.yaml"), 2, "error: missing.yaml"),
+    (("--debug", "validate", "missing.yaml"), 1, "bilevel.spec.errors.SpecError: missing.yaml"),  # the traceback
+])
+def test_the_cli_leaves_a_process_that_held_a_group_with_its_exit_status(
+    args: tuple[str, ...], code: int, printed: str | None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bilevel.cli.main after a data-parallel block created a process group: every ending, an
+    uncaught exception under --debug included, goes through os._exit with the status the
+    interpreter would have given."""
+    from bilevel import cli
+    from bilevel.distributed import launch
+
+    def left(status: int) -> None:
+        raise _Left(status)
+
+    monkeypatch.setattr(launch, "_created_group", True)
+    monkeypatch.setattr(launch.os, "_exit", left)
+    monkeypatch.setattr(launch.logging, "shutdown", lambda: None)  # keep pytest's log handlers
+    monkeypatch.setattr(sys, "argv", ["bilevel", *args])
+    with pytest.raises(_Left) as ended:
+        cli.main()
+    assert ended.value.args == (code,)
+    if printed is not None:
+        assert printed in capsys.readouterr().err
 
 
 _LEAVE = """
@@ -212,20 +238,24 @@ from bilevel.distributed import launch
 atexit.register(lambda: print("atexit ran", flush=True))
 logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
 logging.getLogger("check").info("logged before leaving")
-launch._created_group = sys.argv[2] == "created"
+launch._created_group = True
 print("buffered, no newline", end="")
 launch.leave_process(5)
 """
 
 
-@pytest.mark.parametrize("group", ["created", "none"])
-def test_leave_process_flushes_and_keeps_the_exit_code(group: str, tmp_path: Path) -> None:
+def test_leave_process_flushes_and_keeps_the_exit_code(tmp_path: Path) -> None:
     """After data_parallel created a process group: output and logs flushed, the status kept, the
-    interpreter's finalization (atexit handlers included) skipped. Without one: an ordinary exit."""
+    interpreter's finalization (atexit handlers included) skipped. Without one: sys.exit."""
     log = tmp_path / "log.txt"
-    done = subprocess.run([sys.executable, "-c", _LEAVE, str(log), group], capture_output=True, text=True,
-                          timeout=60, env=_env())
+    done = subprocess.run([sys.executable, "-c", _LEAVE, str(log)], capture_output=True, text=True, timeout=60, env=_env())
     assert done.returncode == 5, done.stderr
-    assert done.stdout.startswith("buffered, no newline")
-    assert ("atexit ran" in done.stdout) == (group == "none")
+    assert done.stdout == "buffered, no newline"  # flushed, and no atexit handler ran
     assert "logged before leaving" in log.read_text()
+
+    from bilevel.distributed import leave_process, process_group_was_created
+
+    assert not process_group_was_created()  # this test process never created one
+    with pytest.raises(SystemExit) as ordinary:
+        leave_process(5)
+    assert ordinary.value.code == 5
