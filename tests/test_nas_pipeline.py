@@ -82,6 +82,36 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     assert missing.exit_code == 2 and "step-000003.json" in missing.output
 
 
+    # a hand-written cell: the genotype alone; the search space and retrain settings come from the run
+    cell = {"normal": [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["conv_3x3", 0, 3], ["avg_pool_3x3", 2, 3],
+                       ["dil_conv_3x3", 1, 4], ["sep_conv_3x3", 3, 4]],
+            "reduce": [["max_pool_3x3", 0, 2], ["sep_conv_3x3", 1, 2], ["sep_conv_3x3", 0, 3], ["skip_connect", 2, 3],
+                       ["avg_pool_3x3", 0, 4], ["dil_conv_3x3", 2, 4]]}
+    mine = tmp_path / "my_cell.json"
+    mine.write_text(json.dumps(cell))
+    hand = runner.invoke(app, ["retrain", str(out), "--genotype", str(mine), "--epochs", "1", "--json"])
+    assert hand.exit_code == 0, hand.output
+    assert json.loads(hand.output)["genotype"] == cell  # conv_3x3 and max_pool_3x3: not searched, still buildable
+    mine.write_text(json.dumps({"genotype": cell}))
+    assert runner.invoke(app, ["retrain", str(out), "--genotype", str(mine), "--epochs", "1"]).exit_code == 0
+    for change, path, message in [
+        (lambda c: c["normal"][1].__setitem__(0, "sep_conv_9x9"), "genotype.normal.1", "unknown operation 'sep_conv_9x9'"),
+        (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 4, 3]), "genotype.normal.5", "[4, 3] is not an edge"),
+        (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 1, 4]), "genotype.normal.5", "edge [1, 4] appears twice"),
+        (lambda c: c.pop("reduce"), "genotype", "no reduce cell"),
+        (lambda c: c.__setitem__("normal", c["normal"][:4]), "genotype.normal", "intermediate node 4 has no incoming edge"),
+    ]:
+        broken = json.loads(json.dumps(cell))
+        change(broken)
+        mine.write_text(json.dumps(broken))
+        bad = runner.invoke(app, ["retrain", str(out), "--genotype", str(mine)])
+        assert bad.exit_code == 2 and "Traceback" not in bad.output, bad.output
+        assert f"{mine}: {path}: {message}" in bad.output, bad.output
+    mine.write_text(json.dumps(cell))
+    elsewhere = runner.invoke(app, ["retrain", str(tmp_path / "no-run"), "--genotype", str(mine)])
+    assert elsewhere.exit_code == 2 and "takes its search space and retrain settings from a search run's genotype.json" in elsewhere.output
+
+
 def test_rarts_runs_on_the_digits_preset(tmp_path: Path) -> None:
     loaded = load_spec(find_preset("nas/digits"), overrides=[*QUICK, "levels.upper.variables.arch.retrain=null"])
     result = bilevel.run(loaded, engine=RartsConfig(), device="cpu", out=tmp_path, progress=False)

@@ -20,7 +20,7 @@ import torch.nn.functional as nnf
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from bilevel.nas.genotype import Genotype
+from bilevel.nas.genotype import Genotype, check_genotype
 from bilevel.nas.network import CellNetwork
 from bilevel.nas.ops import conv_op, mlp_op
 from bilevel.refs import RefError, resolve_ref
@@ -163,24 +163,50 @@ def _train_once(
     }
 
 
-def load_genotype_file(path: Path) -> tuple[Genotype, ArchitectureVariable, Path]:
-    """A genotype file written by the NAS monitor or report: the genotype, the architecture
-    variable's spec (its search space and retrain settings), and the spec's directory."""
-    file = str(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise SpecError.single(file, "", f"cannot read the genotype file: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SpecError([SpecIssue(file, "", f"invalid JSON: {exc.msg}", exc.lineno)]) from None
-    if not isinstance(data, dict) or not {"genotype", "architecture"} <= set(data):
-        raise SpecError.single(file, "", "not a genotype file (expected the keys genotype and architecture, as the NAS monitor writes)")
+def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tuple[Genotype, ArchitectureVariable, Path]:
+    """A genotype file: the genotype, the architecture variable's spec (its search space and
+    retrain settings), and the spec's directory.
+
+    A file the NAS monitor or report wrote carries the architecture ({"genotype": ...,
+    "architecture": ..., "base_dir": ...}). A hand-written file may hold the genotype alone, as
+    {"genotype": {"normal": [[op, source, destination], ...], ...}} or just {"normal": [...], ...};
+    the architecture then comes from ``architecture_from`` (a search run's genotype.json). The
+    genotype is checked against the search space (``check_genotype``)."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise SpecError.single(str(path), "", "not a genotype file (expected a JSON object)")
+    source = path
+    if "architecture" not in data:
+        if architecture_from is None or not architecture_from.exists():
+            where = f"; {architecture_from} does not exist" if architecture_from is not None else ""
+            raise SpecError.single(str(path), "", "a genotype without an architecture key takes its search space and retrain"
+                                   f" settings from a search run's genotype.json{where}")
+        run = _read_json(architecture_from)
+        if not isinstance(run, dict) or "architecture" not in run:
+            raise SpecError.single(str(architecture_from), "", "not a genotype file of a search run (no architecture key)")
+        source, data = architecture_from, {**run, "genotype": data.get("genotype", data)}
     try:
         spec = ArchitectureVariable.model_validate(data["architecture"])
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise SpecError.single(file, "architecture." + ".".join(map(str, first["loc"])), first["msg"]) from None
-    return Genotype.from_json(data["genotype"]), spec, Path(data.get("base_dir") or path.parent)
+        raise SpecError.single(str(source), "architecture." + ".".join(map(str, first["loc"])), first["msg"]) from None
+    try:
+        genotype = Genotype.from_json(data["genotype"])
+    except (AttributeError, TypeError, ValueError):
+        raise SpecError.single(str(path), "genotype", "expected cell type -> list of [operation, source, destination]") from None
+    problem = check_genotype(genotype, spec.space)
+    if problem is not None:
+        raise SpecError.single(str(path), ".".join(p for p in ("genotype", problem[0]) if p), problem[1])
+    return genotype, spec, Path(data.get("base_dir") or source.parent)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except OSError as exc:
+        raise SpecError.single(str(path), "", f"cannot read the genotype file: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError([SpecIssue(str(path), "", f"invalid JSON: {exc.msg}", exc.lineno)]) from None
 
 
 def retrain_run(
@@ -190,7 +216,8 @@ def retrain_run(
     overrides: Mapping[str, Any] | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Retrain the genotype of a search run (the last one, or the one of ``step``) with the
+    """Retrain the genotype of a search run (the last one, the one of ``step``, or the one in
+    ``genotype_file``, which may be hand-written: see ``load_genotype_file``) with the
     architecture's retrain settings updated by ``overrides``; writes retrain[-step-N].json into the
     run directory and returns its contents (what `bilevel retrain` does)."""
     run_dir = Path(run_dir)
@@ -203,7 +230,7 @@ def retrain_run(
     if not path.exists():
         hint = " (the NAS monitor writes genotypes/step-N.json every run.monitor_every steps)" if step is not None else ""
         raise SpecError.single(str(path), "", f"no such genotype file{hint}")
-    genotype, spec, base_dir = load_genotype_file(path)
+    genotype, spec, base_dir = load_genotype_file(path, architecture_from=run_dir / "genotype.json")
     if spec.retrain is None:
         raise SpecError.single(str(path), "architecture.retrain", "the architecture declares no retrain settings"
                                " (add retrain: {data: ...} to the architecture variable)")
