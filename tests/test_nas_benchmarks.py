@@ -33,3 +33,12 @@ def test_gpu_measurement_script_runs_on_cpu(tmp_path: Path) -> None:
     rows = _script("nas_gpu").main(["--steps", "1", "--warmup", "1", "--device", "cpu", "--small", "--out", str(tmp_path / "gpu.json")])
     assert [row["config"] for row in rows][:2] == ["DARTS 2nd order", "DARTS 2nd order, PC (K=4)"]
     assert all(row["time_per_epoch_s"] > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_digits_script_without_random_cells_compares_nothing(tmp_path: Path, capsys) -> None:
+    payload = _script("nas_digits").main(["--methods", "DARTS 1st order", "--seeds", "1", "--random", "0", "--steps", "2",
+                                          "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert payload["summary"][0]["beats_random_mean"] is None and payload["random"]["mean"] is None
+    assert "nan" not in printed and "beats the random mean" not in printed and "no random cells drawn" in printed

@@ -7,9 +7,11 @@ alpha (upper) are the architecture's mixture weights, w (lower) the supernet's w
 objectives are ``bilevel.nas:supernet_loss`` on different data.
 
 Presets:
-* ``nas/digits``: the 8x8 digits bundled with scikit-learn, a 3-cell conv space that searches and
-  retrains in well under a minute on one CPU core. Split (shuffled, seed 0): 600 search-train /
-  600 search-validation / 597 test images; retraining uses the 1200 search images, testing the 597.
+* ``nas/digits``: the 8x8 digits bundled with scikit-learn, a 3-cell conv space. The preset's split
+  (shuffled, seed 0; ``n_train = n_val = 300``): 300 search-train / 300 search-validation / 1197
+  test images; retraining uses the 600 search images, testing the 1197 (the data functions'
+  defaults, 600 / 600 / 597, are for other uses). Search and retraining take a few minutes on one
+  CPU core (measured figures in README.md).
 * ``nas/tabular``: an MLP cell space on the same digits as 64 features (tabular data).
 * ``nas/cifar10``: the DARTS CIFAR-10 layout (8 cells, 16 channels, 8 operations, 25k/25k split).
   CIFAR-10 is read from a local folder holding the python-pickle batches (``cifar-10-batches-py``)
