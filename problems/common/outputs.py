@@ -1,11 +1,12 @@
 """What the image problems write into a run directory: PNG image grids and result tables
 (Markdown for people, JSON for scripts); the Markdown tables the comparison and benchmark
-scripts print."""
+scripts print, and the ``bilevel run`` command line of each run behind them."""
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["format_cell", "markdown_table", "mean_std", "save_image_grid", "write_table"]
+__all__ = ["format_cell", "markdown_table", "mean_std", "run_command", "save_image_grid", "write_table"]
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -101,3 +102,18 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, stem: st
     table = markdown_table(columns, ([format_cell(row.get(c, "")) for c in columns] for row in rows))
     (out_dir / f"{stem}.md").write_text((f"# {title}\n\n" if title else "") + table + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps(list(rows), indent=2) + "\n")
+
+
+def run_command(preset: str, overrides: Sequence[str], engine: str | None = None, out: str | None = None) -> str:
+    """The ``bilevel run`` command line that runs ``preset`` with the spec ``overrides`` (and
+    ``--engine``, ``--out``): what a comparison script runs through the Python API
+    (``bilevel.run(load_spec(find_preset(preset), overrides=overrides), engine=...)``), as a shell
+    command that reproduces one row of its table."""
+    words = ["bilevel", "run", preset]
+    if engine is not None:
+        words += ["--engine", engine]
+    if out is not None:
+        words += ["--out", out]
+    for item in overrides:
+        words += ["--set", item]
+    return shlex.join(words)
