@@ -8,17 +8,30 @@ fraction of a training set can hurt a model, to evaluate and build defenses.
   Trigger Optimization"): optimize an additive trigger through a simulation of the victim's
   training on data where the trigger is applied to a fraction of the examples.
 
-The budget (:class:`PoisonBudget`: fraction in [0, 1], epsilon >= 0) is declared in the spec,
-validated at its dotted path and enforced by construction and projection. See README.md."""
+The budget (:class:`PoisonBudget`: fraction in [0, 1], epsilon in [0, 1], both finite) is
+declared in the spec, validated at its dotted path and enforced by construction and projection.
+See README.md."""
 
 from __future__ import annotations
 
 from problems.poison.budget import PoisonBudget
 from problems.poison.data import PoisonData, poisoned_index, test_data, train, val, zero_perturbation
-from problems.poison.evaluate import availability_report, backdoor_report, budget_check, corner_patch, train_victims
+from problems.poison.evaluate import (
+    AVAILABILITY_ROWS,
+    BACKDOOR_ROWS,
+    availability_report,
+    backdoor_report,
+    budget_check,
+    checkerboard,
+    corner_patch,
+    random_pattern,
+    train_victims,
+)
 from problems.poison.objectives import apply_perturbation, availability_loss, backdoor_loss, perturbation, victim_logits, victim_loss
 
 __all__ = [
+    "AVAILABILITY_ROWS",
+    "BACKDOOR_ROWS",
     "PoisonBudget",
     "PoisonData",
     "apply_perturbation",
@@ -27,9 +40,11 @@ __all__ = [
     "backdoor_loss",
     "backdoor_report",
     "budget_check",
+    "checkerboard",
     "corner_patch",
     "perturbation",
     "poisoned_index",
+    "random_pattern",
     "test_data",
     "train",
     "train_victims",

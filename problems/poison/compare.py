@@ -1,14 +1,20 @@
 """The poisoning comparison of the README, over seeds: availability poisons against clean
-training, random noise and label flips with the same budget; the optimized backdoor trigger
-against a corner patch and a random pattern with the same budget. Each seed changes the data
+training, random noise (uniform in the epsilon ball, and random +-epsilon signs) and label flips
+with the same budget; the optimized backdoor trigger against fixed triggers with the same budget
+(the BadNets corner patch, a checkerboard and a random sign pattern). Each seed changes the data
 split, the poisoned examples, the noise and the victims' initializations. Prints Markdown tables
 (mean +- std over seeds) and writes JSON.
 
     python -m problems.poison.compare                       # the README's tables (3 seeds)
     python -m problems.poison.compare --seeds 0 --steps 40  # quicker
     python -m problems.poison.compare --engine unrolled     # back-gradient through the training steps
+    python -m problems.poison.compare --commands            # the bilevel run command of every run
 
-Every run also checks its budget on the poisons it writes; the script fails if one does not."""
+Every row of every table is the report of one ``bilevel run`` of a preset
+(``poison/digits_availability``, ``poison/digits_backdoor``) with its seed set by ``--set``
+overrides: the script runs exactly that command through the Python API, and ``--commands`` prints
+the command lines instead of running them. Every run also checks its budget on the poisons it
+writes; the script fails if one does not."""
 
 from __future__ import annotations
 
@@ -31,27 +37,31 @@ from pydantic import TypeAdapter  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import EngineSpec, load_spec  # noqa: E402
-from problems.common.outputs import markdown_table  # noqa: E402
+from problems.common.outputs import markdown_table, run_command  # noqa: E402
+from problems.poison.evaluate import AVAILABILITY_ROWS, BACKDOOR_ROWS  # noqa: E402
 
-__all__ = ["AVAILABILITY", "BACKDOOR", "run_attack", "seed_overrides"]
-
-AVAILABILITY = {"clean": "clean", "random_noise": "random noise", "label_flip": "label flip", "optimized_poisons": "optimized poisons"}
-BACKDOOR = {"optimized_trigger": "optimized trigger", "corner_patch": "corner patch", "random_pattern": "random pattern"}
+__all__ = ["attack_overrides", "run_attack", "seed_overrides"]
 
 
 def seed_overrides(preset: str, seed: int) -> list[str]:
-    """The seed of the data (split and poisoned examples), of the noise and of the run."""
+    """The seed of the data (split and poisoned examples), of the noise and of the run, set in
+    every copy of the data arguments (the data sources, the init function and the report)."""
     variable = "delta" if "availability" in preset else "trigger"
     places = ("levels.upper.data.kwargs", "levels.lower.data.kwargs", f"levels.upper.variables.{variable}.init_kwargs", "report_kwargs.data")
     return [f"{place}.seed={seed}" for place in places] + [f"run.seed={seed}", f"report_kwargs.noise_seed={seed}"]
 
 
+def attack_overrides(preset: str, seed: int, steps: int, models: int, device: str) -> list[str]:
+    """All the ``--set`` overrides of one run of the comparison."""
+    return [*seed_overrides(preset, seed), f"run.steps={steps}", f"report_kwargs.models={models}", f"run.device={device}",
+            "run.checkpoint_every=null"]
+
+
 def run_attack(preset: str, seed: int, steps: int, models: int, device: str, engine: str | None) -> dict[str, Any]:
-    overrides = [*seed_overrides(preset, seed), f"run.steps={steps}", f"report_kwargs.models={models}", f"run.device={device}",
-                 "run.checkpoint_every=null"]
+    """The report of ``bilevel run PRESET --set ...`` (the overrides of :func:`attack_overrides`)."""
     config = None if engine is None else TypeAdapter(EngineSpec).validate_python({"kind": engine})
-    outcome = run(load_spec(find_preset(preset), overrides=overrides), engine=config, out=tempfile.mkdtemp(), progress=False)
-    report = outcome.result["report"]
+    loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device))
+    report = run(loaded, engine=config, out=tempfile.mkdtemp(), progress=False).result["report"]
     if not report["budget_respected"]:
         raise AssertionError(f"{preset} seed {seed}: budget exceeded: {report}")
     return report
@@ -70,7 +80,7 @@ def _mlp(report: dict[str, Any], key: str) -> float | None:
 
 def availability_table(reports: list[dict[str, Any]]) -> str:
     rows = []
-    for key, label in AVAILABILITY.items():
+    for key, label in AVAILABILITY_ROWS.items():
         linear = [r[f"{key}_linear_accuracy"] for r in reports]
         mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_accuracy")) is not None]
         rows.append([label, _summary(linear), _summary(mlp) if mlp else ""])
@@ -79,7 +89,7 @@ def availability_table(reports: list[dict[str, Any]]) -> str:
 
 def backdoor_table(reports: list[dict[str, Any]]) -> str:
     rows = []
-    for key, label in BACKDOOR.items():
+    for key, label in BACKDOOR_ROWS.items():
         cells = [label, _summary([r[f"{key}_linear_accuracy"] for r in reports]), _summary([r[f"{key}_linear_attack_success"] for r in reports])]
         for metric in ("accuracy", "attack_success"):
             mlp = [m for r in reports if (m := _mlp(r, f"{key}_mlp_{metric}")) is not None]
@@ -97,9 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", nargs="+", default=["availability", "backdoor"], choices=["availability", "backdoor"])
     parser.add_argument("--engine", default=None, help="engine kind (default: the planner's choice, implicit)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--commands", action="store_true", help="print the bilevel run command of every run, run nothing")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    results: dict[str, Any] = {"settings": vars(args) | {"json": str(args.json)}}
+    commands = {attack: [run_command(f"poison/digits_{attack}", attack_overrides(f"poison/digits_{attack}", seed, args.steps, args.models,
+                                                                                   args.device), args.engine, f"runs/poison-{attack}-seed{seed}")
+                         for seed in args.seeds] for attack in args.attacks}
+    if args.commands:
+        print("\n".join(line for lines in commands.values() for line in lines))
+        return 0
+    results: dict[str, Any] = {"settings": vars(args) | {"json": str(args.json)}, "commands": commands}
     text = []
     for attack in args.attacks:
         preset = f"poison/digits_{attack}"

@@ -10,7 +10,8 @@ which can never exceed the budget: examples outside the poisoned fraction have e
 stay exactly as they are. For a backdoor the poisoned examples (drawn from classes other than
 the target) are relabeled to the target class, and the trigger is one z shared by all of them.
 All arguments are validated (:class:`PoisonData`): a bad budget is a spec error at its dotted
-path."""
+path, and so are images whose pixel values leave [0, 1] (the units of the budget's epsilon and of
+the clipping)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 from torch import Tensor
 
 from problems.common.data import Split
@@ -56,8 +58,19 @@ class PoisonData(BaseModel):
     """The .npz file of ``dataset: npz`` (arrays x and y)."""
 
     def split(self) -> Split:
-        """The images split train / val / test (``problems.common.images.image_split``)."""
-        return image_split(self.dataset, self.n_train, self.n_val, self.seed, self.path)
+        """The images split train / val / test (``problems.common.images.image_split``), checked
+        to have pixel values in [0, 1]; otherwise a validation error at ``path`` (``dataset`` for
+        the bundled digits), which a spec reports at that argument's dotted path."""
+        split = image_split(self.dataset, self.n_train, self.n_val, self.seed, self.path)
+        low = min(float(part["x"].min()) for part in split.values())
+        high = max(float(part["x"].max()) for part in split.values())
+        if low < 0.0 or high > 1.0:
+            field = "path" if self.dataset == "npz" else "dataset"
+            message = (f"the images' pixel values span [{low:g}, {high:g}]; expected values in [0, 1], the units of the"
+                       " budget's epsilon and of the clipping of poisoned images (store uint8 images, or divide by 255)")
+            error = InitErrorDetails(type=PydanticCustomError("pixel_range", message), loc=(field,), input=getattr(self, field))
+            raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return split
 
 
 def poisoned_index(y: Tensor, budget: PoisonBudget, attack: str, target: int, seed: int) -> Tensor:

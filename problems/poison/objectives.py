@@ -28,13 +28,15 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from bilevel.spec.errors import VariableError
-from problems.common.classifier import classifier_logits, classifier_squared_norm
+from problems.common.classifier import check_classifier_input, classifier_logits, classifier_squared_norm
 
 __all__ = ["apply_perturbation", "availability_loss", "backdoor_loss", "perturbation", "victim_logits", "victim_loss"]
 
 
 def victim_logits(lower: Any, x: Tensor) -> Tensor:
-    """The victim's logits: a module variable ``victim``, or a linear model ``W``, ``b``."""
+    """The victim's logits: a module variable ``victim``, or a linear model ``W``, ``b``. Images
+    the victim was not built for are a VariableError at its declared input shape."""
+    check_classifier_input(lower, x, "victim", "the data's images")
     return classifier_logits(lower, x, "victim")
 
 
@@ -50,9 +52,9 @@ def perturbation(upper: Any, x: Tensor) -> Tensor:
     else:
         raise ValueError("the attacker needs an upper variable named delta (availability) or trigger (backdoor)")
     if list(z.shape) != expected:
-        what = "one perturbation per training example" if name == "delta" else "one pattern"
-        raise VariableError(name, f"has shape {list(z.shape)}, but the training images are {list(x.shape[1:])}"
-                                  f" and there are {x.shape[0]} of them: expected {expected} ({what})")
+        what = (f"one perturbation per training example; there are {x.shape[0]} training images" if name == "delta"
+                else "one pattern")
+        raise VariableError(name, f"has shape {list(z.shape)}, but the images are {list(x.shape[1:])}: expected {expected} ({what})")
     return z.clamp(-1.0, 1.0)
 
 
