@@ -5,10 +5,13 @@ initialized MLPs (mean +- std over 5 models). Prints a Markdown table and writes
     python -m problems.distill.compare                                   # the README's table
     python -m problems.distill.compare --ipc 1 --models 3 --steps 100    # quicker
     python -m problems.distill.compare --methods kip --json kip.json
+    python -m problems.distill.compare --commands                        # the bilevel run command of every row
 
-Each method is its preset (problems/distill/<preset>.yaml) run through ``bilevel.run`` with the
-synthetic set resized to ``ipc`` images per class; the random subsets and the evaluation models
-use the same seeds for every method, so the columns are paired."""
+Each row is the report of one ``bilevel run`` of the method's preset
+(problems/distill/<preset>.yaml) with the synthetic set resized to ``ipc`` images per class by
+``--set`` overrides: the script runs exactly that command through the Python API, and
+``--commands`` prints the command lines instead of running them. The random subsets and the
+evaluation models use the same seeds for every method, so the columns are paired."""
 
 from __future__ import annotations
 
@@ -30,9 +33,9 @@ import torch  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec  # noqa: E402
-from problems.common.outputs import format_cell, markdown_table  # noqa: E402
+from problems.common.outputs import format_cell, markdown_table, run_command  # noqa: E402
 
-__all__ = ["METHODS", "compare", "method_overrides", "transfer"]
+__all__ = ["METHODS", "commands", "compare", "method_overrides", "transfer", "transfer_overrides"]
 
 METHODS = {
     "implicit": ("distill/digits_implicit", "linear student + L2, implicit (CG) hypergradient"),
@@ -42,10 +45,12 @@ METHODS = {
 
 
 def method_overrides(method: str, ipc: int, steps: int, models: int, device: str) -> list[str]:
-    """Spec overrides resizing a method's preset to ``ipc`` images per class."""
+    """Spec overrides resizing a method's preset to ``ipc`` images per class, with the whole real
+    pool evaluated as a reference (``report_kwargs.full_pool``)."""
     n = 10 * ipc
     out = [f"levels.upper.variables.images.shape=[{n}, 1, 8, 8]", f"levels.upper.variables.images.init_kwargs.per_class={ipc}",
-           f"run.steps={steps}", f"run.device={device}", f"report_kwargs.models={models}", "run.checkpoint_every=null"]
+           f"run.steps={steps}", f"run.device={device}", f"report_kwargs.models={models}", "report_kwargs.full_pool=true",
+           "run.checkpoint_every=null"]
     if method == "unrolled":
         out += [f"levels.upper.variables.labels.shape=[{n}, 10]", f"levels.upper.variables.labels.init_kwargs.per_class={ipc}"]
     if method == "kip":
@@ -54,20 +59,44 @@ def method_overrides(method: str, ipc: int, steps: int, models: int, device: str
     return out
 
 
+def transfer_overrides(ipc: int, steps: int, models: int, device: str) -> list[str]:
+    """Spec overrides resizing the KRR-ST preset to ``ipc`` images per class."""
+    n = 10 * ipc
+    return [f"levels.upper.variables.images.shape=[{n}, 1, 8, 8]", f"levels.upper.variables.images.init_kwargs.per_class={ipc}",
+            f"levels.upper.variables.targets.shape=[{n}, 32]", f"levels.upper.variables.targets.init_kwargs.per_class={ipc}",
+            f"levels.lower.variables.alpha.shape=[{n}, 32]", f"run.steps={steps}", f"run.device={device}",
+            f"report_kwargs.models={models}", "run.checkpoint_every=null"]
+
+
+def commands(ipcs: list[int], methods: list[str], models: int, steps: int, device: str, transfer: bool) -> list[str]:
+    """The ``bilevel run`` command line behind every row of the tables."""
+    lines = [run_command(METHODS[method][0], method_overrides(method, ipc, steps, models, device), out=f"runs/distill-{method}-ipc{ipc}")
+             for ipc in ipcs for method in methods]
+    if transfer:
+        lines += [run_command("distill/digits_krr_st", transfer_overrides(ipc, steps, models, device), out=f"runs/distill-krr-st-ipc{ipc}")
+                  for ipc in ipcs]
+    return lines
+
+
 def compare(ipcs: list[int], methods: list[str], models: int, steps: int, device: str, log: Any = print) -> dict[str, Any]:
+    """One ``bilevel run`` of each method's preset per number of images per class; a row of
+    reports per ``ipc``, with the command line that reproduces each."""
     results: dict[str, Any] = {"rows": [], "settings": {"ipc": ipcs, "methods": methods, "models": models, "steps": steps}}
     for ipc in ipcs:
         row: dict[str, Any] = {"ipc": ipc}
         for method in methods:
             preset, _ = METHODS[method]
-            loaded = load_spec(find_preset(preset), overrides=method_overrides(method, ipc, steps, models, device))
+            overrides = method_overrides(method, ipc, steps, models, device)
             began = time.perf_counter()
-            outcome = run(loaded, out=tempfile.mkdtemp(prefix=f"distill-{method}-{ipc}-"), progress=False)
+            outcome = run(load_spec(find_preset(preset), overrides=overrides), out=tempfile.mkdtemp(prefix=f"distill-{method}-{ipc}-"),
+                          progress=False)
             report = outcome.result["report"]
             row[f"{method} random real subset"] = report["random_subset_accuracy"]
             row[method] = report["distilled_accuracy"]
             row[f"{method} (own lower solution)"] = report["lower_solution_test_accuracy"]
+            row[f"{method} whole real pool"] = report["full_pool_accuracy"]
             row[f"{method} wall time s"] = time.perf_counter() - began
+            row[f"{method} command"] = run_command(preset, overrides)
             log(f"ipc {ipc} {method}: distilled {report['distilled_accuracy']['mean']:.3f} +- {report['distilled_accuracy']['std']:.3f}"
                 f"  random {report['random_subset_accuracy']['mean']:.3f} +- {report['random_subset_accuracy']['std']:.3f}"
                 f"  ({row[f'{method} wall time s']:.0f} s)")
@@ -79,25 +108,23 @@ def transfer(ipcs: list[int], models: int, steps: int, device: str, log: Any = p
     """KRR-ST: linear-probe accuracy after pretraining on the distilled set vs alternatives."""
     rows = []
     for ipc in ipcs:
-        n = 10 * ipc
-        overrides = [f"levels.upper.variables.images.shape=[{n}, 1, 8, 8]", f"levels.upper.variables.images.init_kwargs.per_class={ipc}",
-                     f"levels.upper.variables.targets.shape=[{n}, 32]", f"levels.upper.variables.targets.init_kwargs.per_class={ipc}",
-                     f"levels.lower.variables.alpha.shape=[{n}, 32]", f"run.steps={steps}", f"run.device={device}",
-                     f"report_kwargs.models={models}", "run.checkpoint_every=null"]
+        overrides = transfer_overrides(ipc, steps, models, device)
         outcome = run(load_spec(find_preset("distill/digits_krr_st"), overrides=overrides), out=tempfile.mkdtemp(), progress=False)
         report = outcome.result["report"]
-        rows.append({"ipc": ipc, **{k: v for k, v in report.items() if k.endswith("probe_accuracy")}})
+        rows.append({"ipc": ipc, **{k: v for k, v in report.items() if k.endswith("probe_accuracy")},
+                     "command": run_command("distill/digits_krr_st", overrides)})
         log(f"KRR-ST ipc {ipc}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in rows[-1].items() if isinstance(v, dict)))
     return rows
 
 
 def table(results: dict[str, Any]) -> str:
-    """One row per (images per class, method): the distilled set and random real subsets of the
-    same size, evaluated the same way (the method's evaluation loss), and the method's own lower
-    solution (the trained student, or the kernel regressor) on the synthetic set."""
-    columns = ["images per class", "method", "distilled set", "random real subset", "own lower solution"]
+    """One row per (images per class, method): the distilled set, random real subsets of the same
+    size and the whole real pool, evaluated the same way (the method's evaluation loss), and the
+    method's own lower solution (the trained student, or the kernel regressor) on the synthetic set."""
+    columns = ["images per class", "method", "distilled set", "random real subset", "whole real pool", "own lower solution"]
     return markdown_table(columns, ([row["ipc"], METHODS[method][1], *(format_cell(row[key]) for key in
-                                     (method, f"{method} random real subset", f"{method} (own lower solution)"))]
+                                     (method, f"{method} random real subset", f"{method} whole real pool",
+                                      f"{method} (own lower solution)"))]
                                     for row in results["rows"] for method in results["settings"]["methods"]))
 
 
@@ -116,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="outer steps of each distillation (default 300)")
     parser.add_argument("--transfer", action="store_true", help="also the KRR-ST transfer table")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--commands", action="store_true", help="print the bilevel run command of every row, run nothing")
     parser.add_argument("--json", type=Path, default=None, help="write all figures here")
     args = parser.parse_args(argv)
+    if args.commands:
+        print("\n".join(commands(args.ipc, args.methods, args.models, args.steps, args.device, args.transfer)))
+        return 0
     results = compare(args.ipc, args.methods, args.models, args.steps, args.device)
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor() or platform.machine(),
                               "device": args.device, "command": "python -m problems.distill.compare " + " ".join(argv if argv is not None else sys.argv[1:])}

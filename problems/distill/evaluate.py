@@ -2,12 +2,13 @@
 
 ``report``: train fresh, randomly initialized models only on the synthetic set and report their
 mean +- std test accuracy over ``models`` initializations, against the same models trained on
-random class-balanced real subsets of the same size (one subset per model); also the accuracy of
-the problem's own lower solution (the trained student, or the kernel regressor on the synthetic
-set). ``transfer_report`` (KRR-ST): pretrain fresh encoders on (synthetic images, target
-representations) by regression, then fit a linear probe on a few labeled real images per class
-on their frozen features, against pretraining on random real subsets with the teacher's targets
-and against no pretraining.
+random class-balanced real subsets of the same size (one subset per model), and with
+``full_pool`` on the whole real training pool (the reference the distilled set tries to match);
+also the accuracy of the problem's own lower solution (the trained student, or the kernel
+regressor on the synthetic set). ``transfer_report`` (KRR-ST): pretrain fresh encoders on
+(synthetic images, target representations) by regression, then fit a linear probe on a few
+labeled real images per class on their frozen features, against pretraining on random real
+subsets with the teacher's targets and against no pretraining.
 
 Both write into the run directory: ``synthetic.png`` (the synthetic images, one row per class)
 and ``accuracy.md`` / ``accuracy.json`` (the table)."""
@@ -83,9 +84,11 @@ def report(
     eval_model_kwargs: Mapping[str, Any] | None = None,
     kernel_name: Literal["nngp", "rbf"] = "nngp",
     gamma: float = 1.0,
+    full_pool: bool = False,
 ) -> dict[str, Any]:
     """Accuracy of ``models`` fresh models trained on the synthetic set vs on random real subsets
-    of the same size; the lower solution's own test accuracy; PNG grid and table in out_dir."""
+    of the same size (and with ``full_pool`` on the whole real pool, the same initializations and
+    loss); the lower solution's own test accuracy; PNG grid and table in out_dir."""
     split = real_split(**_split_kwargs(data))
     pool, test = split["train"], split["test"]
     images = upper["images"].detach()
@@ -105,7 +108,9 @@ def report(
     if eval_loss == "mse" and not targets.is_floating_point():
         targets = one_hot(targets, classes).to(images)
     settings = {"model": eval_model, "loss": eval_loss, "steps": eval_steps, "lr": eval_lr, "model_kwargs": eval_model_kwargs}
-    distilled, random_real = [], []
+    distilled, random_real, whole = [], [], []
+    pool_x = pool["x"].to(images.device, images.dtype)
+    pool_t = one_hot(pool["y"], classes).to(images) if eval_loss == "mse" else pool["y"].to(images.device)
     for index in range(models):
         seed = 1000 + index
         distilled.append(evaluate_set(images, targets, test, classes, seed, **settings))
@@ -115,6 +120,8 @@ def report(
         if eval_loss == "mse":
             real_t = one_hot(real_t, classes).to(images)
         random_real.append(evaluate_set(real_x, real_t, test, classes, seed, **settings))
+        if full_pool:
+            whole.append(evaluate_set(pool_x, pool_t, test, classes, seed, **settings))
     out = {
         "images_per_class": per_class,
         "lower_solution_test_accuracy": own,
@@ -125,6 +132,8 @@ def report(
         "eval_model": eval_model,
         "models": models,
     }
+    if full_pool:
+        out["full_pool_accuracy"] = mean_std(whole)
     if out_dir is not None:
         out_dir = Path(out_dir)
         _grid(images, classes, out_dir, "synthetic.png", f"distilled set, {per_class} per class")
@@ -134,6 +143,8 @@ def report(
             [
                 {"training set": f"distilled ({n} images)", "evaluation": label, "test accuracy": out["distilled_accuracy"]},
                 {"training set": f"random real subset ({n} images)", "evaluation": label, "test accuracy": out["random_subset_accuracy"]},
+                *([{"training set": f"whole real pool ({pool_x.shape[0]} images)", "evaluation": label,
+                    "test accuracy": out["full_pool_accuracy"]}] if full_pool else []),
                 {"training set": f"distilled ({n} images)", "evaluation": lower_name, "test accuracy": own},
             ],
             out_dir,

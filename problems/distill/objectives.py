@@ -25,7 +25,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 
 from bilevel.spec.errors import VariableError
-from problems.common.classifier import classifier_logits, classifier_squared_norm
+from problems.common.classifier import check_classifier_input, classifier_logits, classifier_squared_norm
 
 __all__ = ["check_images", "real_loss", "student_logits", "student_loss", "synthetic_targets"]
 
@@ -59,7 +59,10 @@ def synthetic_targets(upper: Any, classes: int) -> Tensor:
 
 
 def student_loss(upper: Any, lower: Any, batch: Any, mu: float = 1e-3) -> Tensor:
-    """G: the student's cross-entropy on the synthetic set + mu/2 ||theta||^2."""
+    """G: the student's cross-entropy on the synthetic set + mu/2 ||theta||^2. Synthetic images the
+    student cannot take are a VariableError at ``images`` (the upper objective compares them with
+    the real images)."""
+    check_classifier_input(lower, upper["images"], "student", variable="images")
     logits = student_logits(lower, upper["images"])
     loss = nnf.cross_entropy(logits, synthetic_targets(upper, logits.shape[1]))
     if mu:
@@ -68,6 +71,9 @@ def student_loss(upper: Any, lower: Any, batch: Any, mu: float = 1e-3) -> Tensor
 
 
 def real_loss(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
-    """F: the trained student's cross-entropy on (a batch of) the real training pool."""
+    """F: the trained student's cross-entropy on (a batch of) the real training pool. Synthetic
+    images unlike the real ones are a VariableError at ``images``; a student that cannot take the
+    real images, one at its declared input shape."""
     check_images(upper["images"], batch["x"])
+    check_classifier_input(lower, batch["x"], "student", "the real images")
     return nnf.cross_entropy(student_logits(lower, batch["x"]), batch["y"])
