@@ -266,7 +266,8 @@ def _hyperparameter_kind(facts: ProblemFacts, name: str) -> str:
 
 def _check_hyperparameter_support(kind: str, facts: ProblemFacts, loaded: LoadedSpec) -> None:
     """Refuse an engine that cannot take the declared hyperparameters, or that needs a
-    best-response model the lower level does not have."""
+    best-response model the lower level does not have, or one whose response cannot learn the
+    effect of an inner optimizer's tuned step settings (lr, momentum)."""
     caps = engine_capabilities()[kind]
     upper = f"levels.{facts.upper_level}.variables"
     issues = []
@@ -289,6 +290,13 @@ def _check_hyperparameter_support(kind: str, facts: ProblemFacts, loaded: Loaded
             loaded.issue(f"{upper}.{name}",
                          f"the {kind} engine perturbs tensor and hyperparameter variables; a module variable upstairs is not supported")
             for name in facts.upper_modules
+        ]
+        issues += [
+            loaded.issue(f"levels.{facts.lower_level}.solver.tuned.{name}",
+                         f"the {kind} engine fits a best response to the training objective, which the optimizer's {name} does"
+                         " not enter (it changes the path, not the objective): the response cannot learn its effect. Tune"
+                         f" {name} with the unrolled engine; weight_decay can be tuned here (it is a term of the training objective)")
+            for name in facts.tuned_step
         ]
     if issues:
         raise SpecError(issues)

@@ -304,6 +304,32 @@ def test_discrete_hyperparameter_given_to_an_engine_that_cannot_take_it_exits_2(
     assert "engines that can: stn" in output
 
 
+@pytest.mark.parametrize("engine", ["stn", "auto"])
+def test_stn_refuses_a_tuned_step_size_exit_2_with_the_dotted_path(engine: str, tmp_path: Path) -> None:
+    """STN fits its response to the training objective, which an optimizer's lr does not enter: the
+    response could not learn its effect. A tuned weight decay is a term of that objective and is
+    accepted (tests/test_stn.py)."""
+    import sys
+
+    sys.path.insert(0, str(HERE / "runtime_data"))
+    import stn_ridge
+
+    data = stn_ridge.spec()
+    data["engine"] = {"kind": engine}
+    data["levels"]["upper"]["variables"]["wd"]["differentiable"] = False  # auto: the planner picks stn
+    data["levels"]["upper"]["variables"]["step"] = {"kind": "hyperparameter", "log": True, "low": 1e-3, "high": 1.0, "init": 0.05}
+    data["levels"]["lower"]["variables"]["w"]["kwargs"]["n_hyper"] = 2
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert runner.invoke(app, ["validate", str(spec)]).exit_code == 0  # weight decay alone: accepted
+    data["levels"]["lower"]["solver"]["tuned"]["lr"] = "step"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    (line,) = [line for line in result.output.splitlines() if "levels.lower.solver.tuned.lr" in line]
+    assert "spec.yaml" in line and "stn engine" in line and "unrolled" in line
+
+
 def test_good_hyperparameter_spec_validates(tmp_path: Path) -> None:
     data = copy.deepcopy(GOOD)
     data["levels"]["upper"]["variables"]["lam"] = {"kind": "hyperparameter", "low": -3.0, "high": 3.0, "init": "1e-3"}
