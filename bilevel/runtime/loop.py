@@ -386,9 +386,12 @@ def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: A
     one upper minibatch at a time when the upper data declares a batch size (weighted by the
     batches' sizes: ``bilevel.data.evaluate_on_all_data``), so that the evaluation needs no more
     memory than a training step. For a chain of levels, the engine solves all the levels below
-    the top its own way."""
+    the top its own way. A best-response model (STN) is already the lower solution at x, trained
+    for as many steps as the run took: it is evaluated as it is, with no further training."""
     if isinstance(problem, ChainProblem):
         y = engine.solve_below(problem, x, state)
+    elif engine.capabilities.needs_best_response:
+        y = state.lower
     else:
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)

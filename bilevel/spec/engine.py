@@ -240,8 +240,10 @@ class StnConfig(SpecModel):
     warmup_steps: Annotated[int, Field(ge=0)] = 0
     """Training steps of phi (with perturbed hyperparameters) before the first hyperparameter step
     (the paper warms up for 5 epochs)."""
-    perturbation_scale: Annotated[float, Field(gt=0)] = 0.5
-    """Initial sigma, the standard deviation of the perturbation in raw (unconstrained) units."""
+    perturbation_scale: Annotated[float, Field(gt=0)] = 0.25
+    """Initial sigma, the standard deviation of the perturbation in raw (unconstrained) units
+    (paper: 0.5). A smaller start trains the model at less noisy settings and lets the draws of a
+    discrete hyperparameter settle on one value (docs/engines/stn.md)."""
     learn_scale: bool = True
     """Learn sigma on the validation objective (else keep it fixed)."""
     scale_lr: Annotated[float, Field(gt=0)] = 3e-3
