@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import PydanticSchemaGenerationError, TypeAdapter, ValidationError
 from torch import Tensor
 
 from bilevel.data import DataStream
@@ -82,6 +83,33 @@ class _Compiler:
             self.fail(path, f"{fn.__qualname__}{signature} does not match the expected signature {what}{extra}: {exc}")
             return None
         return functools.partial(fn, **kwargs) if kwargs else fn
+
+    def check_annotated_kwargs(self, fn: Callable[..., Any], kwargs: Mapping[str, Any], ref: str, kwargs_path: str) -> None:
+        """Validate keyword arguments from the spec against fn's type annotations, for functions that
+        ``bilevel validate`` does not call (reports, monitors): ``models: int`` refuses "three", and a
+        parameter annotated with a pydantic model validates a mapping field by field, each error at
+        its dotted path under ``kwargs_path``. The function still receives the values as written;
+        annotations pydantic cannot build a validator for are not checked."""
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # unresolvable annotations: nothing to check against
+            return
+        for name, value in kwargs.items():
+            if name not in hints:
+                continue
+            try:
+                adapter = TypeAdapter(hints[name])
+            except (PydanticSchemaGenerationError, TypeError, NameError):
+                continue
+            try:
+                adapter.validate_python(value)
+            except ValidationError as exc:
+                for error in exc.errors(include_url=False):
+                    where = ".".join([kwargs_path, name, *(str(part) for part in error["loc"])])
+                    if error["type"] == "extra_forbidden":
+                        self.fail(where, f"unknown field of the {name} argument of {ref} (check the spelling)")
+                    else:
+                        self.fail(where, f"{describe_error(error)} (the {name} argument of {ref})")
 
     # --- variables -------------------------------------------------------------------------
     def tensor(self, var: TensorVariable, path: str) -> Tensor | None:
@@ -430,6 +458,8 @@ def compile_spec(
             wants_dir = _names_parameter(report, "out_dir")
             extra = {"out_dir": None} if wants_dir else {}
             checked = compiler.bind(report, 2, {**extra, **spec.report_kwargs}, "report", "f(upper, lower)")
+            if checked is not None:
+                compiler.check_annotated_kwargs(report, spec.report_kwargs, spec.report, "report_kwargs")
             report = None if checked is None else _report_call(report, spec.report_kwargs, wants_dir)
     if spec.monitor is not None:
         monitor = compiler.ref(spec.monitor, "monitor")
@@ -438,7 +468,9 @@ def compile_spec(
                                     "f(upper, lower, *, step, out_dir)")
             if checked is None:
                 monitor = None
-            elif spec.monitor_kwargs:
+            else:
+                compiler.check_annotated_kwargs(monitor, spec.monitor_kwargs, spec.monitor, "monitor_kwargs")
+            if monitor is not None and spec.monitor_kwargs:
                 monitor = functools.partial(monitor, **spec.monitor_kwargs)
     if compiler.issues:
         raise SpecError(compiler.issues)

@@ -103,6 +103,18 @@ CASES = {
              engine={"kind": "implicit"}),
         "levels.lower.constraints", "cannot handle lower-level constraints",
     ),
+    "report argument of the wrong type": (
+        dict(report="user_objectives.py:annotated_report", report_kwargs={"settings": {"fraction": 0.5}, "repeats": "many"}),
+        "report_kwargs.repeats", "valid integer",
+    ),
+    "report argument outside its model's range": (
+        dict(report="user_objectives.py:annotated_report", report_kwargs={"settings": {"fraction": 1.5}}),
+        "report_kwargs.settings.fraction", "less than or equal to 1",
+    ),
+    "unknown field in a report argument's model": (
+        dict(report="user_objectives.py:annotated_report", report_kwargs={"settings": {"fraction": 0.5, "lable": "x"}}),
+        "report_kwargs.settings.lable", "unknown field of the settings argument",
+    ),
     "normalized momentum as inner solver": (
         dict(levels__lower__solver={"name": "normalized_momentum", "lr": 0.1}), "levels.lower.solver.name", "outer",
     ),
@@ -113,6 +125,32 @@ CASES = {
 def test_bad_spec_gives_a_clear_error(case: str, tmp_path: Path) -> None:
     changes, path, message = CASES[case]
     _expect_error(tmp_path, _mutated(**changes), path, message)
+
+
+def test_annotated_report_arguments_pass_as_written(tmp_path: Path) -> None:
+    """Arguments that match the annotations validate; an unannotated one is not checked."""
+    data = _mutated(report="user_objectives.py:annotated_report",
+                    report_kwargs={"settings": {"fraction": 0.25}, "repeats": 3, "plot": {"anything": [1, "x"]}})
+    code, output = _validate(_write(tmp_path, data))
+    assert code == 0, output
+
+
+def test_an_override_inside_a_yaml_anchor_changes_every_alias(tmp_path: Path) -> None:
+    """A value declared once with an anchor stays one value under --set; replacing an aliased node
+    itself changes that place only."""
+    spec = tmp_path / "anchored.yaml"
+    spec.write_text(yaml.safe_dump(GOOD, sort_keys=False) + "report: user_objectives.py:annotated_report\n"
+                    "report_kwargs: {settings: &shared {fraction: 0.5}, again: *shared}\n")
+    spec = spec.read_text().replace("again: *shared", "repeats: 2, plot: *shared")
+    (tmp_path / "anchored.yaml").write_text(spec)
+    (tmp_path / "user_objectives.py").write_text((SPECS / "user_objectives.py").read_text())
+    changed = load_spec(tmp_path / "anchored.yaml", ["report_kwargs.settings.fraction=0.125"]).spec.report_kwargs
+    assert changed["settings"]["fraction"] == changed["plot"]["fraction"] == 0.125
+    replaced = load_spec(tmp_path / "anchored.yaml", ["report_kwargs.plot={fraction: 0.75}"]).spec.report_kwargs
+    assert replaced["settings"]["fraction"] == 0.5 and replaced["plot"]["fraction"] == 0.75
+    # and the shared copy is still validated where it is used
+    code, output = _validate(tmp_path / "anchored.yaml", "--set", "report_kwargs.settings.fraction=2")
+    assert code == 2 and "report_kwargs.settings.fraction" in output, output
 
 
 def test_yaml_syntax_error_reports_the_line(tmp_path: Path) -> None:

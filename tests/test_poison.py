@@ -167,12 +167,21 @@ def test_fixed_and_random_baselines_spend_the_budget_as_declared() -> None:
 
 
 def test_the_reports_copy_of_the_data_arguments_is_checked(tmp_path: Path) -> None:
-    """report_kwargs.data is validated as the data sources' copies are, and a copy that describes
-    another training set than the run's (n_train here) is an error rather than a quiet evaluation
-    of other poisons: both a SpecError at the dotted path, exit code 2, no traceback."""
-    cases = [("report_kwargs.data.budget.fraction=1.5", "report_kwargs.data.budget.fraction:", "less than or equal to 1"),
-             ("report_kwargs.data.attack=backdoor", "report_kwargs.data.attack:", "expected 'availability'"),
-             ("report_kwargs.data.n_train=500", "report_kwargs.data:", "the run's delta has shape [600, 1, 8, 8]")]
+    """report_kwargs.data is validated before anything runs, as the data sources' copies are (the
+    reports annotate it with PoisonData); an override inside the anchor changes every copy; a copy
+    replaced whole that describes another training set than the run's (n_train here) is an error
+    at the end of the run rather than a quiet evaluation of other poisons. All SpecErrors at the
+    dotted path, exit code 2, no traceback."""
+    own = "report_kwargs.data={budget: {fraction: 0.2, epsilon: 0.5}, attack: availability, dataset: digits, seed: 0"
+    code, errors, output = _validate("poison/digits_availability", own + ", n_train: 600, extra: 1}",
+                                     "report_kwargs.data.budget.fraction=1.5")
+    assert code == 2, output
+    assert any("report_kwargs.data.budget.fraction:" in line and "less than or equal to 1" in line for line in errors), output
+    assert any("report_kwargs.data.extra:" in line and "unknown field" in line for line in errors), output
+    code, errors, output = _validate("poison/digits_availability", "levels.lower.data.kwargs.budget.fraction=1.5")
+    assert code == 2 and all(any(f"{where}.budget.fraction:" in line for line in errors) for where in PLACES), output
+    cases = [(own.replace("availability", "backdoor") + ", target: 0}", "report_kwargs.data.attack:", "expected 'availability'"),
+             (own + ", n_train: 500}", "report_kwargs.data:", "the run's delta has shape [600, 1, 8, 8]")]
     for index, (override, path, message) in enumerate(cases):
         args = ["run", "poison/digits_availability", "-q", "--out", str(tmp_path / str(index))]
         for item in ["run.steps=1", "report_kwargs.models=0", "run.device=cpu", override]:

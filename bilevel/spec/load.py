@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,8 +164,13 @@ def read_spec_file(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ..
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<override>") -> dict[str, Any]:
-    """Apply "dotted.path=value" overrides (values parsed as YAML) to spec data, returning a copy."""
-    data = json.loads(json.dumps(data))
+    """Apply "dotted.path=value" overrides (values parsed as YAML) to spec data, returning a copy.
+
+    A YAML anchor declares a value once: its aliases load as one shared mapping, which the copy
+    keeps shared. An override of a field inside it (``levels.lower.data.kwargs.seed=1`` where
+    ``kwargs: *data``) therefore changes every alias, as editing the anchor would; an override of
+    the aliased node itself (``levels.lower.data.kwargs={...}``) replaces that one place only."""
+    data = copy.deepcopy(data)
     for override in overrides:
         if "=" not in override:
             raise SpecError.single(file, override, "expected an override of the form dotted.path=value")

@@ -126,11 +126,13 @@ def train_victims(x: Tensor, y: Tensor, test: Mapping[str, Tensor], classes: int
     return out
 
 
-def _settings(data: Mapping[str, Any] | None, attack: str) -> PoisonData:
+def _settings(data: PoisonData | Mapping[str, Any] | None, attack: str) -> PoisonData:
     """The report's copy of the data arguments, validated as the data sources validate theirs; a
-    bad value is a SpecError at its dotted path under ``report_kwargs.data`` (exit code 2)."""
+    bad value is a SpecError at its dotted path under ``report_kwargs.data`` (exit code 2). From a
+    spec the check has already run at compile time (the reports annotate ``data`` with
+    :class:`PoisonData`); this one covers direct calls."""
     try:
-        settings = PoisonData.model_validate(dict(data or {}))
+        settings = data if isinstance(data, PoisonData) else PoisonData.model_validate(dict(data or {}))
     except ValidationError as exc:
         raise SpecError([SpecIssue("<report>", ".".join(["report_kwargs", "data", *(str(part) for part in error["loc"])]),
                                    describe_error(error)) for error in exc.errors(include_url=False)]) from None
@@ -156,7 +158,7 @@ def _write_poisons(path: Path, settings: PoisonData, training: Mapping[str, Tens
              n_val=settings.n_val, seed=settings.seed, attack=settings.attack, **extra)
 
 
-def availability_report(upper: Any, lower: Any, out_dir: Path | None = None, data: Mapping[str, Any] | None = None,
+def availability_report(upper: Any, lower: Any, out_dir: Path | None = None, data: PoisonData | None = None,
                         mu: float = 1e-2, models: int = 3, noise_seed: int = 0) -> dict[str, Any]:
     """Victims trained on the clean set, on random noise (uniform in the epsilon ball, and random
     +-epsilon signs) on the poisoned examples, on label flips of those examples, and on the
@@ -218,7 +220,7 @@ def checkerboard(shape: tuple[int, ...]) -> Tensor:
     return board.expand(1, *shape).clone()
 
 
-def backdoor_report(upper: Any, lower: Any, out_dir: Path | None = None, data: Mapping[str, Any] | None = None,
+def backdoor_report(upper: Any, lower: Any, out_dir: Path | None = None, data: PoisonData | None = None,
                     mu: float = 1e-2, models: int = 3, patch_size: int = 3, noise_seed: int = 0) -> dict[str, Any]:
     """Clean accuracy and attack success of the optimized trigger and of the fixed triggers of
     :data:`BACKDOOR_ROWS`, and of the optimized trigger on a victim trained on clean data."""

@@ -1,6 +1,9 @@
 """Objectives for the bad-input tests."""
 
+from typing import Any
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 
 def data():
@@ -33,3 +36,15 @@ def positive_constraint(upper, lower, batch):
 
 def sum_constraint(upper, lower, batch):
     return (lower["w"].sum() + upper["lam"]).reshape(1)
+
+
+class ReportSettings(BaseModel):
+    """A report's structured argument: validated at compile time through the annotation."""
+
+    model_config = ConfigDict(extra="forbid")
+    fraction: float = Field(ge=0.0, le=1.0)
+    label: str = "run"
+
+
+def annotated_report(upper, lower, settings: ReportSettings, repeats: int = 1, plot: Any = None):
+    return {"repeats": repeats, "fraction": settings.fraction}
