@@ -17,8 +17,21 @@ discrete choices tunable here (eq. 13 of the paper). Continuous hyperparameters 
 straight-through relaxation (see ``bilevel.stn.perturb``). First order: no HVPs, no unrolling.
 
 The model keeps training across outer steps (the inner optimizer's state is carried), so the
-lower solver's ``warm_start`` is implied. Each call returns the gradient for the raw upper
-variables of that stochastic validation objective, not a hypergradient of F itself."""
+lower solver's ``warm_start`` is implied, and the run's final evaluation reports that model as it
+is (``needs_best_response``: no further training at the final values). Each call returns the
+gradient for the raw upper variables of that stochastic validation objective, not a
+hypergradient of F itself.
+
+Data parallelism (``bilevel.distributed.reduce``): each rank evaluates its share w_r F_r of F on
+its shard, the batch-independent terms of the surrogate (the REINFORCE baseline b, the entropy)
+are weighted by the same share, and the gradients of (lam, sigma) are summed over ranks with the
+value of F, as the lower steps sum theirs; the baseline follows the summed F. Every rank then
+holds the same lam, sigma and phi. The draws come from each rank's generator, which the run seeds
+alike: they coincide on every rank while the objectives draw the same random numbers everywhere
+(then a data-parallel step equals the single-process step on the union of the shards); objectives
+that draw per example on shards of different sizes (dropout masks) desynchronize them, and each
+rank's share is then evaluated at its own draw, an unbiased estimate of the same expectations
+from W draws."""
 
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from bilevel.distributed.reduce import sum_over_ranks
 from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import lower_steps, start_state
 from bilevel.engines.registry import register
@@ -103,29 +117,34 @@ class StnEngine(EngineBase):
         )
         residual = tree_norm(last_grads).detach() if last_grads is not None else state.extra["residual"][0]
 
-        # one step on (lam, sigma): E F(lam~, w_phi(lam~)) - tau H, pathwise + score function
+        # one step on (lam, sigma): E F(lam~, w_phi(lam~)) - tau H, pathwise + score function. Under
+        # data parallelism ``value`` is this rank's share w_r F_r of F and the terms that do not
+        # depend on the batch (the baseline, the entropy) are weighted by the same share, so that
+        # the gradients summed over ranks are those of the union's surrogate (bilevel.distributed.reduce).
         baseline, seen = state.extra["baseline"]
+        share = upper.share
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         s_leaf = tuple(s.detach().requires_grad_(config.learn_scale) for s in scale)
         with torch.enable_grad():
             perturbation = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature, val_rows)
             value = problem.upper_objective(x_leaf, y, batch, perturbation.drawn)
-            reference = torch.where(seen > 0, baseline, value.detach())
+            reference = torch.where(seen > 0, share * baseline, value.detach())
             surrogate = (value + (value.detach() - reference) * perturbation.log_prob
-                         - config.entropy_weight * perturbation.entropy)
+                         - share * config.entropy_weight * perturbation.entropy)
             inputs = x_leaf + (s_leaf if config.learn_scale else ())
             grads = torch.autograd.grad(surrogate, inputs, allow_unused=True) if surrogate.requires_grad else (None,) * len(inputs)
         grads = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(inputs, grads))
-        grad_x = grads[: len(x)]
+        with torch.no_grad():
+            upper_loss = problem.upper_objective(x_now, y, batch)  # at the current hyperparameters
+        *grads, value, upper_loss = sum_over_ranks((*grads, value.detach(), upper_loss))  # one collective
+        grad_x = tuple(grads[: len(x)])
         scale_state = state.extra["scale_state"]
         if config.learn_scale:
             scale, scale_state = self._scale_optimizer().step(s_now, grads[len(x) :], scale_state)
             scale = tuple(s.detach() for s in scale)
         decay = config.baseline_decay
-        baseline = torch.where(seen > 0, decay * baseline + (1 - decay) * value.detach(), value.detach())
+        baseline = torch.where(seen > 0, decay * baseline + (1 - decay) * value, value)
 
-        with torch.no_grad():
-            upper_loss = problem.upper_objective(x_now, y, batch)  # at the current hyperparameters
         stats = Stats(
             inner_residual=residual,
             linear_residual=None,

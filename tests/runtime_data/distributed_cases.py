@@ -18,6 +18,7 @@ from bilevel.spec import (
     LVHBAConfig,
     PenaltyConfig,
     RartsConfig,
+    StnConfig,
     UnrolledConfig,
     spec_from_data,
 )
@@ -86,6 +87,15 @@ def hyperclean(batch_size: int | None = None) -> dict:
     }
 
 
+def stn_ridge_case() -> dict:
+    """A best-response model downstairs (runtime_data/stn_ridge.py) with a tuned weight decay (pathwise
+    gradient) and an integer number of active features (REINFORCE and its baseline). Both ranks draw
+    the same perturbations: the run seeds them alike and the objectives draw no random numbers."""
+    from runtime_data import stn_ridge
+
+    return stn_ridge.spec(n=41, d=6, wd=1e-2, k=4)
+
+
 CASES: dict[str, tuple[Any, Any]] = {
     "implicit-cg": (ridge, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 8, "tol": 0.0})),
     "implicit-neumann": (ridge, ImplicitConfig(linear_solver={"method": "neumann", "maxiter": 8, "neumann_lr": 0.1})),
@@ -104,6 +114,7 @@ CASES: dict[str, tuple[Any, Any]] = {
     "rarts": (mixed_ridge, RartsConfig(beta=2.0)),
     "hyperclean-implicit": (hyperclean, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 10, "tol": 0.0})),
     "hyperclean-unrolled": (hyperclean, UnrolledConfig(checkpoint_every=10)),
+    "stn": (stn_ridge_case, StnConfig()),
 }
 
 
