@@ -75,7 +75,10 @@ def test_krr_st_hypergradient_equals_autograd_through_solve() -> None:
     """KRR-ST: the same exactness with the self-supervised teacher's representations as the real
     targets and learned target representations upstairs (a quicker teacher, the same one in
     every place it is used)."""
-    quick = ["levels.upper.data.kwargs.ssl_steps=200", "levels.upper.variables.targets.init_kwargs.ssl_steps=200"]
+    # targets.init_kwargs is an alias of the images' (&subset), whose init takes no ssl_steps:
+    # replaced whole, so that only the teacher's copy gains the argument
+    quick = ["levels.upper.data.kwargs.ssl_steps=200",
+             "levels.upper.variables.targets.init_kwargs={per_class: 1, subset_seed: 0, ssl_steps: 200}"]
     loaded = _loaded("distill/digits_krr_st", "run.dtype=float64", "run.device=cpu", "report=null", *quick)
     problem, result = _hypergrad(loaded)
     images = real_images(per_class=1).double().requires_grad_(True)
@@ -132,8 +135,8 @@ def test_krr_st_preset_runs_and_reports_transfer(tmp_path: Path) -> None:
     chance (0.1 on ten classes) by far. (Its hypergradient is checked exactly above.)"""
     overrides = ["run.steps=2", "run.device=cpu", "report_kwargs.models=1", "report_kwargs.pretrain_steps=10",
                  # a quicker teacher, the same one everywhere it is used
-                 "levels.upper.data.kwargs.ssl_steps=200", "levels.upper.variables.targets.init_kwargs.ssl_steps=200",
-                 "report_kwargs.data.ssl_steps=200"]
+                 "levels.upper.data.kwargs.ssl_steps=200", "report_kwargs.data.ssl_steps=200",
+                 "levels.upper.variables.targets.init_kwargs={per_class: 1, subset_seed: 0, ssl_steps: 200}"]
     result = bilevel.run(_loaded("distill/digits_krr_st", *overrides), out=tmp_path, progress=False)
     report = result.result["report"]
     for key in ("distilled_probe_accuracy", "random_real_subset_probe_accuracy", "no_pretraining_probe_accuracy", "teacher_probe_accuracy"):

@@ -91,22 +91,27 @@ def test_implicit_matches_torchopt_custom_root() -> None:
     assert abs(float(ours.upper_loss) - upper.item()) < 1e-10
 
 
-def test_unrolled_matches_higher() -> None:
-    problem, x = _problem(steps=STEPS)
-    ours = _ours(problem, x, UnrolledConfig())
+def _higher_hypergradient(problem, x, steps: int, make_optimizer) -> torch.Tensor:
+    """d F(lam, w_T(lam)) / d lam through `steps` steps of a torch.optim optimizer, by higher."""
     xt, yt, xv, yv = _arrays(problem)
-
     model = torch.nn.Linear(D, CLASSES).double()
     with torch.no_grad():
         model.weight.copy_(problem.lower.init[0])
         model.bias.copy_(problem.lower.init[1])
     lam = x[0].detach().clone().requires_grad_(True)
-    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=LR), copy_initial_weights=True) as (fmodel, opt):
-        for _ in range(STEPS):
+    with higher.innerloop_ctx(model, make_optimizer(model.parameters()), copy_initial_weights=True) as (fmodel, opt):
+        for _ in range(steps):
             losses = nnf.cross_entropy(fmodel(xt), yt, reduction="none")
             reg = 0.5 * MU * sum((p**2).sum() for p in fmodel.parameters())
             opt.step((torch.sigmoid(lam) * losses).mean() + reg)
         (reference,) = torch.autograd.grad(nnf.cross_entropy(fmodel(xv), yv), lam)
+    return reference
+
+
+def test_unrolled_matches_higher() -> None:
+    problem, x = _problem(steps=STEPS)
+    ours = _ours(problem, x, UnrolledConfig())
+    reference = _higher_hypergradient(problem, x, STEPS, lambda params: torch.optim.SGD(params, lr=LR))
     assert _rel(ours.grad[0], reference) < 1e-5
     # checkpointed and truncated-to-everything variants are the same derivative
     assert _rel(_ours(problem, x, UnrolledConfig(checkpoint_every=7)).grad[0], reference) < 1e-10
@@ -130,18 +135,7 @@ def test_unrolled_through_stateful_optimizers_matches_higher(name: str) -> None:
     solver, make_optimizer = PEER_OPTIMIZERS[name]
     steps = 30
     problem, x = _problem(steps=steps, solver=solver)
-    xt, yt, xv, yv = _arrays(problem)
-    model = torch.nn.Linear(D, CLASSES).double()
-    with torch.no_grad():
-        model.weight.copy_(problem.lower.init[0])
-        model.bias.copy_(problem.lower.init[1])
-    lam = x[0].detach().clone().requires_grad_(True)
-    with higher.innerloop_ctx(model, make_optimizer(model.parameters()), copy_initial_weights=True) as (fmodel, opt):
-        for _ in range(steps):
-            losses = nnf.cross_entropy(fmodel(xt), yt, reduction="none")
-            reg = 0.5 * MU * sum((p**2).sum() for p in fmodel.parameters())
-            opt.step((torch.sigmoid(lam) * losses).mean() + reg)
-        (reference,) = torch.autograd.grad(nnf.cross_entropy(fmodel(xv), yv), lam)
+    reference = _higher_hypergradient(problem, x, steps, make_optimizer)
     for config in (UnrolledConfig(), UnrolledConfig(checkpoint_every=7), UnrolledConfig(checkpoint_every=1),
                    UnrolledConfig(truncate=steps, checkpoint_every=10)):
         assert _rel(_ours(problem, x, config).grad[0], reference) < 1e-8, config
