@@ -47,15 +47,21 @@ class _Compiler:
     def fail(self, path: str, message: str) -> None:
         self.issues.append(self.loaded.issue(path, message))
 
-    def fail_call(self, exc: Exception, ref: str, path: str, kwargs_path: str) -> None:
+    def fail_call(self, exc: Exception, ref: str, path: str, kwargs_path: str, argument: str | None = None) -> None:
         """Report an exception raised by user code called with keyword arguments from the spec.
         A pydantic ValidationError (user code validating its arguments, e.g. with
-        ``pydantic.validate_call``) is reported at the dotted path of each offending argument."""
+        ``pydantic.validate_call``, or an argument checked against its annotation) is reported at
+        the dotted path of each offending argument; ``argument`` names the one argument whose value
+        was validated (then the paths lie inside it)."""
         if isinstance(exc, ValidationError):
             for error in exc.errors(include_url=False):
                 where = ".".join([kwargs_path, *(str(part) for part in error["loc"])])
                 unknown = error["type"] in ("extra_forbidden", "unexpected_keyword_argument")
-                self.fail(where, f"unknown argument of {ref} (check the spelling)" if unknown else describe_error(error))
+                if argument is None:
+                    self.fail(where, f"unknown argument of {ref} (check the spelling)" if unknown else describe_error(error))
+                else:
+                    self.fail(where, f"unknown field of the {argument} argument of {ref} (check the spelling)" if unknown
+                              else f"{describe_error(error)} (the {argument} argument of {ref})")
             return
         self.fail(path, f"calling {ref} raised {type(exc).__name__}: {exc}")
 
@@ -104,12 +110,7 @@ class _Compiler:
             try:
                 adapter.validate_python(value)
             except ValidationError as exc:
-                for error in exc.errors(include_url=False):
-                    where = ".".join([kwargs_path, name, *(str(part) for part in error["loc"])])
-                    if error["type"] == "extra_forbidden":
-                        self.fail(where, f"unknown field of the {name} argument of {ref} (check the spelling)")
-                    else:
-                        self.fail(where, f"{describe_error(error)} (the {name} argument of {ref})")
+                self.fail_call(exc, ref, f"{kwargs_path}.{name}", f"{kwargs_path}.{name}", argument=name)
 
     # --- variables -------------------------------------------------------------------------
     def tensor(self, var: TensorVariable, path: str) -> Tensor | None:
@@ -470,8 +471,8 @@ def compile_spec(
                 monitor = None
             else:
                 compiler.check_annotated_kwargs(monitor, spec.monitor_kwargs, spec.monitor, "monitor_kwargs")
-            if monitor is not None and spec.monitor_kwargs:
-                monitor = functools.partial(monitor, **spec.monitor_kwargs)
+                if spec.monitor_kwargs:
+                    monitor = functools.partial(monitor, **spec.monitor_kwargs)
     if compiler.issues:
         raise SpecError(compiler.issues)
     if chain is not None:

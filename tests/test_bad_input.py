@@ -138,12 +138,10 @@ def test_annotated_report_arguments_pass_as_written(tmp_path: Path) -> None:
 def test_an_override_inside_a_yaml_anchor_changes_every_alias(tmp_path: Path) -> None:
     """A value declared once with an anchor stays one value under --set; replacing an aliased node
     itself changes that place only."""
-    spec = tmp_path / "anchored.yaml"
-    spec.write_text(yaml.safe_dump(GOOD, sort_keys=False) + "report: user_objectives.py:annotated_report\n"
-                    "report_kwargs: {settings: &shared {fraction: 0.5}, again: *shared}\n")
-    spec = spec.read_text().replace("again: *shared", "repeats: 2, plot: *shared")
-    (tmp_path / "anchored.yaml").write_text(spec)
-    (tmp_path / "user_objectives.py").write_text((SPECS / "user_objectives.py").read_text())
+    _write(tmp_path, GOOD, "anchored.yaml")
+    with (tmp_path / "anchored.yaml").open("a") as spec:
+        spec.write("report: user_objectives.py:annotated_report\n"
+                   "report_kwargs: {settings: &shared {fraction: 0.5}, repeats: 2, plot: *shared}\n")
     changed = load_spec(tmp_path / "anchored.yaml", ["report_kwargs.settings.fraction=0.125"]).spec.report_kwargs
     assert changed["settings"]["fraction"] == changed["plot"]["fraction"] == 0.125
     replaced = load_spec(tmp_path / "anchored.yaml", ["report_kwargs.plot={fraction: 0.75}"]).spec.report_kwargs

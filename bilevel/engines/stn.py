@@ -122,15 +122,14 @@ class StnEngine(EngineBase):
         # depend on the batch (the baseline, the entropy) are weighted by the same share, so that
         # the gradients summed over ranks are those of the union's surrogate (bilevel.distributed.reduce).
         baseline, seen = state.extra["baseline"]
-        share = upper.share
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         s_leaf = tuple(s.detach().requires_grad_(config.learn_scale) for s in scale)
         with torch.enable_grad():
             perturbation = perturb(upper, x_leaf, s_leaf, config.discrete_estimator, config.temperature, val_rows)
             value = problem.upper_objective(x_leaf, y, batch, perturbation.drawn)
-            reference = torch.where(seen > 0, share * baseline, value.detach())
+            reference = torch.where(seen > 0, upper.shared(baseline), value.detach())
             surrogate = (value + (value.detach() - reference) * perturbation.log_prob
-                         - share * config.entropy_weight * perturbation.entropy)
+                         - upper.shared(config.entropy_weight * perturbation.entropy))
             inputs = x_leaf + (s_leaf if config.learn_scale else ())
             grads = torch.autograd.grad(surrogate, inputs, allow_unused=True) if surrogate.requires_grad else (None,) * len(inputs)
         grads = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(inputs, grads))
