@@ -37,8 +37,8 @@ import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from bilevel.spec.errors import SpecError, SpecIssue
-from bilevel.spec.load import describe_error
+from bilevel.spec.errors import SpecError
+from bilevel.spec.load import validation_issues
 from problems.common.data import class_count
 from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
@@ -131,11 +131,14 @@ def _settings(data: PoisonData | Mapping[str, Any] | None, attack: str) -> Poiso
     bad value is a SpecError at its dotted path under ``report_kwargs.data`` (exit code 2). From a
     spec the check has already run at compile time (the reports annotate ``data`` with
     :class:`PoisonData`); this one covers direct calls."""
-    try:
-        settings = data if isinstance(data, PoisonData) else PoisonData.model_validate(dict(data or {}))
-    except ValidationError as exc:
-        raise SpecError([SpecIssue("<report>", ".".join(["report_kwargs", "data", *(str(part) for part in error["loc"])]),
-                                   describe_error(error)) for error in exc.errors(include_url=False)]) from None
+    if isinstance(data, PoisonData):
+        settings = data
+    else:
+        given = dict(data or {})
+        try:
+            settings = PoisonData.model_validate(given)
+        except ValidationError as exc:
+            raise SpecError(validation_issues(exc, given, "<report>", prefix=("report_kwargs", "data"))) from None
     if settings.attack != attack:
         raise SpecError.single("<report>", "report_kwargs.data.attack", f"the {attack} report got attack {settings.attack!r};"
                                f" expected {attack!r}, as in the data sources' arguments")
