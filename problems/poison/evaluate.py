@@ -148,8 +148,8 @@ def _settings(data: PoisonData | Mapping[str, Any] | None, attack: str) -> Poiso
 def _mismatch(variable: str, got: Tensor, expected: list[int]) -> SpecError:
     return SpecError.single("<report>", "report_kwargs.data", f"describes a training set for which {variable} would have shape"
                             f" {expected}, but the run's {variable} has shape {list(got.shape)}: the report's data arguments"
-                            " must be those of levels.lower.data.kwargs (declare them once, with a YAML anchor, and"
-                            " override every copy)")
+                            " must be those of levels.lower.data.kwargs (declare them once with a YAML anchor, or replace"
+                            " report_kwargs.data whole with the same values)")
 
 
 def _write_poisons(path: Path, settings: PoisonData, training: Mapping[str, Tensor], poisoned_x: Tensor, poisoned_y: Tensor,
