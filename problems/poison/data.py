@@ -26,7 +26,7 @@ from problems.common.data import Split
 from problems.common.images import ImageDataset, Positive, image_split
 from problems.poison.budget import PoisonBudget
 
-__all__ = ["PoisonData", "poisoned_index", "test_data", "train", "val", "zero_perturbation"]
+__all__ = ["PoisonData", "poisoned_index", "test_data", "train", "training_set", "val", "zero_perturbation"]
 
 Attack = Literal["availability", "backdoor"]
 
@@ -89,7 +89,13 @@ def train(**kwargs: Any) -> dict[str, Tensor]:
     poisoned examples of a backdoor), epsilon (per-example L-infinity budget), poisoned (mask).
     Keyword arguments: the fields of :class:`PoisonData`."""
     data = PoisonData.model_validate(kwargs)
-    part = data.split()["train"]
+    return training_set(data, data.split())
+
+
+def training_set(data: PoisonData, split: Split) -> dict[str, Tensor]:
+    """:func:`train` from validated arguments and their split (``data.split()``), for a caller
+    that needs the split's other parts as well; the split's own labels are left clean."""
+    part = split["train"]
     x, y = part["x"], part["y"].clone()
     index = poisoned_index(y, data.budget, data.attack, data.target, data.seed)
     poisoned = torch.zeros(len(y), dtype=torch.bool)

@@ -44,7 +44,7 @@ from problems.common.models import make_model, seeded
 from problems.common.outputs import mean_std, save_image_grid, write_table
 from problems.common.training import accuracy, fit_linear, train_model
 from problems.poison.budget import PoisonBudget
-from problems.poison.data import PoisonData, train
+from problems.poison.data import PoisonData, training_set
 from problems.poison.objectives import apply_perturbation
 
 __all__ = [
@@ -167,7 +167,8 @@ def availability_report(upper: Any, lower: Any, out_dir: Path | None = None, dat
     +-epsilon signs) on the poisoned examples, on label flips of those examples, and on the
     optimized poisons (the rows of :data:`AVAILABILITY_ROWS`)."""
     settings = _settings(data, "availability")
-    budget, training, test = settings.budget, train(**settings.model_dump()), settings.split()["test"]
+    split = settings.split()
+    budget, training, test = settings.budget, training_set(settings, split), split["test"]
     x, y, eps, mask = training["x"], training["y"], training["epsilon"], training["poisoned"]
     classes = class_count(y, test["y"])
     delta = upper["delta"].detach().cpu().float()
@@ -229,9 +230,10 @@ def backdoor_report(upper: Any, lower: Any, out_dir: Path | None = None, data: P
     :data:`BACKDOOR_ROWS`, and of the optimized trigger on a victim trained on clean data."""
     settings = _settings(data, "backdoor")
     budget, target = settings.budget, settings.target
-    training, test = train(**settings.model_dump()), settings.split()["test"]
+    split = settings.split()
+    training, test = training_set(settings, split), split["test"]
     x, y, eps = training["x"], training["y"], training["epsilon"]
-    clean_y = settings.split()["train"]["y"]
+    clean_y = split["train"]["y"]
     classes = class_count(y, test["y"])
     optimized = upper["trigger"].detach().cpu().float()
     if list(optimized.shape) != [1, *x.shape[1:]]:
