@@ -97,9 +97,9 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     for change, path, message in [
         (lambda c: c["normal"][1].__setitem__(0, "sep_conv_9x9"), "genotype.normal.1", "unknown operation 'sep_conv_9x9'"),
         (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 4, 3]), "genotype.normal.5", "[4, 3] is not an edge"),
-        (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 1, 4]), "genotype.normal.5", "edge [1, 4] appears twice"),
+        (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 1, 4]), "genotype.normal", "edge 5 = [1, 4] is declared twice"),
         (lambda c: c.pop("reduce"), "genotype", "no reduce cell"),
-        (lambda c: c.__setitem__("normal", c["normal"][:4]), "genotype.normal", "intermediate node 4 has no incoming edge"),
+        (lambda c: c.__setitem__("normal", c["normal"][:4]), "genotype.normal", "intermediate node 4 cannot be reached"),
     ]:
         broken = json.loads(json.dumps(cell))
         change(broken)

@@ -43,7 +43,7 @@ def cell_graph(inputs: int, nodes: int, edges: Sequence[Sequence[int]] | None = 
     a path would be disconnected from the data)."""
     pairs = dense_edges(inputs, nodes) if edges is None else [tuple(e) for e in edges]
     total = inputs + nodes
-    seen: set[tuple[int, int]] = set()
+    seen: dict[tuple[int, int], int] = {}
     for index, pair in enumerate(pairs):
         if len(pair) != 2:
             raise ValueError(f"edge {index} is {list(pair)}; an edge is a pair [source, destination]")
@@ -54,8 +54,8 @@ def cell_graph(inputs: int, nodes: int, edges: Sequence[Sequence[int]] | None = 
         if dst < inputs:
             raise ValueError(f"edge {index} = [{src}, {dst}] ends at input node {dst}; inputs have no incoming edges")
         if (src, dst) in seen:
-            raise ValueError(f"edge [{src}, {dst}] is declared twice")
-        seen.add((src, dst))
+            raise ValueError(f"edge {index} = [{src}, {dst}] is declared twice (first as edge {seen[src, dst]})")
+        seen[src, dst] = index
     graph = nx.DiGraph()
     graph.add_nodes_from(range(total))
     graph.add_edges_from(pairs)
