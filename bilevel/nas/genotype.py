@@ -51,12 +51,14 @@ class Genotype:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Genotype":
-        return cls({t: tuple((str(op), int(s), int(d)) for op, s, d in edges) for t, edges in data.items()})
+        """From {cell type: [[operation, source, destination], ...]}, or an object holding that
+        under "genotype" (the genotype files the NAS monitor and report write)."""
+        cells = data["genotype"] if "genotype" in data else data
+        return cls({t: tuple((str(op), int(s), int(d)) for op, s, d in edges) for t, edges in cells.items()})
 
     @classmethod
     def load(cls, path: str | Path) -> "Genotype":
-        data = json.loads(Path(path).read_text())
-        return cls.from_json(data["genotype"] if "genotype" in data else data)
+        return cls.from_json(json.loads(Path(path).read_text()))
 
 
 def check_genotype(genotype: Genotype, space: Any) -> tuple[str, str] | None:

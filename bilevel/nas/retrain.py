@@ -175,7 +175,7 @@ def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tup
     data = _read_json(path)
     if not isinstance(data, dict):
         raise SpecError.single(str(path), "", "not a genotype file (expected a JSON object)")
-    source = path
+    source, run_data = path, data
     if "architecture" not in data:
         if architecture_from is None or not architecture_from.exists():
             where = f"; {architecture_from} does not exist" if architecture_from is not None else ""
@@ -184,20 +184,20 @@ def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tup
         run = _read_json(architecture_from)
         if not isinstance(run, dict) or "architecture" not in run:
             raise SpecError.single(str(architecture_from), "", "not a genotype file of a search run (no architecture key)")
-        source, data = architecture_from, {**run, "genotype": data.get("genotype", data)}
+        source, run_data = architecture_from, run
     try:
-        spec = ArchitectureVariable.model_validate(data["architecture"])
+        spec = ArchitectureVariable.model_validate(run_data["architecture"])
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SpecError.single(str(source), "architecture." + ".".join(map(str, first["loc"])), first["msg"]) from None
     try:
-        genotype = Genotype.from_json(data["genotype"])
+        genotype = Genotype.from_json(data)
     except (AttributeError, TypeError, ValueError):
         raise SpecError.single(str(path), "genotype", "expected cell type -> list of [operation, source, destination]") from None
     problem = check_genotype(genotype, spec.space)
     if problem is not None:
         raise SpecError.single(str(path), ".".join(p for p in ("genotype", problem[0]) if p), problem[1])
-    return genotype, spec, Path(data.get("base_dir") or source.parent)
+    return genotype, spec, Path(run_data.get("base_dir") or source.parent)
 
 
 def _read_json(path: Path) -> Any:
