@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["DataStream", "evaluate_on_all_data"]
+__all__ = ["DataStream", "evaluate_on_all_data", "iter_chunks"]
 
 
 class DataStream:
@@ -41,12 +41,7 @@ class DataStream:
         """The whole data set in order, as consecutive batches of ``batch_size`` examples (the
         last one smaller) with the number of examples in each; one batch, the whole set, when
         ``batch_size`` is None."""
-        if self.batch_size is None:
-            yield self.data, self.size
-            return
-        for start in range(0, self.size, self.batch_size):
-            stop = min(start + self.batch_size, self.size)
-            yield {name: value[start:stop] for name, value in self.data.items()}, stop - start
+        yield from iter_chunks(self.data, self.size, self.batch_size)
 
     def next(self) -> dict[str, Tensor]:
         """The next minibatch (the whole set when batch_size is None)."""
@@ -71,6 +66,20 @@ class DataStream:
         perm = state["perm"]
         self._perm = None if perm is None else perm.to(self._device)  # type: ignore[union-attr]
         self._cursor = int(state["cursor"])  # type: ignore[arg-type]
+
+
+def iter_chunks(
+    data: dict[str, Tensor], size: int, batch_size: int | None, dim: int = 0
+) -> Iterator[tuple[dict[str, Tensor], int]]:
+    """``data`` (``size`` examples along dimension ``dim`` of every tensor) in order, as
+    consecutive batches of ``batch_size`` examples (the last one smaller) with the number of
+    examples in each; ``data`` itself, once, when ``batch_size`` is None."""
+    if batch_size is None:
+        yield data, size
+        return
+    for start in range(0, size, batch_size):
+        stop = min(start + batch_size, size)
+        yield {name: value.narrow(dim, start, stop - start) for name, value in data.items()}, stop - start
 
 
 class _Chunked(Protocol):

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.data import DataStream, evaluate_on_all_data
+from bilevel.data import DataStream, evaluate_on_all_data, iter_chunks
 from bilevel.problem import Level, Params, Problem, project_onto
 from bilevel.spec.constraints import SimplexSet
 from bilevel.spec.errors import SpecError
@@ -134,12 +134,7 @@ class StackedDataStream:
     def chunks(self) -> Iterator[tuple[dict[str, Tensor], int]]:
         """The instances' whole data sets in consecutive batches along the example dimension (as
         ``DataStream.chunks``, every batch stacked); the full batch when there is no batch size."""
-        if self.batch_size is None:
-            yield self._full, self.size
-            return
-        for start in range(0, self.size, self.batch_size):
-            stop = min(start + self.batch_size, self.size)
-            yield {name: value[:, start:stop] for name, value in self._full.items()}, stop - start
+        yield from iter_chunks(self._full, self.size, self.batch_size, dim=1)
 
     @property
     def data(self) -> dict[str, Tensor]:
