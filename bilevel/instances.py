@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.data import DataStream, evaluate_on_all_data, iter_chunks
+from bilevel.data import DataStream, iter_chunks
 from bilevel.problem import Level, Params, Problem, project_onto
 from bilevel.spec.constraints import SimplexSet
 from bilevel.spec.errors import SpecError
@@ -248,12 +248,10 @@ class BatchedProblem(Problem):
     def instance(self, index: int) -> Problem:
         return self.members[index]
 
-    def instance_results(self, x: Params, y: Params, out_dir: Path | None) -> list[dict[str, Any]]:
-        """Per instance: what varied, the final upper loss (full upper data), the upper
-        variables and the instance's report."""
-        xd = tuple(p.detach() for p in x)
-        with torch.no_grad():
-            losses = evaluate_on_all_data(lambda batch: self.upper_objective_per_instance(xd, y, batch), self.upper.data).tolist()
+    def instance_results(self, x: Params, y: Params, losses: list[float], out_dir: Path | None) -> list[dict[str, Any]]:
+        """Per instance: what varied, the final upper loss (``losses``: F_k on the full upper
+        data, as the run's final evaluation computed them), the upper variables and the
+        instance's report."""
         results = []
         for index, member in enumerate(self.members):
             xk = tuple(p[index].detach() for p in x)

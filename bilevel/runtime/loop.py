@@ -31,6 +31,7 @@ from bilevel.engines import build_engine, engine_capabilities
 from bilevel.engines.base import EngineState
 from bilevel.engines.inner import lower_start, solve_lower
 from bilevel.hyperparameters import Categorical
+from bilevel.instances import BatchedProblem
 from bilevel.linalg.tree import tree_norm
 from bilevel.multilevel.chain import ChainProblem
 from bilevel.multilevel.registry import build_chain_engine
@@ -311,7 +312,7 @@ def _run(
 
     snapshot(final_step)
     wall = time.perf_counter() - began
-    y, final_loss = _final_evaluation(problem, x, state, eng)
+    y, final_loss, instance_losses = _final_evaluation(problem, x, state, eng)
     result_json = _result_base(loaded, problem, plan, x, final_step, began) | {
         "status": "completed" if stop_reason is None else "stopped_early",
         "final_upper_loss": final_loss,
@@ -324,8 +325,8 @@ def _run(
         if problem.report is not None:
             view = upper.view(tuple(p.detach() for p in x))
             result_json["report"] = _jsonable(problem.report(view, problem.lower.view(y), out_dir=out_dir))
-        if problem.instances:  # final loss above is the sum over instances; each one's results here
-            result_json["instances"] = problem.instance_results(x, y, out_dir)
+        if instance_losses is not None:  # final loss above is the sum over instances; each one's results here
+            result_json["instances"] = problem.instance_results(x, y, instance_losses, out_dir)
         execution = getattr(eng, "execution_report", None)
         if execution is not None:
             result_json["fast_path"] = execution()
@@ -381,13 +382,16 @@ def _monitors_instances(problem: Problem) -> bool:
     return bool(problem.instances) and problem.members[0].monitor is not None
 
 
-def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float]:
+def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: Any) -> tuple[Params, float, list[float] | None]:
     """Solve the lower level at the final x (warm-started) and evaluate F on the full upper data,
     one upper minibatch at a time when the upper data declares a batch size (weighted by the
     batches' sizes: ``bilevel.data.evaluate_on_all_data``), so that the evaluation needs no more
     memory than a training step. For a chain of levels, the engine solves all the levels below
     the top its own way. A best-response model (STN) is already the lower solution at x, trained
-    for as many steps as the run took: it is evaluated as it is, with no further training."""
+    for as many steps as the run took: it is evaluated as it is, with no further training.
+
+    Returns (y, F, the instances' F_k or None): for a batch of instances the F_k are evaluated
+    (summed over ranks, as F is) and F is their sum."""
     if isinstance(problem, ChainProblem):
         y = engine.solve_below(problem, x, state)
     elif engine.capabilities.needs_best_response:
@@ -398,10 +402,14 @@ def _final_evaluation(problem: Problem, x: Params, state: EngineState, engine: A
         y0 = lower_start(problem, state)
         y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
     xd = tuple(p.detach() for p in x)
+    batched = isinstance(problem, BatchedProblem)
+    objective = problem.upper_objective_per_instance if batched else problem.upper_objective
     with torch.no_grad():
-        local = evaluate_on_all_data(lambda batch: problem.upper_objective(xd, y, batch), problem.upper.data)
+        local = evaluate_on_all_data(lambda batch: objective(xd, y, batch), problem.upper.data)
         (loss,) = sum_over_ranks((local,))
-    return y, float(loss)
+    if batched:
+        return y, float(loss.sum()), loss.tolist()
+    return y, float(loss), None
 
 
 def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, steps: int, began: float) -> dict[str, Any]:
