@@ -143,8 +143,8 @@ def _limit_skips(kept: list[tuple[int, str]], w: Tensor, edge_w: Tensor, names: 
     for e, op in kept:
         if e in demoted:
             best = _strongest(w[e], names, {"none", SKIP})
-            if best is not None:
-                op = names[best[0]]
+            assert best is not None  # check_skip_limit: ops has an operation other than none and skip_connect
+            op = names[best[0]]
         out.append((e, op))
     return out
 
