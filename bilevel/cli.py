@@ -379,12 +379,11 @@ def main() -> None:
     from bilevel.distributed import leave_process, process_group_was_created
 
     try:
-        app()
+        app()  # never returns: in standalone mode click ends even a successful command with SystemExit(0)
     except BaseException as exc:
         if not process_group_was_created():
             raise
         leave_process(_exit_status(exc))
-    leave_process(0)
 
 
 def _exit_status(exc: BaseException) -> int:
