@@ -90,8 +90,7 @@ def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     """The latest checkpoint in ``directory``, or None when there is none. Temporary files that
     a killed writer left beside it are removed."""
     path = directory / CHECKPOINT_NAME
-    if directory.is_dir():
-        remove_stale_temporaries(path)
+    remove_stale_temporaries(path)  # a missing directory holds none: its glob yields nothing
     if not path.exists():
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
