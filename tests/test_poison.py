@@ -55,8 +55,7 @@ def _validate(preset: str, *overrides: str):
 )
 def test_a_budget_out_of_range_is_a_spec_error(budget: str, field: str, message: str) -> None:
     """Each place the budget is used reports it at its own dotted path; exit code 2."""
-    overrides = [f"{where}.budget={budget}" for where in PLACES]
-    code, errors, output = _validate("poison/digits_availability", *overrides)
+    code, errors, output = _validate("poison/digits_availability", f"levels.lower.data.kwargs.budget={budget}")
     assert code == 2 and "Traceback" not in output
     assert any(f"levels.lower.data.kwargs.{field}:" in line and message in line for line in errors), output
     assert any(f"levels.upper.variables.delta.init_kwargs.{field}:" in line for line in errors), output
@@ -198,9 +197,8 @@ def test_images_the_victim_was_not_built_for_stop_at_one_clear_error(tmp_path: P
     path = tmp_path / "images16.npz"
     gen = np.random.default_rng(0)
     np.savez(path, x=gen.integers(0, 256, (1500, 16, 16), dtype=np.uint8), y=gen.integers(0, 10, 1500))
-    data = f"{{budget: {{fraction: 0.2, epsilon: 0.5}}, attack: availability, dataset: npz, path: {path}}}"
     code, errors, output = _validate("poison/digits_availability", "levels.upper.variables.delta.shape=[600, 1, 16, 16]",
-                                     *[f"{where}={data}" for where in PLACES])
+                                     "levels.lower.data.kwargs.dataset=npz", f"levels.lower.data.kwargs.path={path}")
     assert code == 2 and errors, output
     assert all("levels.lower.variables.victim.kwargs.in_shape:" in line and "expected [1, 16, 16]" in line for line in errors), output
     assert "RuntimeError" not in output and "mat1" not in output
@@ -226,8 +224,8 @@ def test_pixel_values_outside_the_unit_range_are_a_spec_error(tmp_path: Path) ->
     path = tmp_path / "bright.npz"
     gen = np.random.default_rng(0)
     np.savez(path, x=3 * gen.random((1500, 8, 8), dtype=np.float32), y=gen.integers(0, 10, 1500))
-    data = f"{{budget: {{fraction: 0.2, epsilon: 0.5}}, attack: availability, dataset: npz, path: {path}}}"
-    code, errors, output = _validate("poison/digits_availability", *[f"{where}={data}" for where in PLACES])
+    code, errors, output = _validate("poison/digits_availability", "levels.lower.data.kwargs.dataset=npz",
+                                     f"levels.lower.data.kwargs.path={path}")
     assert code == 2, output
     assert any("levels.lower.data.kwargs.path:" in line and "expected values in [0, 1]" in line for line in errors), output
 
@@ -255,11 +253,10 @@ def _directional_check(loaded, engine, rel: float):
 
 
 def _small(preset: str) -> list[str]:
-    """150 training images instead of 600 (every copy of the data arguments, and delta)."""
-    variable = "delta" if "availability" in preset else "trigger"
-    out = [f"{where}.n_train=150" for where in ("levels.upper.data.kwargs", "levels.lower.data.kwargs",
-                                                f"levels.upper.variables.{variable}.init_kwargs")]
-    return out + (["levels.upper.variables.delta.shape=[150, 1, 8, 8]"] if variable == "delta" else [])
+    """150 training images instead of 600 (every copy of the data arguments: one override inside
+    the anchor; and delta)."""
+    return ["levels.lower.data.kwargs.n_train=150", *(["levels.upper.variables.delta.shape=[150, 1, 8, 8]"]
+                                                      if "availability" in preset else [])]
 
 
 @pytest.mark.parametrize("preset", ["poison/digits_availability", "poison/digits_backdoor"])
@@ -320,7 +317,11 @@ def test_each_compare_row_is_the_bilevel_run_command_it_prints(tmp_path: Path, c
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert written["commands"]["backdoor"] == [line]
     words = shlex.split(line)
-    assert words[:3] == ["bilevel", "run", "poison/digits_backdoor"] and "report_kwargs.data.seed=1" in words
+    assert words[:3] == ["bilevel", "run", "poison/digits_backdoor"] and "levels.lower.data.kwargs.seed=1" in words
+    spec = _loaded("poison/digits_backdoor", *(words[i + 1] for i, word in enumerate(words) if word == "--set")).spec
+    copies = [spec.levels["upper"].data.kwargs, spec.levels["lower"].data.kwargs,
+              spec.levels["upper"].variables["trigger"].init_kwargs, spec.report_kwargs["data"]]
+    assert [copy["seed"] for copy in copies] == [1, 1, 1, 1]  # the one override inside the anchor sets every copy
     words[words.index("--out") + 1] = str(tmp_path / "cli")
     result = runner.invoke(app, [*words[1:], "-q"])
     assert result.exit_code == 0, result.output

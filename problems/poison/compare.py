@@ -44,11 +44,10 @@ __all__ = ["attack_overrides", "run_attack", "seed_overrides"]
 
 
 def seed_overrides(preset: str, seed: int) -> list[str]:
-    """The seed of the data (split and poisoned examples), of the noise and of the run, set in
-    every copy of the data arguments (the data sources, the init function and the report)."""
-    variable = "delta" if "availability" in preset else "trigger"
-    places = ("levels.upper.data.kwargs", "levels.lower.data.kwargs", f"levels.upper.variables.{variable}.init_kwargs", "report_kwargs.data")
-    return [f"{place}.seed={seed}" for place in places] + [f"run.seed={seed}", f"report_kwargs.noise_seed={seed}"]
+    """The seed of the data (split and poisoned examples), of the noise and of the run. The data
+    arguments are one YAML anchor in the presets (the data sources, the init function and the
+    report share it), so one override inside it sets the seed of every copy."""
+    return [f"levels.lower.data.kwargs.seed={seed}", f"run.seed={seed}", f"report_kwargs.noise_seed={seed}"]
 
 
 def attack_overrides(preset: str, seed: int, steps: int, models: int, device: str) -> list[str]:
