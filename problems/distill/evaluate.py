@@ -88,7 +88,9 @@ def report(
 ) -> dict[str, Any]:
     """Accuracy of ``models`` fresh models trained on the synthetic set vs on random real subsets
     of the same size (and with ``full_pool`` on the whole real pool, the same initializations and
-    loss); the lower solution's own test accuracy; PNG grid and table in out_dir."""
+    loss: a figure that depends on the evaluation arguments only, not on the synthetic set, so a
+    comparison asks for it once per evaluation); the lower solution's own test accuracy; PNG grid
+    and table in out_dir."""
     split = real_split(**_split_kwargs(data))
     pool, test = split["train"], split["test"]
     images = upper["images"].detach()
@@ -109,8 +111,10 @@ def report(
         targets = one_hot(targets, classes).to(images)
     settings = {"model": eval_model, "loss": eval_loss, "steps": eval_steps, "lr": eval_lr, "model_kwargs": eval_model_kwargs}
     distilled, random_real, whole = [], [], []
-    pool_x = pool["x"].to(images.device, images.dtype)
-    pool_t = one_hot(pool["y"], classes).to(images) if eval_loss == "mse" else pool["y"].to(images.device)
+    whole_pool = None
+    if full_pool:
+        whole_pool = (pool["x"].to(images.device, images.dtype),
+                      one_hot(pool["y"], classes).to(images) if eval_loss == "mse" else pool["y"].to(images.device))
     for index in range(models):
         seed = 1000 + index
         distilled.append(evaluate_set(images, targets, test, classes, seed, **settings))
@@ -120,8 +124,8 @@ def report(
         if eval_loss == "mse":
             real_t = one_hot(real_t, classes).to(images)
         random_real.append(evaluate_set(real_x, real_t, test, classes, seed, **settings))
-        if full_pool:
-            whole.append(evaluate_set(pool_x, pool_t, test, classes, seed, **settings))
+        if whole_pool is not None:
+            whole.append(evaluate_set(*whole_pool, test, classes, seed, **settings))
     out = {
         "images_per_class": per_class,
         "lower_solution_test_accuracy": own,
@@ -143,7 +147,7 @@ def report(
             [
                 {"training set": f"distilled ({n} images)", "evaluation": label, "test accuracy": out["distilled_accuracy"]},
                 {"training set": f"random real subset ({n} images)", "evaluation": label, "test accuracy": out["random_subset_accuracy"]},
-                *([{"training set": f"whole real pool ({pool_x.shape[0]} images)", "evaluation": label,
+                *([{"training set": f"whole real pool ({pool['x'].shape[0]} images)", "evaluation": label,
                     "test accuracy": out["full_pool_accuracy"]}] if full_pool else []),
                 {"training set": f"distilled ({n} images)", "evaluation": lower_name, "test accuracy": own},
             ],
