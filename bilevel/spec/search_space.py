@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
-from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
 
 from bilevel.nas.search_space import cell_graph, check_keep, check_skip_limit
 from bilevel.spec._base import SpecModel
@@ -68,31 +67,23 @@ class CellSpec(SpecModel):
     """Edges as [source, destination] pairs; None: the dense DARTS cell (every input and every
     earlier intermediate node feeds each intermediate node; 14 edges for 2 inputs and 4 nodes).
     Must form a DAG in which every intermediate node is reachable from an input."""
-    keep: Annotated[int, Field(ge=1)] = 2
+    keep: Annotated[int, Field(ge=1, validate_default=True)] = 2
     """Incoming edges kept per intermediate node when a discrete cell is derived (the strongest,
     excluding none; DARTS keeps 2). Every intermediate node needs at least this many incoming edges."""
 
-    @model_validator(mode="after")
-    def _valid_graph(self) -> "CellSpec":
-        """The edges form a cell (``cell_graph``) whose intermediate nodes have ``keep`` incoming
-        edges each (``check_keep``); the graph is built once, and each error is at its field."""
-        try:
-            graph = cell_graph(self.inputs, self.nodes, self.edges)
-        except ValueError as exc:
-            raise _field_error(self, "edges", exc) from None
-        try:
-            check_keep(graph, self.keep)
-        except ValueError as exc:
-            raise _field_error(self, "keep", exc) from None
-        return self
+    @field_validator("edges")
+    @classmethod
+    def _valid_graph(cls, edges: list[tuple[int, int]] | None, info: ValidationInfo) -> list[tuple[int, int]] | None:
+        if "inputs" in info.data and "nodes" in info.data:
+            cell_graph(info.data["inputs"], info.data["nodes"], edges)  # ValueError names the problem
+        return edges
 
-
-def _field_error(model: SpecModel, field: str, exc: ValueError) -> ValidationError:
-    """``exc`` raised by a model validator as pydantic reports a field validator's ValueError:
-    at ``field``, with the field's value as the input."""
-    error = PydanticCustomError("value_error", "Value error, {error}", {"error": str(exc)})
-    details = InitErrorDetails(type=error, loc=(field,), input=getattr(model, field))
-    return ValidationError.from_exception_data(type(model).__name__, [details])
+    @field_validator("keep")
+    @classmethod
+    def _keep_fits(cls, keep: int, info: ValidationInfo) -> int:
+        if all(name in info.data for name in ("inputs", "nodes", "edges")):  # edges absent: already an error
+            check_keep(cell_graph(info.data["inputs"], info.data["nodes"], info.data["edges"]), keep)
+        return keep
 
 
 def _check_ops(ops: list[str]) -> list[str]:
