@@ -12,14 +12,13 @@ Each row is the report of one ``bilevel run`` of the method's preset
 ``--set`` overrides: the script runs exactly that command through the Python API, and
 ``--commands`` prints the command lines instead of running them. The random subsets and the
 evaluation models use the same seeds for every method, so the columns are paired. The whole real
-pool, the reference, does not depend on the method or the size of the synthetic set, only on the
-evaluation (model, loss, steps, data): the first row of each evaluation evaluates it
-(``report_kwargs.full_pool=true``), and the table gives it once per evaluation."""
+pool, the reference, does not depend on the size of the synthetic set: each method's run at the
+first ``ipc`` evaluates it (``report_kwargs.full_pool=true``), and the table gives it once per
+method."""
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import sys
@@ -38,19 +37,14 @@ from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
 from bilevel.spec import load_spec  # noqa: E402
 from problems.common.outputs import format_cell, markdown_table, run_command  # noqa: E402
-from problems.distill.evaluate import report as distill_report  # noqa: E402
 
-__all__ = ["LOSSES", "METHODS", "commands", "compare", "evaluation", "method_overrides", "planned_rows", "transfer", "transfer_overrides"]
+__all__ = ["METHODS", "commands", "compare", "method_overrides", "transfer", "transfer_overrides"]
 
 METHODS = {
     "implicit": ("distill/digits_implicit", "linear student + L2, implicit (CG) hypergradient"),
     "unrolled": ("distill/digits_unrolled", "MLP student, 20 unrolled SGD steps, soft labels + learned lr"),
     "kip": ("distill/digits_kip", "KIP: NNGP kernel ridge regression, closed form, learned labels"),
 }
-
-
-LOSSES = {"ce": "cross-entropy", "mse": "squared error"}
-"""The evaluation losses of ``problems.distill:report``, as the table names them."""
 
 
 def method_overrides(method: str, ipc: int, steps: int, models: int, device: str, full_pool: bool = False) -> list[str]:
@@ -77,35 +71,11 @@ def transfer_overrides(ipc: int, steps: int, models: int, device: str) -> list[s
             f"report_kwargs.models={models}", "run.checkpoint_every=null"]
 
 
-def evaluation(method: str) -> dict[str, Any]:
-    """What the whole-pool figure of a method's report depends on: its preset's evaluation
-    arguments (the report's defaults where the preset sets none) and dtype; not the method, not
-    the size of the synthetic set."""
-    spec = load_spec(find_preset(METHODS[method][0])).spec
-    defaults = {name: parameter.default for name, parameter in inspect.signature(distill_report).parameters.items()}
-    names = ("data", "eval_model", "eval_loss", "eval_steps", "eval_lr", "eval_model_kwargs")
-    return {"dtype": spec.run.dtype, **{name: spec.report_kwargs.get(name, defaults[name]) for name in names}}
-
-
-def planned_rows(ipcs: list[int], methods: list[str]) -> list[tuple[int, str, bool]]:
-    """The rows of the table in order, (ipc, method, full_pool): the first row of each
-    :func:`evaluation` also evaluates the whole real pool, the others do not repeat it."""
-    settings = {method: evaluation(method) for method in methods}
-    seen: list[dict[str, Any]] = []
-    out = []
-    for ipc in ipcs:
-        for method in methods:
-            out.append((ipc, method, settings[method] not in seen))
-            if settings[method] not in seen:
-                seen.append(settings[method])
-    return out
-
-
 def commands(ipcs: list[int], methods: list[str], models: int, steps: int, device: str, transfer: bool) -> list[str]:
     """The ``bilevel run`` command line behind every row of the tables."""
-    lines = [run_command(METHODS[method][0], method_overrides(method, ipc, steps, models, device, full_pool),
+    lines = [run_command(METHODS[method][0], method_overrides(method, ipc, steps, models, device, full_pool=ipc == ipcs[0]),
                          out=f"runs/distill-{method}-ipc{ipc}")
-             for ipc, method, full_pool in planned_rows(ipcs, methods)]
+             for ipc in ipcs for method in methods]
     if transfer:
         lines += [run_command("distill/digits_krr_st", transfer_overrides(ipc, steps, models, device), out=f"runs/distill-krr-st-ipc{ipc}")
                   for ipc in ipcs]
@@ -115,17 +85,14 @@ def commands(ipcs: list[int], methods: list[str], models: int, steps: int, devic
 def compare(ipcs: list[int], methods: list[str], models: int, steps: int, device: str, log: Any = print) -> dict[str, Any]:
     """One ``bilevel run`` of each method's preset per number of images per class; a row of
     reports per ``ipc``, with the command line that reproduces each. The whole real pool is
-    evaluated by the first run of each :func:`evaluation` (its row holds ``"<method> whole real
-    pool"``) and listed under ``"whole_pool"`` with every method that shares it."""
-    results: dict[str, Any] = {"rows": [], "whole_pool": [],
-                               "settings": {"ipc": ipcs, "methods": methods, "models": models, "steps": steps}}
-    settings = {method: evaluation(method) for method in methods}
-    pooled = {(ipc, method) for ipc, method, full_pool in planned_rows(ipcs, methods) if full_pool}
+    evaluated by each method's run at the first ``ipc`` (its row holds ``"<method> whole real
+    pool"``)."""
+    results: dict[str, Any] = {"rows": [], "settings": {"ipc": ipcs, "methods": methods, "models": models, "steps": steps}}
     for ipc in ipcs:
         row: dict[str, Any] = {"ipc": ipc}
         for method in methods:
             preset, _ = METHODS[method]
-            full_pool = (ipc, method) in pooled
+            full_pool = ipc == ipcs[0]
             overrides = method_overrides(method, ipc, steps, models, device, full_pool)
             began = time.perf_counter()
             outcome = run(load_spec(find_preset(preset), overrides=overrides), out=tempfile.mkdtemp(prefix=f"distill-{method}-{ipc}-"),
@@ -136,9 +103,6 @@ def compare(ipcs: list[int], methods: list[str], models: int, steps: int, device
             row[f"{method} (own lower solution)"] = report["lower_solution_test_accuracy"]
             if full_pool:
                 row[f"{method} whole real pool"] = report["full_pool_accuracy"]
-                results["whole_pool"].append({"methods": [m for m in methods if settings[m] == settings[method]], "ipc": ipc,
-                                              "method": method, "eval_model": settings[method]["eval_model"],
-                                              "eval_loss": settings[method]["eval_loss"], "accuracy": report["full_pool_accuracy"]})
             row[f"{method} wall time s"] = time.perf_counter() - began
             row[f"{method} command"] = run_command(preset, overrides)
             log(f"ipc {ipc} {method}: distilled {report['distilled_accuracy']['mean']:.3f} +- {report['distilled_accuracy']['std']:.3f}"
@@ -165,14 +129,15 @@ def table(results: dict[str, Any]) -> str:
     """One row per (images per class, method): the distilled set and random real subsets of the
     same size, evaluated the same way (the method's evaluation loss), and the method's own lower
     solution (the trained student, or the kernel regressor) on the synthetic set; then the whole
-    real pool once per evaluation, for the methods evaluated that way."""
+    real pool once per method, evaluated as its rows are."""
     columns = ["images per class", "method", "distilled set", "random real subset", "own lower solution"]
     text = markdown_table(columns, ([row["ipc"], METHODS[method][1], *(format_cell(row[key]) for key in
                                      (method, f"{method} random real subset", f"{method} (own lower solution)"))]
                                     for row in results["rows"] for method in results["settings"]["methods"]))
-    pool = markdown_table(["whole real pool, evaluated as", "test accuracy"],
-                          ([f"{', '.join(entry['methods'])} ({entry['eval_model']}, {LOSSES.get(entry['eval_loss'], entry['eval_loss'])})",
-                            format_cell(entry["accuracy"])] for entry in results.get("whole_pool", [])))
+    first = results["rows"][0]
+    pool = markdown_table(["whole real pool (the reference), evaluated as for", "test accuracy"],
+                          ([METHODS[method][1], format_cell(first[f"{method} whole real pool"])]
+                           for method in results["settings"]["methods"] if f"{method} whole real pool" in first))
     return f"{text}\n\n{pool}"
 
 
