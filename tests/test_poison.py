@@ -204,20 +204,6 @@ def test_images_the_victim_was_not_built_for_stop_at_one_clear_error(tmp_path: P
     assert "RuntimeError" not in output and "mat1" not in output
 
 
-def test_the_victims_input_check_runs_once_per_pair_of_shapes() -> None:
-    """The objectives check the victim's input on every step; a pair of shapes that fits is
-    checked once and remembered, one that does not fit is an error every time."""
-    from bilevel.spec.errors import VariableError
-    from problems.common import classifier
-
-    lower = {"W": torch.zeros(10, 64), "b": torch.zeros(10)}
-    classifier.check_classifier_input(lower, torch.zeros(3, 1, 8, 8), "victim")
-    assert (torch.Size([10, 64]), torch.Size([1, 8, 8])) in classifier._FITS
-    for _ in range(2):
-        with pytest.raises(VariableError, match=r"takes 64 values per image, but the images are \[1, 16, 16\]"):
-            classifier.check_classifier_input(lower, torch.zeros(3, 1, 16, 16), "victim")
-
-
 def test_pixel_values_outside_the_unit_range_are_a_spec_error(tmp_path: Path) -> None:
     """epsilon and the clipping are in units of a pixel range [0, 1]: other data are refused at
     the argument that names them."""

@@ -15,9 +15,6 @@ from bilevel.spec.errors import VariableError
 
 __all__ = ["check_classifier_input", "classifier_logits", "classifier_squared_norm"]
 
-_FITS: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
-"""(first weight's shape, shape of one image) pairs that :func:`check_classifier_input` accepted."""
-
 
 def classifier_logits(lower: Any, x: Tensor, module: str) -> Tensor:
     """Logits of images x (n, C, H, W): the module variable named ``module`` when the level
@@ -44,9 +41,7 @@ def check_classifier_input(lower: Any, x: Tensor, module: str, images: str = "th
     ``shape`` of ``W``), or at the upper variable ``variable`` holding x when it is given (the
     synthetic images of a distillation, which the lower level cannot compare with the real data).
     Objectives call it before the forward pass, so that images of the wrong shape stop at one
-    clear error instead of a matrix-product error from inside the network. Since they run on every
-    inner (and unrolled) step, a pair of shapes that fits is remembered and not checked again: the
-    check runs once per (first weight shape, image shape), at compile time's dry run for a spec."""
+    clear error instead of a matrix-product error from inside the network."""
     if module in lower:
         params = lower[module].params
         if not params:
@@ -57,9 +52,6 @@ def check_classifier_input(lower: Any, x: Tensor, module: str, images: str = "th
         first, name, field = lower["W"], "W", "shape"
     else:
         return
-    shapes = (first.shape, x.shape[1:])
-    if shapes in _FITS:
-        return
     values = math.prod(x.shape[1:])
     if first.dim() == 2 and first.shape[1] != values:
         takes = f"takes {first.shape[1]} values per image"
@@ -67,7 +59,6 @@ def check_classifier_input(lower: Any, x: Tensor, module: str, images: str = "th
     elif first.dim() == 4 and (x.dim() != 4 or first.shape[1] != x.shape[1]):
         takes, expected = f"takes images of {first.shape[1]} channels", list(x.shape[1:])
     else:
-        _FITS.add(shapes)
         return
     if variable is not None:
         raise VariableError(variable, f"has shape {list(x.shape)}, but the {module} {takes}: expected images of the shape"
