@@ -37,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import device_name, measure, write_json  # noqa: E402
 from bilevel import build_engine, compile_spec  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, load_spec  # noqa: E402
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
 from problems.common.outputs import markdown_table  # noqa: E402
 
 

@@ -31,15 +31,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import device_name, measure, write_json  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
-from bilevel.spec import (  # noqa: E402
-    BORepConfig,
-    ImplicitConfig,
-    LinearSolverSpec,
-    LVHBAConfig,
-    PenaltyConfig,
-    UnrolledConfig,
-    spec_from_data,
-)
+from bilevel.engines import BORepConfig, ImplicitConfig, LinearSolverSpec, LVHBAConfig, PenaltyConfig, UnrolledConfig  # noqa: E402
+from bilevel.spec import spec_from_data  # noqa: E402
 from problems.hyperclean import mixture_split  # noqa: E402
 
 # TorchOpt 0.7.3 calls the deprecated functorch.vjp once per hypergradient

@@ -39,7 +39,8 @@ from bilevel import run  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.multilevel import build_chain_engine  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, load_spec  # noqa: E402
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
 from nonquadratic_chain import chain_spec  # noqa: E402
 from problems.common.outputs import markdown_table  # noqa: E402
 from problems.toy.three_level import three_level_closed_form, three_level_spec  # noqa: E402

@@ -32,7 +32,8 @@ from benchmarks._common import measure, write_json  # noqa: E402
 from bilevel.nas.genotype import Genotype, random_genotype  # noqa: E402
 from bilevel.nas.retrain import retrain  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import DartsConfig, RartsConfig, load_spec  # noqa: E402
+from bilevel.engines import DartsConfig, RartsConfig  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
 from problems.common.outputs import markdown_table  # noqa: E402
 
 METHODS = {

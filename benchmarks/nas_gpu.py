@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import bilevel  # noqa: E402
 from benchmarks._common import write_json  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import DartsConfig, load_spec  # noqa: E402
+from bilevel.engines import DartsConfig  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
 from problems.common.outputs import markdown_table  # noqa: E402
 
 SPACE = "levels.upper.variables.arch.space"

@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import measure, write_json  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
-from bilevel.spec import ImplicitConfig, UnrolledConfig, spec_from_data  # noqa: E402
+from bilevel.engines import ImplicitConfig, UnrolledConfig  # noqa: E402
+from bilevel.spec import spec_from_data  # noqa: E402
 
 
 def problem(n: int, d: int, steps: int, device: str):

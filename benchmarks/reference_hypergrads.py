@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "runtime_data"))
 
-from bilevel import build_engine, compile_spec, run  # noqa: E402
+from bilevel import build_engine, compile_spec, make_plan, run  # noqa: E402
 from bilevel.engines import (  # noqa: E402
     BORepConfig,
     DartsConfig,
@@ -170,12 +170,8 @@ def _flat(values: Any) -> list[float]:
     return [v for t in values for v in t.detach().reshape(-1).tolist()]
 
 
-def _build(problem: Any, config: Any, spec: Any) -> Any:
-    from bilevel.planner import make_plan
-
-    if config is None:
-        config = make_plan(spec, problem).engine
-    return build_engine(config)
+def _build(problem: Any, config: Any) -> Any:
+    return build_engine(make_plan(problem).engine if config is None else config)
 
 
 def call_case(name: str) -> dict[str, Any]:
@@ -183,7 +179,7 @@ def call_case(name: str) -> dict[str, Any]:
     builder, config, calls = CALLS[name]
     spec = builder()
     problem = compile_spec(spec)
-    engine = _build(problem, config, spec)
+    engine = _build(problem, config)
     torch.manual_seed(0)
     x = problem.fresh(problem.upper.init)
     state = engine.init(problem, x)

@@ -24,7 +24,7 @@ import json, sys, time, torch
 torch.set_num_threads(1)
 from bilevel import build_engine, compile_spec, load_spec
 from bilevel.presets import find_preset
-from bilevel.spec import ImplicitConfig, UnrolledConfig, PenaltyConfig
+from bilevel.engines import ImplicitConfig, UnrolledConfig, PenaltyConfig
 loaded = load_spec(find_preset("hyperclean/digits"), ["run.device=cpu"])
 problem = compile_spec(loaded)
 out = {}

@@ -44,7 +44,8 @@ from bilevel import run  # noqa: E402
 from bilevel.compile import compile_spec  # noqa: E402
 from bilevel.engines import build_engine  # noqa: E402
 from bilevel.fastpath.precision import agreement  # noqa: E402
-from bilevel.spec import ImplicitConfig, PrecisionSpec, UnrolledConfig, load_spec, spec_from_data  # noqa: E402
+from bilevel.engines import ImplicitConfig, UnrolledConfig  # noqa: E402
+from bilevel.spec import PrecisionSpec, load_spec, spec_from_data  # noqa: E402
 
 warnings.filterwarnings("ignore", message="We've integrated functorch into PyTorch", category=FutureWarning)
 

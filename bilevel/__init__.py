@@ -5,9 +5,29 @@ hypergradient engine and says why; the runtime runs the outer loop and writes re
 
 from __future__ import annotations
 
+from bilevel.engines import (
+    BORepConfig,
+    Capabilities,
+    DartsConfig,
+    EngineBase,
+    EngineState,
+    Hypergrad,
+    ImplicitConfig,
+    LinearSolverSpec,
+    LVHBAConfig,
+    PenaltyConfig,
+    Proposal,
+    RartsConfig,
+    Stats,
+    StnConfig,
+    UnrolledConfig,
+    build_engine,
+    engine_capabilities,
+    engine_kinds,
+    register,
+)
 from bilevel.compile import compile_spec
-from bilevel.engines import Capabilities, EngineState, Hypergrad, Stats, build_engine, engine_capabilities, engine_kinds
-from bilevel.planner import Plan, make_plan
+from bilevel.planner import Plan, ProblemFacts, make_plan
 from bilevel.problem import Problem, VariableView
 from bilevel.runtime.loop import DivergenceError, RunResult, hypergrad_at_init, run
 from bilevel.spec import BilevelSpec, LoadedSpec, SpecError, load_spec, spec_from_data
@@ -15,17 +35,29 @@ from bilevel.spec import BilevelSpec, LoadedSpec, SpecError, load_spec, spec_fro
 __version__ = "0.1.0"
 
 __all__ = [
+    "BORepConfig",
     "BilevelSpec",
     "Capabilities",
+    "DartsConfig",
     "DivergenceError",
+    "EngineBase",
     "EngineState",
     "Hypergrad",
+    "ImplicitConfig",
+    "LVHBAConfig",
+    "LinearSolverSpec",
     "LoadedSpec",
+    "PenaltyConfig",
     "Plan",
     "Problem",
+    "ProblemFacts",
+    "Proposal",
+    "RartsConfig",
     "RunResult",
     "SpecError",
     "Stats",
+    "StnConfig",
+    "UnrolledConfig",
     "VariableView",
     "build_engine",
     "compile_spec",
@@ -34,6 +66,7 @@ __all__ = [
     "hypergrad_at_init",
     "load_spec",
     "make_plan",
+    "register",
     "run",
     "spec_from_data",
 ]

@@ -4,7 +4,11 @@ report | sweep | retrain.
 Errors in a spec print one line per problem (file, dotted field path, what was expected) and exit
 with code 2, without a traceback unless --debug is given. A run stopped by the NaN/inf guard
 exits with code 3. Under torchrun (`torchrun --nproc_per_node N -m bilevel run SPEC`) every
-process runs the command; only rank 0 prints results and the errors every rank shares."""
+process runs the command; only rank 0 prints results and the errors every rank shares.
+
+Not split: one function per command, each a thin layer over the package's API; the commands
+share their option declarations, output helpers and error handling (``_guard``), which typer
+reads from one application."""
 
 from __future__ import annotations
 
@@ -102,15 +106,11 @@ def _load(spec: Optional[str], overrides: Optional[list[str]]) -> Any:
 def _engine(kind: Optional[str], loaded: Any) -> Any:
     if kind is None:
         return None
-    from pydantic import TypeAdapter, ValidationError
-
-    from bilevel.spec.engine import EngineSpec
+    from bilevel.engines import engine_config, engine_kinds
 
     try:
-        return TypeAdapter(EngineSpec).validate_python({"kind": kind})
-    except ValidationError:
-        from bilevel.engines import engine_kinds
-
+        return engine_config(kind)
+    except KeyError:
         raise SpecError.single("--engine", "engine", f"unknown engine {kind!r}; expected auto or one of: {', '.join(engine_kinds())}") from None
 
 
@@ -172,7 +172,7 @@ def plan(
 
     def go() -> None:
         loaded = _load(spec, overrides)
-        the_plan = make_plan(loaded, compile_spec(loaded, device), _engine(engine, loaded))
+        the_plan = make_plan(compile_spec(loaded, device), _engine(engine, loaded))
         if as_json:
             typer.echo(json.dumps(the_plan.to_json(), indent=2))
             return
@@ -196,7 +196,7 @@ def validate(spec: Optional[str] = SpecArg, device: Optional[str] = DeviceOpt, o
 
     def go() -> None:
         loaded = _load(spec, overrides)
-        make_plan(loaded, compile_spec(loaded, device))
+        make_plan(compile_spec(loaded, device))
         typer.echo(f"{loaded.file}: valid")
 
     _guard(go)
@@ -229,11 +229,26 @@ def hypergrad(
     _guard(go)
 
 
+PluginOpt = typer.Option(None, "--plugin", help="Import a module or file that registers engines (as a spec's plugins). Repeatable.")
+
+
+def _plugins(plugins: Optional[list[str]]) -> None:
+    from bilevel.refs import RefError, import_module_ref
+
+    for ref in plugins or []:
+        try:
+            import_module_ref(ref)
+        except RefError as exc:
+            raise SpecError.single("--plugin", ref, str(exc)) from None
+
+
 @app.command()
-def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to a file instead of stdout.")) -> None:
-    """Export the JSON Schema of spec files."""
+def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to a file instead of stdout."),
+           plugins: Optional[list[str]] = PluginOpt) -> None:
+    """Export the JSON Schema of spec files (with the engines of any --plugin)."""
     from bilevel.spec.schema import spec_schema
 
+    _guard(lambda: _plugins(plugins))
     text = json.dumps(spec_schema(), indent=2)
     if out is None:
         typer.echo(text)
@@ -242,20 +257,25 @@ def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write t
 
 
 @app.command()
-def engines(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List the registered engines and what they assume."""
+def engines(as_json: bool = typer.Option(False, "--json", help="Print as JSON."), plugins: Optional[list[str]] = PluginOpt) -> None:
+    """List the registered engines (built in, from installed packages' entry points, or from
+    --plugin modules) and what they assume."""
     from dataclasses import asdict
 
-    from bilevel.engines import engine_capabilities
+    from bilevel.engines import engine_class, engine_kinds
 
-    caps = engine_capabilities()
+    _guard(lambda: _plugins(plugins))
+    classes = {kind: engine_class(kind) for kind in engine_kinds()}
     if as_json:
-        typer.echo(json.dumps({k: asdict(c) for k, c in caps.items()}, indent=2))
+        typer.echo(json.dumps({k: {**asdict(c.capabilities), "priority": c.priority, "module": c.__module__}
+                               for k, c in classes.items()}, indent=2))
         return
-    for kind, cap in caps.items():
+    for kind, cls in classes.items():
+        cap = cls.capabilities
+        depth = "any" if cap.max_depth is None else str(cap.max_depth)
         typer.echo(f"{kind}: {cap.summary}")
         typer.echo(f"    lower level: {', '.join(cap.lower_convexity)}; memory: {cap.memory}; HVPs: {'yes' if cap.needs_hvp else 'no'};"
-                   f" constraints: {'yes' if cap.handles_constraints else 'no'}")
+                   f" constraints: {'yes' if cap.handles_constraints else 'no'}; levels: {depth}; priority: {cls.priority}")
 
 
 @app.command()

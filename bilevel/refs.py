@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RefError", "resolve_ref"]
+__all__ = ["RefError", "import_module_ref", "resolve_ref"]
 
 
 class RefError(Exception):
@@ -34,11 +34,10 @@ def _load_file_module(path: Path) -> Any:
     return module
 
 
-def resolve_ref(ref: str, base_dir: Path | None = None) -> Any:
-    """The object a reference names. File paths are relative to ``base_dir`` (the spec's folder)."""
-    module_part, _, attr_path = ref.partition(":")
-    if not attr_path:
-        raise RefError(f'{ref!r} is not a reference; expected "package.module:attr" or "file.py:attr"')
+def import_module_ref(module_part: str, base_dir: Path | None = None) -> Any:
+    """The module a reference's module part names: "path/to/file.py" (relative to ``base_dir``,
+    the spec's folder) or "package.module"; importing it runs its top-level code (a plugin
+    registers its engines so)."""
     if module_part.endswith(".py"):
         path = Path(module_part)
         if not path.is_absolute():
@@ -46,15 +45,21 @@ def resolve_ref(ref: str, base_dir: Path | None = None) -> Any:
         path = path.resolve()
         if not path.is_file():
             raise RefError(f"file {module_part!r} not found (looked at {path})")
-        module = _load_file_module(path)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ModuleNotFoundError as exc:
-            raise RefError(f"cannot import module {module_part!r}: {exc}") from exc
-        except Exception as exc:  # user code: report, never crash
-            raise RefError(f"importing module {module_part!r} raised {type(exc).__name__}: {exc}") from exc
-    obj: Any = module
+        return _load_file_module(path)
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as exc:
+        raise RefError(f"cannot import module {module_part!r}: {exc}") from exc
+    except Exception as exc:  # user code: report, never crash
+        raise RefError(f"importing module {module_part!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_ref(ref: str, base_dir: Path | None = None) -> Any:
+    """The object a reference names. File paths are relative to ``base_dir`` (the spec's folder)."""
+    module_part, _, attr_path = ref.partition(":")
+    if not attr_path:
+        raise RefError(f'{ref!r} is not a reference; expected "package.module:attr" or "file.py:attr"')
+    obj: Any = import_module_ref(module_part, base_dir)
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise RefError(f"{module_part!r} has no attribute {attr_path!r}")

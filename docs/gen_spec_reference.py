@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import bilevel.engines as engines_module  # noqa: E402
 import bilevel.spec as spec_module  # noqa: E402
 from bilevel.spec import spec_schema  # noqa: E402
 
@@ -103,7 +104,11 @@ def _type(prop: dict[str, Any]) -> str:
             return f"mapping name -> {_type(extra)}"
         return "mapping"
     if "pattern" in prop:
-        return 'reference `"module:attr"` / `"file.py:attr"`' if ":" in prop["pattern"] else f"{kind} matching `{prop['pattern']}`"
+        if ":" in prop["pattern"] and "[^:" in prop["pattern"] and prop["pattern"] != r"^[^:\s]+$":
+            return 'reference `"module:attr"` / `"file.py:attr"`'
+        if prop["pattern"] == r"^[^:\s]+$":
+            return 'module `"package.module"` / `"file.py"`'
+        return f"{kind} matching `{prop['pattern']}`"
     bounds = [
         f"{symbol} {prop[key]}"
         for key, symbol in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
@@ -114,7 +119,7 @@ def _type(prop: dict[str, Any]) -> str:
 
 def _model_class(name: str) -> Any:
     """The pydantic model of a schema definition (None when it is not a spec model)."""
-    cls = getattr(spec_module, name, None)
+    cls = getattr(spec_module, name, None) or getattr(engines_module, name, None)
     return cls if inspect.isclass(cls) and hasattr(cls, "model_fields") else None
 
 

@@ -66,7 +66,7 @@ def build_spec(steps: int = 200, out: str = "runs/python-api") -> bilevel.Bileve
 
 def main(steps: int = 200, out: str = "runs/python-api") -> bilevel.RunResult:
     spec = build_spec(steps, out)
-    plan = bilevel.make_plan(bilevel.LoadedSpec(spec), bilevel.compile_spec(spec))
+    plan = bilevel.make_plan(bilevel.compile_spec(spec))
     print(f"engine: {plan.engine.kind}")
     for reason in plan.reasons:
         print(f"  - {reason}")

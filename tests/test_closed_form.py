@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bilevel import build_engine, compile_spec, make_plan
-from bilevel.spec import ImplicitConfig, SpecError, UnrolledConfig, spec_from_data
+from bilevel.engines import UnrolledConfig
+from bilevel.spec import SpecError, spec_from_data
 from problems.toy import ridge_data, ridge_hypergrad, ridge_spec, ridge_val_data
 
 HERE = Path(__file__).parent
@@ -45,7 +46,7 @@ def test_closed_form_gives_the_exact_ridge_hypergradient() -> None:
     """Implicit differentiation at the closed-form solution = the analytic hypergradient (float64)."""
     loaded = _loaded(_closed_form_spec())
     problem = compile_spec(loaded)
-    plan = make_plan(loaded, problem)
+    plan = make_plan(problem)
     assert plan.engine.kind == "implicit" and plan.engine.linear_solver.method == "direct"
     assert "closed form" in plan.reasons[0]
     _, result = _hypergrad(loaded, plan.engine)
@@ -73,7 +74,7 @@ def test_closed_form_is_what_every_lower_solve_returns() -> None:
 
 def test_unrolled_on_a_closed_form_gets_a_warning() -> None:
     loaded = _loaded(_closed_form_spec(**{"levels.lower.solver": {"name": "sgd", "lr": 0.2, "steps": 50}}))
-    plan = make_plan(loaded, compile_spec(loaded), UnrolledConfig())
+    plan = make_plan(compile_spec(loaded), UnrolledConfig())
     assert any("closed form" in warning for warning in plan.warnings)
 
 

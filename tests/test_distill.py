@@ -17,7 +17,8 @@ import bilevel
 from bilevel import build_engine, compile_spec, make_plan
 from bilevel.cli import app
 from bilevel.presets import find_preset
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, load_spec
+from bilevel.engines import ImplicitConfig, LinearSolverSpec
+from bilevel.spec import load_spec
 from problems.distill import kernel, real_images, real_train, ssl_targets
 
 runner = CliRunner()
@@ -30,7 +31,7 @@ def _loaded(preset: str, *overrides: str):
 
 def _hypergrad(loaded, config=None, x=None):
     problem = compile_spec(loaded)
-    config = config or make_plan(loaded, problem).engine
+    config = config or make_plan(problem).engine
     engine = build_engine(config)
     x = problem.fresh(problem.upper.init) if x is None else x
     return problem, engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
@@ -122,7 +123,7 @@ def test_preset_runs_and_writes_its_outputs(preset: str, tmp_path: Path) -> None
 
 def test_unrolled_preset_learns_labels_and_the_inner_learning_rate(tmp_path: Path) -> None:
     loaded = _loaded("distill/digits_unrolled", "run.steps=3", "run.device=cpu", "report=null")
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert plan.engine.kind == "unrolled" and "tuned" in plan.reasons[0]
     result = bilevel.run(loaded, out=tmp_path, progress=False)
     final = result.result["upper_variables"]

@@ -5,6 +5,7 @@ precision. CUDA-only checks at the end run where a GPU is present."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -17,12 +18,13 @@ from bilevel.compile import compile_spec
 from bilevel.engines import build_engine
 from bilevel.engines.implicit import ImplicitEngine
 from bilevel.engines.inner import solve_lower
-from bilevel.fastpath import CapturedCall, CaptureMismatch, HostSyncError, ReplayBackend, forbid_host_sync, set_graph_backend
+from bilevel.fastpath import CapturedCall, CaptureMismatch, HostSyncError, ReplayBackend, accelerated, forbid_host_sync, set_graph_backend
 from bilevel.fastpath import accelerator as accel
 from bilevel.fastpath.compiled import first_order_step
 from bilevel.fastpath.precision import _tf32, agreement, precision_scope
 from bilevel.optim import InnerOptimizer
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, PrecisionSpec, UnrolledConfig, spec_from_data
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec import PrecisionSpec, spec_from_data
 from helpers import hypergrad_calls
 
 HERE_OBJECTIVES = str(Path(__file__).resolve().parent / "fastpath_data" / "objectives.py")
@@ -180,10 +182,10 @@ def test_a_synchronizing_upper_objective_keeps_the_inner_loop_captured(replay) -
 
 def test_an_engine_reading_host_state_is_not_captured_whole(replay) -> None:
     class StepReading(ImplicitEngine):
-        graph_safe = False
+        capabilities = dataclasses.replace(ImplicitEngine.capabilities, graph_safe=False)
 
     problem = compile_spec(hyperclean())
-    engine = StepReading(ImplicitConfig(fast_path="cuda_graph"))
+    engine = accelerated(StepReading(ImplicitConfig(fast_path="cuda_graph")))
     hypergrad_calls(engine, problem, 4)
     report = engine.execution_report()
     assert report["hypergradient"] == "eager" and report["inner_loop"] == "cuda_graph"

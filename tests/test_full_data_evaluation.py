@@ -107,7 +107,7 @@ def test_per_instance_final_losses_are_the_one_batch_values(tmp_path) -> None:
     result = run(loaded, out=tmp_path, progress=False)
     problem = compile_spec(loaded)
     with torch.no_grad():
-        whole = problem.upper_objective_per_instance(result.x, result.y, problem.upper.data.full)
+        whole = problem.upper_losses(result.x, result.y, problem.upper.data.full)
     losses = [entry["final_upper_loss"] for entry in result.result["instances"]]
     assert losses == pytest.approx(whole.tolist(), rel=1e-12)
     assert abs(losses[0] - losses[1]) > 1e-6  # two different instances, not one value twice

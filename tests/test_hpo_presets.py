@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(("preset", "engine"), [("hpo/mlp_stn", "stn"), ("hpo/mlp_lr_wd", "unrolled"), ("hpo/l2_per_weight", "implicit")])
 def test_planner_picks_the_documented_engine(preset: str, engine: str) -> None:
     loaded = load_spec(find_preset(preset))
-    assert bilevel.make_plan(loaded, bilevel.compile_spec(loaded, "cpu")).engine.kind == engine
+    assert bilevel.make_plan(bilevel.compile_spec(loaded, "cpu")).engine.kind == engine
 
 
 def _records(out: Path) -> list[dict]:

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from bilevel import build_engine, compile_spec, make_plan, run
 from bilevel.cli import app
 from bilevel.hyperparameters import Categorical, Continuous, Integer, make_transform
-from bilevel.spec import HyperparameterVariable, ImplicitConfig, SpecError, StnConfig, UnrolledConfig, spec_from_data
+from bilevel.engines import ImplicitConfig, StnConfig, UnrolledConfig
+from bilevel.spec import HyperparameterVariable, SpecError, spec_from_data
 from problems.toy import ridge_data, ridge_hypergrad, ridge_spec, ridge_val_data
 
 HERE = Path(__file__).parent
@@ -143,16 +144,16 @@ def test_result_json_and_monitor_hold_values_in_user_units(tmp_path: Path) -> No
 
 
 def test_metrics_log_a_string_categorical_as_the_index_of_its_choice() -> None:
-    from bilevel.runtime.loop import _tracked_upper, _unflatten_tracked
+    from bilevel.runtime.records import TrackedUpper
 
     data = _ridge_with_strength({"log": True, "init": 0.5})
     data["levels"]["upper"]["variables"]["mode"] = {"kind": "hyperparameter", "type": "categorical",
                                                     "choices": ["ridge", "none"], "init": "none"}
     data["levels"]["lower"]["objective"] = f"{RIDGE}:categorical_lower"
     problem = compile_spec(spec_from_data(data))
-    tracked = _tracked_upper(problem)
-    values = torch.cat([reader(problem.upper.init).reshape(-1).double() for _, reader, _ in tracked]).tolist()
-    assert _unflatten_tracked(tracked, values) == {"strength": pytest.approx(0.5), "mode": 1.0}
+    tracked = TrackedUpper(problem)
+    values = torch.cat(tracked.read(problem.upper.init, torch.float64)).tolist()
+    assert tracked.unflatten(values) == {"strength": pytest.approx(0.5), "mode": 1.0}
 
 
 def test_tuned_optimizer_setting_reads_the_value(tmp_path: Path) -> None:
@@ -197,7 +198,7 @@ def _discrete_spec(engine: dict | None = None) -> dict:
 def test_discrete_hyperparameter_without_a_best_response_model_is_explained() -> None:
     loaded = spec_from_data(_discrete_spec())
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert "levels.lower.variables" in str(info.value) and "STN layers" in str(info.value)
 
 
@@ -205,7 +206,7 @@ def test_discrete_hyperparameter_without_a_best_response_model_is_explained() ->
 def test_engines_without_discrete_support_refuse_discrete_hyperparameters(kind: str) -> None:
     loaded = spec_from_data(_discrete_spec({"kind": kind}))
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     issue = info.value.issues[0]
     assert issue.path == "levels.upper.variables.units"
     assert f"the {kind} engine cannot take this hyperparameter (discrete)" in issue.message and "stn" in issue.message
@@ -215,14 +216,14 @@ def test_non_differentiable_hyperparameter_is_refused_by_hypergradient_engines()
     data = _ridge_with_strength({"log": True, "init": 0.5, "differentiable": False}, engine={"kind": "implicit"})
     loaded = spec_from_data(data)
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert "differentiable: false" in str(info.value) and "levels.upper.variables.strength" in str(info.value)
 
 
 def test_stn_requested_for_a_lower_level_without_stn_layers_is_refused() -> None:
     loaded = spec_from_data(_ridge_with_strength({"log": True, "init": 0.5}, engine={"kind": "stn"}))
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert "levels.lower.variables" in str(info.value) and "best-response model" in str(info.value)
 
 
@@ -233,7 +234,7 @@ def test_planner_picks_stn_for_discrete_hyperparameters_with_its_reason() -> Non
     import discrete_choice
 
     loaded = spec_from_data(discrete_choice.features_spec())
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert plan.engine.kind == "stn" and isinstance(plan.engine, StnConfig)
     assert "levels.upper.variables.k (discrete)" in plan.reasons[0]
     assert plan.facts.discrete_hyperparameters == ("k",) and plan.facts.best_response_model
@@ -343,5 +344,5 @@ def test_constraints_and_a_discrete_hyperparameter_together_are_refused_not_mish
     data["levels"]["lower"]["constraints"] = [{"fn": f"{RIDGE}:norm_budget"}]
     loaded = spec_from_data(data)
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert info.value.issues[0].path == "levels.upper.variables.units" and "lv_hba" in str(info.value)

@@ -15,9 +15,10 @@ from bilevel import run
 from bilevel.compile import compile_spec
 from bilevel.engines import build_engine
 from bilevel.fastpath import ReplayBackend, set_graph_backend
-from bilevel.instances import BatchedProblem, instance_specs
+from bilevel.compile.instances import instance_specs
 from bilevel.planner import make_plan
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, SpecError, UnrolledConfig, spec_from_data
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec import SpecError, spec_from_data
 from helpers import hypergrad_calls
 
 N = 3
@@ -63,9 +64,9 @@ CONFIGS = [
 def test_each_instance_gets_its_own_hypergradient(config, batch_size, vectorize: str) -> None:
     loaded = spec_from_data(batched_spec(batch_size=batch_size))
     batched = compile_spec(loaded)
-    assert isinstance(batched, BatchedProblem) and batched.instances == N
-    assert batched.vectorize == "loop"  # CPU, per-instance data: see bilevel.instances.vectorization
-    batched.vectorize = vectorize
+    assert batched.stacked is not None and batched.instances == N
+    assert batched.stacked.vectorize == "loop"  # CPU, per-instance data: see bilevel.problem.stack.vectorization
+    batched.stacked.vectorize = vectorize
     singles = [compile_spec(one) for one in instance_specs(loaded)]
     got = hypergrad_calls(build_engine(config), batched, 2)  # two warm-started calls: the CG warm start is per instance too
     upper_losses = 0.0
@@ -81,7 +82,7 @@ def test_each_instance_gets_its_own_hypergradient(config, batch_size, vectorize:
 
 def test_shared_data_enters_vmap_once() -> None:
     batched = compile_spec(spec_from_data(batched_spec(vary={"levels.upper.variables.lam.init": [0.0, 1.0, 2.0]})))
-    assert batched.lower.data.in_dims == {"x": None, "y": None, "index": None} and batched.vectorize == "vmap"
+    assert batched.lower.data.in_dims == {"x": None, "y": None, "index": None} and batched.stacked.vectorize == "vmap"
     assert batched.lower.data.full["x"].shape == (90, 10)  # not copied N times
     varied = compile_spec(spec_from_data(batched_spec()))
     assert varied.lower.data.in_dims == {"x": 0, "y": 0, "index": None}
@@ -140,7 +141,7 @@ def _error(data: dict) -> SpecError:
     with pytest.raises(SpecError) as info:
         loaded = spec_from_data(data)
         problem = compile_spec(loaded)
-        make_plan(loaded, problem)
+        make_plan(problem)
     return info.value
 
 
@@ -175,7 +176,7 @@ def test_the_planner_keeps_a_batch_on_cg() -> None:
     data["levels"]["lower"]["objective_kwargs"] = {}
     data["instances"] = {"count": 2}
     loaded = spec_from_data(data)
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert plan.engine.kind == "implicit" and plan.engine.linear_solver.method == "cg"
 
 

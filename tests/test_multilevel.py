@@ -18,10 +18,14 @@ import yaml
 import bilevel
 from bilevel.compile import compile_spec
 from bilevel.linalg.hvp import Linearization, grad_and_value
-from bilevel.multilevel import ChainProblem, build_chain_engine
+from bilevel.engines import build_engine
+from bilevel.engines.nested_implicit import nested_hypergrad
+from bilevel.engines.nested_unrolled import nested_unrolled_hypergrad
+from bilevel.problem import Problem
 from bilevel.planner import make_plan
 from bilevel.presets import find_preset
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, SpecError, UnrolledConfig, load_spec, spec_from_data
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec import SpecError, load_spec, spec_from_data
 from problems.toy import quadratic_data, quadratic_hypergrad, quadratic_spec
 from problems.toy.three_level import three_level_closed_form, three_level_spec
 
@@ -41,22 +45,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _hypergrad(problem: ChainProblem, config: Any, x: tuple[torch.Tensor, ...] | None = None) -> Any:
-    engine = build_chain_engine(config)
+def _hypergrad(problem: Problem, config: Any, x: tuple[torch.Tensor, ...] | None = None) -> Any:
+    engine = build_engine(config)
     x = problem.fresh(problem.upper.init) if x is None else x
     batch = problem.upper.data.full if problem.upper.data is not None else None
     return engine.hypergrad(problem, x, engine.init(problem, x), batch)
 
 
-def _composed_fd(problem: ChainProblem, eps: float = 1e-5) -> torch.Tensor:
+def _composed_fd(problem: Problem, eps: float = 1e-5) -> torch.Tensor:
     """Central differences of a -> F(a, z*_1(a), ..., z*_{K-1}(a)), the lower levels solved by
     the nested inner loops from their initial values."""
-    engine = build_chain_engine(IMPLICIT)
+    engine = build_engine(IMPLICIT)
     x = problem.fresh(problem.upper.init)
     batch = problem.upper.data.full if problem.upper.data is not None else None
 
     def composed(a: torch.Tensor) -> float:
-        y = engine.solve_below(problem, (a,), engine.init(problem, (a,)))
+        y = engine.lower_solution(problem, (a,), engine.init(problem, (a,)))
         return float(problem.upper_objective((a,), y, batch))
 
     basis = torch.eye(x[0].numel(), dtype=torch.float64)
@@ -108,10 +112,15 @@ def test_four_level_chain_matches_finite_differences(config: Any) -> None:
 
 @pytest.mark.parametrize("config", [ImplicitConfig(), UnrolledConfig()], ids=["implicit", "unrolled"])
 def test_a_two_level_chain_gives_the_two_level_hypergradient(config: Any) -> None:
+    """The nested algorithms (what the engines run for more than two levels) on a chain of depth 2."""
     two = compile_spec(quadratic_spec(inner_steps=400))
-    chain = ChainProblem(two.name, two.levels, two.graph, two.device, two.dtype, chain=(two.upper, two.lower))
     x = two.fresh(two.upper.init)
-    out = _hypergrad(chain, config, x)
+    state = build_engine(config).init(two, x)
+    batch = two.upper.data.full
+    if config.kind == "implicit":
+        out = nested_hypergrad(two, config.linear_solver, x, state, batch)
+    else:
+        out = nested_unrolled_hypergrad(two, x, state, batch)
     assert _rel(out.grad[0], quadratic_hypergrad(x[0], quadratic_data())) < 1e-10
 
 
@@ -128,7 +137,7 @@ def test_tuned_hyperparameters_get_the_derivative_of_the_nested_algorithm(tuned:
     """A top variable tunes the bottom solver; unrolling differentiates the 6 x 6-step algorithm
     exactly, so its hypergradient equals central differences of that same algorithm."""
     problem = compile_spec(_tuned_spec(tuned))
-    engine = build_chain_engine(UnrolledConfig())
+    engine = build_engine(UnrolledConfig())
     x = problem.fresh(problem.upper.init)
     batch = problem.upper.data.full
     out = engine.hypergrad(problem, x, engine.init(problem, x), batch)
@@ -136,7 +145,7 @@ def test_tuned_hyperparameters_get_the_derivative_of_the_nested_algorithm(tuned:
 
     def algorithm(h: float) -> float:
         xx = tuple(torch.full_like(p, h) if i == index else p for i, p in enumerate(x))
-        return float(problem.upper_objective(xx, engine.solve_below(problem, xx, engine.init(problem, xx)), batch))
+        return float(problem.upper_objective(xx, engine.lower_solution(problem, xx, engine.init(problem, xx)), batch))
 
     h = float(x[index])
     fd = (algorithm(h + 1e-6) - algorithm(h - 1e-6)) / 2e-6
@@ -241,13 +250,13 @@ def test_warm_started_nested_unrolling_is_the_derivative_of_its_algorithm() -> N
     bottom steps must still use the partial gradient (stop_at). Without it the engine ran another
     algorithm and was 5.6e-6 off here."""
     problem = compile_spec(three_level_spec(middle_steps=10, bottom_steps=10, warm_start=True))
-    engine = build_chain_engine(UnrolledConfig())
+    engine = build_engine(UnrolledConfig())
     x = problem.fresh(problem.upper.init)
     batch = problem.upper.data.full
     grad = engine.hypergrad(problem, x, engine.init(problem, x), batch).grad[0]
 
     def algorithm(a: torch.Tensor) -> float:
-        return float(problem.upper_objective((a,), engine.solve_below(problem, (a,), engine.init(problem, (a,))), batch))
+        return float(problem.upper_objective((a,), engine.lower_solution(problem, (a,), engine.init(problem, (a,))), batch))
 
     basis = torch.eye(2, dtype=torch.float64)
     fd = torch.tensor([(algorithm(x[0] + 1e-5 * e) - algorithm(x[0] - 1e-5 * e)) / 2e-5 for e in basis], dtype=torch.float64)
@@ -257,7 +266,7 @@ def test_warm_started_nested_unrolling_is_the_derivative_of_its_algorithm() -> N
 # --- planner ----------------------------------------------------------------------------------
 def _plan(data: dict[str, Any], engine: Any = None) -> Any:
     loaded = spec_from_data(data)
-    return make_plan(loaded, compile_spec(loaded), engine)
+    return make_plan(compile_spec(loaded), engine)
 
 
 def test_planner_picks_nested_implicit_for_strongly_convex_levels() -> None:
@@ -335,13 +344,16 @@ def test_bad_multilevel_input_names_the_field(case: str) -> None:
         data = {**data, "engine": engine}
     with pytest.raises(SpecError) as info:
         loaded = spec_from_data(data)
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert any(issue.path == path and message in issue.message for issue in info.value.issues), str(info.value)
 
 
 def test_engines_refuse_options_they_cannot_honour_when_built_directly() -> None:
+    problem = compile_spec(three_level_spec())
+    engine = build_engine(UnrolledConfig(truncate=3))  # valid for two levels; on three it refuses
+    x = problem.fresh(problem.upper.init)
     with pytest.raises(ValueError, match="engine.truncate"):
-        build_chain_engine(UnrolledConfig(truncate=3))
+        engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.data.full)
 
 
 # --- runtime and CLI --------------------------------------------------------------------------
@@ -407,4 +419,4 @@ def test_hpo_reweight_comparison_configurations_are_valid() -> None:
 
     for name, data in compare.configurations(seed=1, steps=2).items():
         loaded = spec_from_data(data)
-        assert make_plan(loaded, compile_spec(loaded, "cpu")).reasons, name
+        assert make_plan(compile_spec(loaded, "cpu")).reasons, name

@@ -15,11 +15,13 @@ import torch
 
 import bilevel
 from bilevel import build_engine, compile_spec
-from bilevel.engines.darts import grad_x, virtual_step
+from bilevel.engines.architecture import grad_x
+from bilevel.engines.darts import virtual_step
 from bilevel.linalg import Linearization, joint_grad, power_iteration
 from bilevel.nas.genotype import Genotype, derive_genotype
 from bilevel.nas.supernet import Architecture
-from bilevel.spec import ArchitectureVariable, CellSpec, ConvSearchSpace, DartsConfig, RartsConfig, spec_from_data
+from bilevel.engines import DartsConfig, RartsConfig
+from bilevel.spec import ArchitectureVariable, CellSpec, ConvSearchSpace, spec_from_data
 from problems.nas.toy import darts_fixed_point, rarts_fixed_point, toy_spec
 
 
@@ -97,12 +99,12 @@ def test_rarts_on_the_analytic_toy(lam: float, beta: float, lr: float, steps: in
     for _ in range(3):
         z = M @ z + c
     x, state = _drive(config, spec, 3)  # the engine's first sweeps are the map's (Gauss-Seidel order included)
-    assert [float(x[0]), float(state.lower[0]), float(state.extra["y"][0])] == pytest.approx(z.tolist(), abs=1e-12)
+    assert [float(x[0]), float(state.lower[0]), float(state.y[0])] == pytest.approx(z.tolist(), abs=1e-12)
 
     x, state = _drive(config, spec, steps)
     assert float(x[0]) == pytest.approx(alpha, abs=1e-8)
     assert float(state.lower[0]) == pytest.approx(w, abs=1e-8)
-    assert float(state.extra["y"][0]) == pytest.approx(y, abs=1e-8)
+    assert float(state.y[0]) == pytest.approx(y, abs=1e-8)
     bias = 1.0 / beta + 1.0 / (2 * lam)  # the documented bias alpha - 1 = s / (2 - s), s = 1/beta + 1/(2 lam)
     assert alpha - 1.0 == pytest.approx(bias / (2 - bias), abs=1e-12)
     if lam >= 100:

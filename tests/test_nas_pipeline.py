@@ -17,7 +17,8 @@ from bilevel.cli import app
 from bilevel.nas.genotype import Genotype, random_genotype
 from bilevel.nas.supernet import MixedOp, channel_shuffle
 from bilevel.presets import find_preset
-from bilevel.spec import RartsConfig, load_spec
+from bilevel.engines import RartsConfig
+from bilevel.spec import load_spec
 
 runner = CliRunner()
 SPACE = "levels.upper.variables.arch.space"

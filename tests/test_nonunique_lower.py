@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bilevel import compile_spec, make_plan, run
-from bilevel.spec import PenaltyConfig, spec_from_data
+from bilevel.engines import PenaltyConfig
+from bilevel.spec import spec_from_data
 
 MODULE = str((Path(__file__).parent / "runtime_data" / "nonunique.py").resolve())
 
@@ -27,7 +28,7 @@ def _spec(steps: int) -> dict:
 
 def test_planner_picks_the_penalty_engine_for_a_nonunique_lower_level() -> None:
     loaded = spec_from_data(_spec(1))
-    assert make_plan(loaded, compile_spec(loaded)).engine.kind == "penalty"
+    assert make_plan(compile_spec(loaded)).engine.kind == "penalty"
 
 
 @pytest.mark.parametrize("gamma, tolerance", [(10.0, 0.02), (100.0, 0.003)])  # bias O(1/gamma): 0.011, 0.0011

@@ -10,7 +10,8 @@ import torch.nn.functional as nnf
 
 from bilevel.compile import compile_spec
 from bilevel.engines import build_engine
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, spec_from_data
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec import spec_from_data
 
 torchopt = pytest.importorskip("torchopt")
 higher = pytest.importorskip("higher")

@@ -6,7 +6,8 @@ import pytest
 
 from bilevel.compile import compile_spec
 from bilevel.planner import make_plan
-from bilevel.spec import BORepConfig, ImplicitConfig, LVHBAConfig, PenaltyConfig, SpecError, UnrolledConfig, spec_from_data
+from bilevel.engines import BORepConfig, ImplicitConfig, LVHBAConfig, PenaltyConfig, UnrolledConfig
+from bilevel.spec import SpecError, spec_from_data
 from problems.toy import quadratic_spec
 
 
@@ -17,7 +18,7 @@ def _plan(n: int = 8, convexity: str = "strongly_convex", memory_mb: float | Non
     for key, value in extra.items():
         data["levels"]["lower"][key] = value
     loaded = spec_from_data(data)
-    return make_plan(loaded, compile_spec(loaded), engine)
+    return make_plan(compile_spec(loaded), engine)
 
 
 def test_strongly_convex_small_lower_level_gets_a_direct_solve() -> None:
@@ -51,13 +52,13 @@ def test_unbounded_upper_smoothness_gets_bo_rep_with_advice_on_the_outer_optimiz
     data = quadratic_spec().model_dump(mode="json")
     data["levels"]["upper"]["assumptions"] = {"smoothness": "unbounded"}
     loaded = spec_from_data(data)
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert isinstance(plan.engine, BORepConfig)
     assert any("unbounded" in r for r in plan.reasons)
     assert any("normalized_momentum" in w for w in plan.warnings)
     data["levels"]["upper"]["solver"] = {"name": "normalized_momentum", "lr": 0.05}
     loaded = spec_from_data(data)
-    assert not make_plan(loaded, compile_spec(loaded)).warnings
+    assert not make_plan(compile_spec(loaded)).warnings
 
 
 def test_memory_budget_turns_on_checkpointing_then_truncation() -> None:
@@ -81,12 +82,12 @@ def test_explicit_engine_overrides_with_a_warning_on_contradiction() -> None:
 
 def test_declared_constraints_pick_lv_hba_and_refuse_engines_without_constraint_support() -> None:
     loaded = spec_from_data(_constrained_toy_data())
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert isinstance(plan.engine, LVHBAConfig)
     assert any("coupling both levels" in r for r in plan.reasons)
     for engine in (ImplicitConfig(), UnrolledConfig(), PenaltyConfig(), BORepConfig()):
         with pytest.raises(SpecError) as explicit:
-            make_plan(loaded, compile_spec(loaded), engine)
+            make_plan(compile_spec(loaded), engine)
         assert explicit.value.issues[0].path == "levels.lower.constraints"
         assert "cannot handle lower-level constraints" in explicit.value.issues[0].message
 

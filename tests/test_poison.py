@@ -19,7 +19,8 @@ import bilevel
 from bilevel import build_engine, compile_spec, make_plan
 from bilevel.cli import app
 from bilevel.presets import find_preset
-from bilevel.spec import ImplicitConfig, LinearSolverSpec, UnrolledConfig, load_spec
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig
+from bilevel.spec import load_spec
 from problems.poison import PoisonBudget, checkerboard, corner_patch, random_pattern, train
 
 runner = CliRunner()
@@ -267,7 +268,7 @@ def test_unrolled_engine_runs_the_availability_preset(tmp_path: Path) -> None:
     loaded = _loaded("poison/digits_availability", "run.steps=2", "levels.lower.solver.steps=10", "report=null", "run.device=cpu")
     result = bilevel.run(loaded, engine=UnrolledConfig(), out=tmp_path, progress=False)
     assert result.result["engine"] == "unrolled" and result.result["steps"] == 2
-    plan = make_plan(loaded, compile_spec(loaded))
+    plan = make_plan(compile_spec(loaded))
     assert plan.engine.kind == "implicit"
 
 

@@ -21,7 +21,7 @@ def test_every_preset_validates_and_plans() -> None:
     assert DEFAULT_PRESET in presets and {"hpo/l2_scalar", "hpo/l2_per_feature"} <= set(presets)
     for name in presets:
         loaded = load_spec(find_preset(name))
-        plan = bilevel.make_plan(loaded, bilevel.compile_spec(loaded, "cpu"))
+        plan = bilevel.make_plan(bilevel.compile_spec(loaded, "cpu"))
         assert plan.reasons
 
 

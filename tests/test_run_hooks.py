@@ -13,7 +13,8 @@ from bilevel import build_engine, compile_spec, make_plan, run
 from bilevel.engines import EngineBase, Hypergrad, Stats
 from bilevel.engines import registry
 from bilevel.engines.inner import start_state
-from bilevel.spec import ImplicitConfig, LoadedSpec, SpecError, UnrolledConfig, spec_from_data
+from bilevel.engines import ImplicitConfig, UnrolledConfig
+from bilevel.spec import SpecError, spec_from_data
 from problems.toy import quadratic_spec, ridge_data, ridge_hypergrad, ridge_spec, ridge_val_data
 
 HERE = Path(__file__).parent
@@ -98,10 +99,10 @@ def test_constant_weight_decay_is_part_of_the_lower_objective() -> None:
 def test_planner_picks_unrolled_for_a_tuned_lr_and_warns_for_implicit() -> None:
     loaded = spec_from_data(_tuned_lr_spec(0.05))
     problem = compile_spec(loaded)
-    plan = make_plan(loaded, problem)
+    plan = make_plan(problem)
     assert plan.engine.kind == "unrolled"
     assert "tuned" in plan.reasons[0] and "lr" in plan.reasons[0]
-    explicit = make_plan(loaded, problem, ImplicitConfig())
+    explicit = make_plan(problem, ImplicitConfig())
     assert any("zero" in w for w in explicit.warnings)
 
 

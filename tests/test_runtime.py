@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from bilevel.runtime import checkpoint as ckpt
+from bilevel.runtime import atomic as ckpt
 from bilevel.runtime.callbacks import MetricsWriter
 from bilevel.runtime.loop import DivergenceError, run
 from bilevel.spec import load_spec

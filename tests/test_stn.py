@@ -275,7 +275,7 @@ def test_per_example_draws_of_a_discrete_or_vector_variable_are_refused() -> Non
     data = discrete_choice.features_spec(per_example=["k"])
     loaded = spec_from_data(data)
     with pytest.raises(SpecError) as info:
-        make_plan(loaded, compile_spec(loaded))
+        make_plan(compile_spec(loaded))
     assert info.value.issues[0].path == "engine.per_example" and "continuous scalar" in str(info.value)
 
 

@@ -13,7 +13,7 @@ from bilevel.distributed.launch import (
 )
 from bilevel.distributed.reduce import World, current_world, sum_over_ranks, sum_over_ranks_differentiable
 from bilevel.distributed.shard import replicated_share, shard_bounds, shard_rows
-from bilevel.distributed.sync import ReplicaMismatch, broadcast_from_main, check_replicas, gather_on_main
+from bilevel.distributed.collectives import ReplicaMismatch, broadcast_from_main, check_replicas, gather_on_main
 
 __all__ = [
     "ReplicaMismatch",

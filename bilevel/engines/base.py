@@ -1,140 +1,92 @@
-"""The engine interface: explicit state, declared capabilities, stats a user can trust."""
+"""The engine interface: explicit state, declared capabilities, stats a user can trust.
+
+Everything the runtime and the planner call on an engine is in :class:`Engine`; every built-in
+engine derives from :class:`EngineBase`, which holds the shared boilerplate (config, timing and
+detaching of the result, the default start state and final lower solution) so that an engine
+module contains its algorithm, its Config, its State and how it configures itself.
+
+How an engine's inner loop and products execute (eagerly, in a captured CUDA graph, compiled,
+in reduced precision) is an :class:`Execution` policy the engine calls through
+(``self.execution``); the fast path (``bilevel.fastpath``) wraps an engine and installs itself
+as that policy, so the algorithm is written once."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from torch import Tensor
-
+from bilevel.engines.capabilities import Capabilities, Convexity
+from bilevel.engines.inner import lower_start, solve_lower, start_state
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
+from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 
-__all__ = ["Capabilities", "Engine", "EngineBase", "EngineState", "Hypergrad", "Stats"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
 
-Convexity = Literal["strongly_convex", "convex", "nonconvex", "unknown"]
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What an engine assumes and what it costs; the planner reads only this."""
-
-    summary: str
-    """One line: what the engine computes."""
-    needs_hvp: bool
-    """Uses Hessian-vector products of the lower objective."""
-    lower_convexity: tuple[Convexity, ...]
-    """Lower-level convexity classes under which the engine's hypergradient is justified."""
-    memory: Literal["constant", "horizon"]
-    """constant: O(size of y) independent of the inner horizon; horizon: grows with the steps it differentiates."""
-    exact_when_converged: bool = False
-    """Gives the exact hypergradient when the inner problem (and linear solve) converge."""
-    first_order: bool = False
-    """Needs only first derivatives."""
-    handles_constraints: bool = False
-    """Accepts lower-level functional constraints."""
-    handles_coupled_constraints: bool = False
-    """Accepts lower-level constraints that involve the upper variables."""
-    handles_discrete: bool = False
-    """Accepts discrete or non-differentiable upper variables."""
-    handles_architecture: bool = False
-    """Accepts architecture-mixture upper variables."""
-    unbounded_smoothness: bool = False
-    """Designed for upper levels whose smoothness is unbounded (RNNs)."""
-    outer_optimizer: str | None = None
-    """The upper-level optimizer the algorithm is defined with (None: any)."""
-    through_optimizer: bool = False
-    """Differentiates through the inner optimizer's steps, so optimizer hyperparameters tuned by
-    upper variables (lr, momentum) receive hypergradients."""
-    returns_hypergradient: bool = True
-    """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
-    direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
-    needs_best_response: bool = False
-    """Needs a lower model that takes the hyperparameters as input (built from STN layers): a
-    best-response approximation the engine fits."""
-    handles_instances: bool = False
-    """Solves a batch of independent instances (spec ``instances``) exactly as it solves each one
-    alone: nothing in it couples the instances except through per-instance reductions."""
+__all__ = [
+    "EAGER",
+    "Capabilities",
+    "Convexity",
+    "Engine",
+    "EngineBase",
+    "EngineState",
+    "Execution",
+    "Hypergrad",
+    "Proposal",
+    "Stats",
+]
 
 
 @dataclass
-class EngineState:
-    """Carried between hypergradient calls: the warm-started lower solution, the inner optimizer's
-    state, and engine-specific tensors (e.g. the previous linear-system solution)."""
+class Proposal:
+    """An engine's configuration for a problem, with the reasons a user reads and warnings."""
 
-    lower: Params
-    inner_state: Params
-    extra: dict[str, Params] = field(default_factory=dict)
-    step: int = 0
-    """Hypergradient calls so far (schedules of single-loop engines read it)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "lower": list(self.lower),
-            "inner_state": list(self.inner_state),
-            "extra": {k: list(v) for k, v in self.extra.items()},
-            "step": self.step,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> "EngineState":
-        extra = {k: tuple(v) for k, v in state["extra"].items()}
-        return cls(tuple(state["lower"]), tuple(state["inner_state"]), extra, int(state.get("step", 0)))
+    config: Any
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
-@dataclass
-class Stats:
-    """What a user needs to trust a hypergradient. Tensors stay on the device until logged."""
+class Execution(Protocol):
+    """How an engine's first-order inner loop runs and which precision its products use."""
 
-    inner_residual: Tensor
-    """||grad_y G(x, y)|| at the lower point the hypergradient used (unrolled: at the last inner
-    iterate whose gradient the loop evaluated, y_{T-1}, which costs nothing extra)."""
-    linear_residual: Tensor | None
-    """||H v - b|| / ||b|| of the linear solve (None for engines without one)."""
-    hvp_count: int
-    """Hessian-vector products (for unrolled: second-order products done by the backward pass)."""
-    inner_steps: int
-    """Inner optimizer steps taken for this hypergradient."""
-    time_s: float
-    """Host time spent in the call (on CUDA: launch time unless the caller synchronizes)."""
-    extra: dict[str, Tensor | float] = field(default_factory=dict)
-    """Engine-specific figures (a dominant Hessian eigenvalue, a perturbation scale, ...), logged
-    beside the others in metrics.jsonl under their names."""
+    def solve_lower(self, problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params,
+                    steps: int = 0, batches: Sequence[Any] | None = None) -> tuple[Params, Params]: ...
 
-    def as_floats(self) -> dict[str, float | int | None]:
-        return {
-            "inner_residual": float(self.inner_residual),
-            "linear_residual": None if self.linear_residual is None else float(self.linear_residual),
-            "hvp_count": self.hvp_count,
-            "inner_steps": self.inner_steps,
-            "time_s": self.time_s,
-            **{name: float(value) for name, value in self.extra.items()},
-        }
+    def reduced_precision(self, problem: Problem) -> contextlib.AbstractContextManager[None]: ...
 
 
-@dataclass
-class Hypergrad:
-    """One hypergradient: dF/dx for each upper tensor, the upper loss, the new state, stats."""
+class _Eager:
+    """Plain eager execution in the problem's dtype."""
 
-    grad: Params
-    upper_loss: Tensor
-    state: EngineState
-    stats: Stats
-    stop: str | None = None
-    """Set by an engine whose own criterion ends the run (e.g. an early-stopping guard): the outer
-    loop applies no step for this call, writes a checkpoint and finishes with this reason."""
-    upper: Params | None = None
-    """With ``stop``: the upper values the run ends with (e.g. the earlier architecture an
-    early-stopping rule returns to); None keeps the current ones."""
+    def solve_lower(self, problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, state: Params,
+                    steps: int = 0, batches: Sequence[Any] | None = None) -> tuple[Params, Params]:
+        return solve_lower(problem, optimizer, x, y, state, steps, batches)
+
+    def reduced_precision(self, problem: Problem) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+EAGER: Execution = _Eager()
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """A hypergradient engine. Engines are stateless objects built from their Config;
-    everything that changes between calls lives in EngineState."""
+    """A hypergradient engine: built from its Config, stateless between calls (everything that
+    changes lives in its State), declaring what it assumes (capabilities) and how it configures
+    itself for a problem (configure). ``priority`` orders engines that the same planner rule
+    admits: the higher one is asked first (no two registered engines share a priority)."""
 
     kind: ClassVar[str]
     Config: ClassVar[type]
+    State: ClassVar[type[EngineState]]
     capabilities: ClassVar[Capabilities]
+    priority: ClassVar[int]
+    config: Any
 
     def init(self, problem: Problem, x: Params) -> EngineState: ...
 
@@ -142,21 +94,81 @@ class Engine(Protocol):
 
     def post_step(self, problem: Problem, x: Params, state: EngineState) -> tuple[Params, EngineState]: ...
 
+    def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params: ...
+
+    def execution_report(self) -> dict[str, Any] | None: ...
+
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None: ...
+
+    @classmethod
+    def explain(cls, config: Any, facts: ProblemFacts) -> Proposal: ...
+
+    @classmethod
+    def refusals(cls, config: Any, facts: ProblemFacts) -> list[tuple[str, str]]: ...
+
 
 class EngineBase:
-    """Defaults shared by the engines: built from a Config, start from the lower level's initial
-    values, and leave the outer step alone (``post_step`` may project (x, y) jointly)."""
+    """Defaults shared by the engines. A subclass implements ``compute`` (the eager algorithm;
+    ``hypergrad`` times it and detaches its result) and, to be chosen by the planner,
+    ``configure``."""
 
+    kind: ClassVar[str]
     Config: ClassVar[type]
+    State: ClassVar[type[EngineState]] = EngineState
+    capabilities: ClassVar[Capabilities]
+    priority: ClassVar[int] = 0
 
     def __init__(self, config: Any = None):
         self.config = config if config is not None else self.Config()
+        self.execution: Execution = EAGER
 
     def init(self, problem: Problem, x: Params) -> EngineState:
-        from bilevel.engines.inner import start_state
+        """The lower level's initial values and a fresh inner optimizer state (for more than two
+        levels no optimizer state: each level's solve starts its own), as this engine's State
+        (its own fields at their defaults; an engine that starts them otherwise replaces them)."""
+        start = start_state(problem) if problem.depth == 2 else EngineState(problem.fresh(problem.lower.init))
+        return self.State(start.lower, start.inner_state)
 
-        return start_state(problem)
+    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+        """One step of the algorithm at x: ``compute``, timed, its result detached."""
+        started = time.perf_counter()
+        result = self.compute(problem, x, state, batch)
+        return result.finished(time.perf_counter() - started, self.capabilities.returns_hypergradient)
+
+    def compute(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+        """The eager algorithm (the one implementation the fast path executes)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither compute nor hypergrad")
 
     def post_step(self, problem: Problem, x: Params, state: EngineState) -> tuple[Params, EngineState]:
         """Called after the outer optimizer moved x; returns (x, state), possibly projected."""
         return x, state
+
+    def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:
+        """The lower solution at the final x (what the run's final evaluation and report use):
+        the inner solver's steps from the warm start."""
+        lower = problem.lower
+        optimizer = InnerOptimizer(lower.solver)
+        y0 = lower_start(problem, state)
+        y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
+        return y
+
+    def execution_report(self) -> dict[str, Any] | None:
+        """How the calls were executed (result.json's ``fast_path``); None when plainly eager."""
+        return None
+
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        """This engine's configuration and reasons for a problem in ``situation`` (one of the
+        planner's rules, ``bilevel.planner.rules``), or None to decline it."""
+        return None
+
+    @classmethod
+    def explain(cls, config: Any, facts: ProblemFacts) -> Proposal:
+        """Reasons and warnings beyond the planner's own for an explicitly requested config."""
+        return Proposal(config)
+
+    @classmethod
+    def refusals(cls, config: Any, facts: ProblemFacts) -> list[tuple[str, str]]:
+        """(dotted spec path, why) for each way ``config`` cannot solve this problem."""
+        return []

@@ -31,49 +31,87 @@ optimum (1, 1); first order converges to (2, 2), second order to alpha = 2 / (1 
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import inner_step
+from bilevel.engines.base import Capabilities, EngineBase, Proposal
+from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, lower_steps, memory_estimate, warmup_steps
 from bilevel.engines.registry import register
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.linalg.eigen import power_iteration
-from bilevel.linalg.hvp import Linearization, grad_and_value, joint_grad
+from bilevel.linalg.hvp import Linearization, joint_grad
 from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
-from bilevel.spec.engine import DartsConfig
+from bilevel.spec.engine import EngineConfig
 from bilevel.spec.level import OptimizerSpec
 
-__all__ = ["DartsEngine", "grad_x", "lower_steps", "virtual_step", "warmup_steps"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
+
+__all__ = ["DartsConfig", "DartsEngine", "DartsState", "virtual_step"]
 
 
-def grad_x(fn: Callable[[Params], Tensor], x: Sequence[Tensor]) -> tuple[Params, Tensor]:
-    """(grad fn(x), fn(x)) at fresh leaves made from x."""
-    leaves = tuple(p.detach().requires_grad_(True) for p in x)
-    with torch.enable_grad():
-        grads, value = grad_and_value(fn, leaves)
-    return tuple(g.detach() for g in grads), value.detach()
+class DartsConfig(EngineConfig):
+    """DARTS (Liu et al. 2019): per outer step, ``steps`` warm-started steps of the lower solver on
+    the weights w, then the architecture direction
+
+        order 1:  grad_alpha L_val(w, alpha)
+        order 2:  grad_alpha L_val(w', alpha) - xi grad^2_{alpha,w} L_train(w, alpha) grad_w' L_val(w', alpha),
+
+    w' = one virtual step of the lower solver from w (momentum and weight decay included). The
+    mixed product is a central finite difference (as the paper) or exact (one mixed VJP)."""
+
+    kind: Literal["darts"] = "darts"
+    """Discriminator: the DARTS engine."""
+    order: Literal[1, 2] = 2
+    """1: first-order DARTS (w' = w); 2: second order, with the virtual step."""
+    hessian: Literal["finite_difference", "exact"] = "finite_difference"
+    """Order 2: the mixed product by central differences of grad_alpha L_train at w +- eps v,
+    eps = fd_radius / ||v|| (DARTS), or exactly by one mixed vector-Jacobian product."""
+    fd_radius: Annotated[float, Field(gt=0)] = 0.01
+    """r in eps = r / ||grad_w' L_val|| (DARTS: 0.01)."""
+    xi: Annotated[float, Field(gt=0)] | None = None
+    """Virtual step size; None: the lower solver's learning rate (as the DARTS code)."""
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    """Weight steps before the first architecture step (in the first outer step), so that the
+    parametric operations are trained before the architecture judges them (PC-DARTS warms up for
+    15 of 50 epochs). None: the architecture variable's warmup_steps (0 without one)."""
+    eigen_every: Annotated[int, Field(ge=1)] | None = None
+    """Estimate the dominant eigenvalue of grad^2_alpha L_val (power iteration on Hessian-vector
+    products) every N outer steps, logged as ``eigenvalue``; None: never."""
+    eigen_iters: Annotated[int, Field(ge=1)] = 20
+    """Power-iteration steps per estimate (warm-started from the previous eigenvector)."""
+    early_stop_ratio: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """DARTS-ES (Zela et al. 2020): stop when mean(eigenvalues of the window ``lookback`` estimates
+    ago) / mean(eigenvalues of the current window) falls below this ratio (paper: 0.75), and end
+    with the architecture of ``lookback`` estimates ago. None: no early stop. Needs eigen_every."""
+    eigen_window: Annotated[int, Field(ge=1)] = 5
+    """Estimates averaged on each side of the early-stopping comparison."""
+    eigen_lookback: Annotated[int, Field(ge=1)] = 5
+    """k: the comparison is with the window k estimates earlier, whose architecture is restored."""
+
+    @model_validator(mode="after")
+    def _early_stop_needs_estimates(self) -> "DartsConfig":
+        if self.early_stop_ratio is not None and self.eigen_every is None:
+            raise ValueError("early_stop_ratio needs eigen_every (how often the eigenvalue is estimated)")
+        return self
 
 
-def lower_steps(
-    problem: Problem, optimizer: InnerOptimizer, x: Params, w: Params, state: Params, steps: int
-) -> tuple[Params, Params, Params | None, Any]:
-    """``steps`` steps of the lower solver (the shared inner step, warm-started): (w, optimizer
-    state, grad_w G before the last step, the last batch)."""
-    x = tuple(p.detach() for p in x)
-    grads, batch = None, None
-    with torch.enable_grad():
-        for _ in range(steps):
-            batch = problem.lower.batch()
-            leaves = tuple(p.detach().requires_grad_(True) for p in w)
-            w, state, grads = inner_step(problem, optimizer, x, leaves, state, batch, create_graph=False)
-            w, state = tuple(p.detach() for p in w), tuple(s.detach() for s in state)
-    return w, state, grads, batch
+@dataclass
+class DartsState(EngineState):
+    """The weights and, with the curvature guard, the power iteration's last eigenvector, the
+    eigenvalue history and the architectures at the last estimates (for DARTS-ES's restore)."""
+
+    eigvec: Params | None = None
+    eigenvalues: Params | None = None
+    eigen_snapshots: Params | None = None
 
 
 def virtual_step(problem: Problem, x: Params, w: Params, state: Params, batch: Any, xi: float) -> tuple[Params, Params]:
@@ -89,16 +127,6 @@ def virtual_step(problem: Problem, x: Params, w: Params, state: Params, batch: A
     else:
         moved, _ = InnerOptimizer(OptimizerSpec(name="sgd", lr=xi)).step(w, grads, ())
     return tuple(p.detach() for p in moved), grads
-
-
-def warmup_steps(configured: int | None, problem: Problem) -> int:
-    """The warm-up of an architecture engine: its own setting, else the largest warmup_steps of
-    the upper level's architecture variables (0 when there is none)."""
-    if configured is not None:
-        return configured
-    from bilevel.nas.supernet import Architecture
-
-    return max((b.module.spec.warmup_steps for b in problem.upper.modules.values() if isinstance(b.module, Architecture)), default=0)
 
 
 def _flat(x: Sequence[Tensor]) -> Tensor:
@@ -119,6 +147,8 @@ class DartsEngine(EngineBase):
 
     kind: ClassVar[str] = "darts"
     Config: ClassVar[type[DartsConfig]] = DartsConfig
+    State: ClassVar[type[DartsState]] = DartsState
+    priority: ClassVar[int] = 30
     capabilities: ClassVar[Capabilities] = Capabilities(
         summary="DARTS: one weight step, one architecture step; first order, or second order through a virtual weight step",
         needs_hvp=True,
@@ -137,8 +167,7 @@ class DartsEngine(EngineBase):
             return float(problem.tuned_hyperparameters(x, {"lr": spec.tuned["lr"]})["lr"])
         return spec.lr
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
-        start = time.perf_counter()
+    def compute(self, problem: Problem, x: Params, state: DartsState, batch: Any) -> Hypergrad:
         config = self.config
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)
@@ -158,11 +187,11 @@ class DartsEngine(EngineBase):
             grad = tree_axpy(-xi, mixed, f_x)
             hvps = 1
 
-        extra: dict[str, Params] = {k: v for k, v in state.extra.items()}
+        new_state = DartsState(w, opt_state, state.step + 1, state.eigvec, state.eigenvalues, state.eigen_snapshots)
         stats_extra: dict[str, Tensor | float] = {}
         stop, restore = None, None
         if config.eigen_every is not None and (state.step + 1) % config.eigen_every == 0:
-            stop, restore = self._curvature(problem, x, w, batch, extra, stats_extra)
+            stop, restore = self._curvature(problem, x, w, batch, new_state, stats_extra)
             hvps += config.eigen_iters
 
         if residual_grads is None:
@@ -172,11 +201,9 @@ class DartsEngine(EngineBase):
             linear_residual=None,
             hvp_count=hvps,
             inner_steps=steps,
-            time_s=time.perf_counter() - start,
             extra=stats_extra,
         )
-        new_state = EngineState(w, opt_state, extra, state.step + 1)
-        return Hypergrad(tuple(g.detach() for g in grad), upper_loss.detach(), new_state, stats, stop, restore)
+        return Hypergrad(grad, upper_loss, new_state, stats, stop, restore)
 
     def _mixed_product(self, problem: Problem, x: Params, w: Params, v: Params, batch: Any) -> Params:
         """grad^2_{alpha,w} L_train(w, alpha) v: exact (mixed VJP) or by central differences."""
@@ -191,20 +218,21 @@ class DartsEngine(EngineBase):
         return tree_scale(0.5 / eps, tree_sub(g_plus, g_minus))
 
     def _curvature(
-        self, problem: Problem, x: Params, w: Params, batch: Any, extra: dict[str, Params], stats: dict[str, Tensor | float]
+        self, problem: Problem, x: Params, w: Params, batch: Any, state: DartsState, stats: dict[str, Tensor | float]
     ) -> tuple[str | None, Params | None]:
-        """Estimate the dominant eigenvalue of grad^2_alpha L_val(w, alpha); apply the DARTS-ES rule."""
+        """Estimate the dominant eigenvalue of grad^2_alpha L_val(w, alpha) (recorded in
+        ``state``); apply the DARTS-ES rule."""
         config = self.config
         lin = Linearization(lambda ww, aa: problem.upper_objective(aa, ww, batch), w, x)  # Hessian in alpha
-        start = extra["eigvec"] if "eigvec" in extra else tuple(torch.randn_like(p) for p in x)
+        start = state.eigvec if state.eigvec is not None else tuple(torch.randn_like(p) for p in x)
         eigenvalue, vector = power_iteration(lin.hvp, start, config.eigen_iters)
         eigenvalue = eigenvalue.detach()
-        extra["eigvec"] = tuple(v.detach() for v in vector)
-        history = torch.cat([extra["eigenvalues"][0], eigenvalue.reshape(1)]) if "eigenvalues" in extra else eigenvalue.reshape(1)
+        state.eigvec = tuple(v.detach() for v in vector)
+        history = eigenvalue.reshape(1) if state.eigenvalues is None else torch.cat([state.eigenvalues[0], eigenvalue.reshape(1)])
         snapshots = _flat(x).unsqueeze(0)
-        if "eigen_snapshots" in extra:
-            snapshots = torch.cat([extra["eigen_snapshots"][0], snapshots])[-(config.eigen_lookback + 1) :]
-        extra["eigenvalues"], extra["eigen_snapshots"] = (history,), (snapshots,)
+        if state.eigen_snapshots is not None:
+            snapshots = torch.cat([state.eigen_snapshots[0], snapshots])[-(config.eigen_lookback + 1) :]
+        state.eigenvalues, state.eigen_snapshots = (history,), (snapshots,)
         stats["eigenvalue"] = eigenvalue
         if config.early_stop_ratio is None or history.numel() < config.eigen_window + config.eigen_lookback:
             return None, None
@@ -222,3 +250,46 @@ class DartsEngine(EngineBase):
             f" DARTS-ES early stop, the architecture of {k} estimates ({k * config.eigen_every} steps) ago is restored"
         )
         return reason, _unflat(snapshots[0], x)
+
+    # --- planning -------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        """Second order with the exact mixed product where it fits the budget, else with the
+        paper's finite difference, else first order (sgd/momentum weight solvers; other solvers
+        get first order, the virtual step being defined for those two)."""
+        if situation != "architecture":
+            return None
+        memory, budget, estimate = architecture_memory_mb(facts), facts.memory_mb, memory_estimate(facts)
+        reasons = [architecture_reason(facts)]
+        warnings: list[str] = []
+        second_order = ("its virtual weight step w' = w - xi (mu m + grad_w L_train) lets the architecture gradient see how"
+                        " the weights respond (first order ignores it and is biased: on the analytic toy it ends at alpha = 2, not 1)")
+        stepped = facts.lower_solver in ("sgd", "momentum")
+        if stepped and memory["darts_second_order_exact"] <= budget:
+            config = DartsConfig(order=2, hessian="exact")
+            reasons.append(
+                f"second-order DARTS with the exact mixed product fits the {budget:.0f} MiB budget (about"
+                f" {memory['darts_second_order_exact']:.0f} MiB; {estimate}): {second_order}; the mixed second derivative is"
+                " one exact vector-Jacobian product, because the paper's central difference (radius 0.01) crosses ReLU kinks"
+                " and was measured 100% off (cosine 0.66) on the digits supernet (docs/engines/darts.md)"
+            )
+        elif stepped and memory["darts_second_order"] <= budget:
+            config = DartsConfig(order=2)
+            reasons.append(
+                f"second-order DARTS fits the {budget:.0f} MiB budget (about {memory['darts_second_order']:.0f} MiB; {estimate}),"
+                f" but not its exact mixed product (about {memory['darts_second_order_exact']:.0f} MiB): {second_order}; the"
+                " mixed second derivative is a central finite difference of two gradients (as the paper), no double backward"
+            )
+        else:
+            config = DartsConfig(order=1)
+            reasons.append(
+                f"second order does not fit the {budget:.0f} MiB budget (about {memory['darts_second_order']:.0f} MiB"
+                f" against {memory['darts_first_order']:.0f} MiB for first order; {estimate}): first-order DARTS, the"
+                " cheapest (one gradient for the weights, one for the architecture), biased where the weights' response matters"
+            )
+            if memory["darts_first_order"] > budget:
+                warnings.append(
+                    f"even first-order DARTS needs about {memory['darts_first_order']:.0f} MiB, over the {budget:.0f} MiB budget:"
+                    " set the search space's partial_channels (PC-DARTS, e.g. 4) or lower the batch size"
+                )
+        return Proposal(config, reasons, warnings)

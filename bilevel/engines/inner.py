@@ -6,19 +6,17 @@ graph-free loop, through the differentiable sum in ``inner_step`` (bilevel.distr
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from bilevel.distributed.reduce import sum_over_ranks
+from bilevel.engines.state import EngineState
 from bilevel.hyperparameters import Drawn
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
-
-if TYPE_CHECKING:
-    from bilevel.engines.base import EngineState
 
 __all__ = [
     "closed_form_solution",
@@ -31,15 +29,13 @@ __all__ = [
 ]
 
 
-def start_state(problem: Problem) -> "EngineState":
+def start_state(problem: Problem) -> EngineState:
     """The state every engine starts from: the lower level's initial values, fresh optimizer state."""
-    from bilevel.engines.base import EngineState
-
     y = problem.fresh(problem.lower.init)
     return EngineState(y, InnerOptimizer(problem.lower.solver).init(y))
 
 
-def lower_start(problem: Problem, state: "EngineState") -> Params:
+def lower_start(problem: Problem, state: EngineState) -> Params:
     """Where the next lower solve starts: the previous solution (warm start) or the initial values."""
     return state.lower if problem.lower.solver.warm_start else problem.fresh(problem.lower.init)
 

@@ -23,20 +23,61 @@ Z is a box: [0, B] per inequality, [-B, B] per equality. The outer optimizer tak
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.base import Capabilities, EngineBase, Proposal
 from bilevel.engines.registry import register
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
 from bilevel.linalg.project import project_affine
 from bilevel.linalg.tree import tree_add, tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.problem import Params, Problem
-from bilevel.spec.engine import LVHBAConfig
+from bilevel.spec.engine import EngineConfig
 
-__all__ = ["LVHBAEngine"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
+
+__all__ = ["LVHBAConfig", "LVHBAEngine", "LVHBAState"]
+
+
+class LVHBAConfig(EngineConfig):
+    """LV-HBA (Yao et al. 2024): proximal Lagrangian value function, single loop, Hessian-free;
+    lower levels with (coupled) functional constraints."""
+
+    kind: Literal["lv_hba"] = "lv_hba"
+    """Discriminator: the LV-HBA engine."""
+    gamma1: Annotated[float, Field(gt=0)] = 10.0
+    """Proximal weight on theta - y."""
+    gamma2: Annotated[float, Field(gt=0)] = 10.0
+    """Proximal weight on lambda - z."""
+    eta: Annotated[float, Field(gt=0)] = 0.03
+    """Step of the projected descent-ascent on (theta, lambda)."""
+    lower_lr: Annotated[float, Field(gt=0)] = 0.005
+    """alpha for y (give the upper level the same step: solver {name: sgd, lr: alpha})."""
+    z_lr: Annotated[float, Field(gt=0)] = 0.002
+    """beta: step of z <- Proj_Z(z + beta (lambda - z) / gamma2)."""
+    c0: Annotated[float, Field(gt=0)] = 1.0
+    """c_k = c0 (k + 1)^p weighs the upper objective by 1 / c_k."""
+    p: Annotated[float, Field(ge=0, lt=0.5)] = 0.3
+    """Growth exponent of c_k."""
+    multiplier_bound: Annotated[float, Field(gt=0)] = 1.0
+    """Box for the multipliers: [0, B] for inequalities, [-B, B] for equalities."""
+
+
+@dataclass
+class LVHBAState(EngineState):
+    """y, and the proximal Lagrangian's variables: theta (its minimizer), lam (the multipliers
+    of its max) and z (the multipliers' proximal centre)."""
+
+    theta: Params | None = None
+    lam: Params | None = None
+    z: Params | None = None
 
 
 @register
@@ -45,6 +86,8 @@ class LVHBAEngine(EngineBase):
 
     kind: ClassVar[str] = "lv_hba"
     Config: ClassVar[type[LVHBAConfig]] = LVHBAConfig
+    State: ClassVar[type[LVHBAState]] = LVHBAState
+    priority: ClassVar[int] = 40
     capabilities: ClassVar[Capabilities] = Capabilities(
         summary="LV-HBA: proximal Lagrangian value function, Hessian-free, (coupled) lower-level constraints",
         needs_hvp=False,
@@ -57,13 +100,11 @@ class LVHBAEngine(EngineBase):
         handles_coupled_constraints=True,
     )
 
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        state = super().init(problem, x)
-        values = problem.constraint_values(x, state.lower, problem.lower.batch())
-        state.extra["theta"] = problem.fresh(state.lower)
-        state.extra["lam"] = tuple(torch.zeros_like(v) for v in values)
-        state.extra["z"] = tuple(torch.zeros_like(v) for v in values)
-        return state
+    def init(self, problem: Problem, x: Params) -> LVHBAState:
+        start = super().init(problem, x)
+        values = problem.constraint_values(x, start.lower, problem.lower.batch())
+        return dataclasses.replace(start, theta=problem.fresh(start.lower), lam=tuple(torch.zeros_like(v) for v in values),
+                                   z=tuple(torch.zeros_like(v) for v in values))
 
     def _box(self, problem: Problem, values: Params) -> Params:
         bound = self.config.multiplier_bound
@@ -71,13 +112,12 @@ class LVHBAEngine(EngineBase):
             v.clamp(-bound if c.is_equality else 0.0, bound) for v, c in zip(values, problem.lower.constraints)
         )
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
-        start = time.perf_counter()
+    def compute(self, problem: Problem, x: Params, state: LVHBAState, batch: Any) -> Hypergrad:
         cfg = self.config
         lower = problem.lower
         lower_batch = lower.batch()
         c_k = cfg.c0 * (state.step + 1) ** cfg.p
-        y, theta, lam, z = state.lower, state.extra["theta"], state.extra["lam"], state.extra["z"]
+        y, theta, lam, z = state.lower, state.theta, state.lam, state.z
 
         def lagrangian(xx: Params, tt: Params, mult: Params) -> torch.Tensor:
             value = problem.lower_objective(xx, tt, lower_batch)  # this rank's share of G
@@ -109,11 +149,23 @@ class LVHBAEngine(EngineBase):
             linear_residual=None,
             hvp_count=0,
             inner_steps=1,
-            time_s=time.perf_counter() - start,
         )
-        extra = {"theta": tuple(t.detach() for t in theta), "lam": lam, "z": z}
-        new_state = EngineState(tuple(p.detach() for p in new_y), state.inner_state, extra, state.step + 1)
-        return Hypergrad(tuple(g.detach() for g in d_x), upper_loss.detach(), new_state, stats)
+        new_state = LVHBAState(tuple(p.detach() for p in new_y), state.inner_state, state.step + 1,
+                               theta=tuple(t.detach() for t in theta), lam=lam, z=z)
+        return Hypergrad(d_x, upper_loss, new_state, stats)
+
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        if situation != "constraints":
+            return None
+        path = f"levels.{facts.lower_level}.constraints"
+        coupled = f", {facts.coupled_constraints} of them coupling both levels" if facts.coupled_constraints else ""
+        reasons = [
+            f"{path} declares {facts.constraints} constraint(s){coupled}: only engines that handle lower-level"
+            f" constraints qualify; {cls.kind} treats them through a proximal Lagrangian value"
+            " function with first derivatives only, projecting (x, y) onto the constraints declared affine"
+        ]
+        return Proposal(LVHBAConfig(), reasons)
 
     def post_step(self, problem: Problem, x: Params, state: EngineState) -> tuple[Params, EngineState]:
         """Project (x, y) onto the affine constraints jointly, then y onto its simple sets."""

@@ -18,22 +18,62 @@ gamma ramps linearly from gamma_init to gamma_max. Needs only gradients: no HVPs
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
+from bilevel.engines.base import Capabilities, EngineBase, Proposal
 from bilevel.engines.inner import solve_lower
 from bilevel.engines.registry import register
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
 from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
-from bilevel.spec.engine import PenaltyConfig
+from bilevel.spec.engine import EngineConfig
 from bilevel.spec.level import OptimizerSpec
 
-__all__ = ["PenaltyEngine", "penalty_weight"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
+
+__all__ = ["PenaltyConfig", "PenaltyEngine", "PenaltyState", "penalty_weight"]
+
+
+class PenaltyConfig(EngineConfig):
+    """Value-function penalty (V-PBGD; Shen & Chen 2023, Kwon et al. 2024): first order, no HVPs.
+
+    Per step: omega takes ``omega_steps`` warm-started GD steps on G(x, .); then (x, y) step on
+    min(1/gamma, 1) [F(x, y) + gamma (G(x, y) - G(x, omega))], gamma ramped linearly."""
+
+    kind: Literal["penalty"] = "penalty"
+    """Discriminator: the penalty engine."""
+    gamma_init: Annotated[float, Field(ge=0)] = 0.0
+    """Penalty weight at step 0."""
+    gamma_max: Annotated[float, Field(gt=0)] = 10.0
+    """Penalty weight reached after ``gamma_ramp_steps`` (kept after). The bias of the solution
+    is O(1/gamma); the steps it needs grow like O(gamma)."""
+    gamma_ramp_steps: Annotated[int, Field(ge=0)] = 0
+    """Outer steps of the linear ramp from gamma_init to gamma_max (0: gamma_max from the start)."""
+    lower_lr: Annotated[float, Field(gt=0)] | None = None
+    """Step of y on the penalized objective; None: the lower solver's lr."""
+    omega_lr: Annotated[float, Field(gt=0)] | None = None
+    """Step of the value-function variable omega on G(x, .); None: the lower solver's lr."""
+    omega_steps: Annotated[int, Field(ge=1)] = 1
+    """GD steps of omega per outer step (warm-started; T = 1 in V-PBGD)."""
+    scale: bool = True
+    """Multiply the penalized gradient by min(1/gamma, 1), as V-PBGD does, so that step sizes
+    need not shrink by hand as gamma grows."""
+
+
+@dataclass
+class PenaltyState(EngineState):
+    """The penalized lower variable y and omega, the warm-started minimizer tracking v(x)."""
+
+    omega: Params | None = None
 
 
 def penalty_weight(config: PenaltyConfig, step: int) -> float:
@@ -49,6 +89,8 @@ class PenaltyEngine(EngineBase):
 
     kind: ClassVar[str] = "penalty"
     Config: ClassVar[type[PenaltyConfig]] = PenaltyConfig
+    State: ClassVar[type[PenaltyState]] = PenaltyState
+    priority: ClassVar[int] = 60
     capabilities: ClassVar[Capabilities] = Capabilities(
         summary="value-function penalty F + gamma (G - min G), first order (V-PBGD)",
         needs_hvp=False,
@@ -59,20 +101,17 @@ class PenaltyEngine(EngineBase):
         first_order=True,
     )
 
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        state = super().init(problem, x)
-        state.extra["omega"] = problem.fresh(problem.lower.init)
-        return state
+    def init(self, problem: Problem, x: Params) -> PenaltyState:
+        return dataclasses.replace(super().init(problem, x), omega=problem.fresh(problem.lower.init))
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
-        start = time.perf_counter()
+    def compute(self, problem: Problem, x: Params, state: PenaltyState, batch: Any) -> Hypergrad:
         config = self.config
         lower = problem.lower
         gamma = penalty_weight(config, state.step)
         omega_lr = config.omega_lr or lower.solver.lr
         lower_lr = config.lower_lr or lower.solver.lr
         omega_opt = InnerOptimizer(OptimizerSpec(name="sgd", lr=omega_lr))
-        omega, _ = solve_lower(problem, omega_opt, x, state.extra["omega"], (), config.omega_steps)
+        omega, _ = solve_lower(problem, omega_opt, x, state.omega, (), config.omega_steps)
 
         lower_batch = lower.batch()
         y = state.lower
@@ -91,7 +130,14 @@ class PenaltyEngine(EngineBase):
             linear_residual=None,
             hvp_count=0,
             inner_steps=config.omega_steps,
-            time_s=time.perf_counter() - start,
         )
-        new_state = EngineState(y, state.inner_state, {"omega": omega}, state.step + 1)
-        return Hypergrad(tuple(g.detach() for g in d_x), upper_loss.detach(), new_state, stats)
+        return Hypergrad(d_x, upper_loss, PenaltyState(y, state.inner_state, state.step + 1, omega=omega), stats)
+
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        if situation != "nonconvex":
+            return None
+        return Proposal(PenaltyConfig(), [
+            f"levels.{facts.lower_level}.assumptions.convexity = nonconvex: the lower solution may be non-unique and"
+            f" its Hessian indefinite, so implicit differentiation does not apply; {cls.kind} penalizes the value-function"
+            " gap G(x, y) - min_w G(x, w) with first derivatives only (bias O(1/gamma), no uniqueness assumed)"])

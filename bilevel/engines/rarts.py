@@ -26,18 +26,59 @@ first-order DARTS converges to (2, 2)."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
-from bilevel.engines.darts import grad_x, lower_steps, warmup_steps
+from pydantic import Field
+
+from bilevel.engines.base import Capabilities, EngineBase, Proposal
+from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, lower_steps, memory_estimate, warmup_steps
 from bilevel.engines.registry import register
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
-from bilevel.spec.engine import RartsConfig
+from bilevel.spec.engine import EngineConfig
 
-__all__ = ["RartsEngine"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
+
+__all__ = ["RartsConfig", "RartsEngine", "RartsState"]
+
+
+class RartsConfig(EngineConfig):
+    """RARTS (Xue, Qi & Xin 2021, "RARTS: An Efficient First-Order Relaxed Architecture Search
+    Method"): network splitting with a second copy y of the weights, trained on validation data,
+    and Gauss-Seidel steps on the relaxed single-level objective
+
+        L(w, y, alpha) = L_val(y, alpha) + lam L_train(w, alpha) + beta/2 ||y - w||^2
+
+    (w, then y, then alpha); first order, no mixed second derivatives."""
+
+    kind: Literal["rarts"] = "rarts"
+    """Discriminator: the RARTS engine."""
+    lam: Annotated[float, Field(gt=0)] = 1.0
+    """lambda: weight of the training loss."""
+    beta: Annotated[float, Field(gt=0)] = 10.0
+    """beta: coupling of the two weight copies. The fixed point is biased by about
+    (1/beta + 1/(2 lam)) / 2 on the analytic toy, so a coupling well above 1 is needed (the step
+    sizes must stay below about 1 / (lam + beta))."""
+    y_lr: Annotated[float, Field(gt=0)] | None = None
+    """Step size of y (same optimizer kind as the lower solver); None: the lower solver's lr."""
+    warmup_steps: Annotated[int, Field(ge=0)] | None = None
+    """Steps of the lower solver on L_train alone before the first architecture step (in the first
+    outer step); y then starts as a copy of the warmed-up w. None: the architecture variable's
+    warmup_steps (0 without one)."""
+
+
+@dataclass
+class RartsState(EngineState):
+    """The weights w (lower), and their tied copy y trained on validation data with its optimizer state."""
+
+    y: Params | None = None
+    y_state: Params | None = None
 
 
 @register
@@ -46,6 +87,8 @@ class RartsEngine(EngineBase):
 
     kind: ClassVar[str] = "rarts"
     Config: ClassVar[type[RartsConfig]] = RartsConfig
+    State: ClassVar[type[RartsState]] = RartsState
+    priority: ClassVar[int] = 35
     capabilities: ClassVar[Capabilities] = Capabilities(
         summary="RARTS: weights on training data, a tied copy on validation data, Gauss-Seidel steps; first order",
         needs_hvp=False,
@@ -61,20 +104,17 @@ class RartsEngine(EngineBase):
         lr = self.config.y_lr or spec.lr
         return InnerOptimizer(spec.model_copy(update={"lr": lr, "tuned": {}}))
 
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        state = super().init(problem, x)
-        y = problem.fresh(state.lower)
-        state.extra["y"] = y
-        state.extra["y_state"] = self._y_optimizer(problem).init(y)
-        return state
+    def init(self, problem: Problem, x: Params) -> RartsState:
+        start = super().init(problem, x)
+        y = problem.fresh(start.lower)
+        return dataclasses.replace(start, y=y, y_state=self._y_optimizer(problem).init(y))
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
-        start = time.perf_counter()
+    def compute(self, problem: Problem, x: Params, state: RartsState, batch: Any) -> Hypergrad:
         lam, beta = self.config.lam, self.config.beta
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)
         xd = tuple(p.detach() for p in x)
-        w, w_state, y, y_state = state.lower, state.inner_state, state.extra["y"], state.extra["y_state"]
+        w, w_state, y, y_state = state.lower, state.inner_state, state.y, state.y_state
         warmup = warmup_steps(self.config.warmup_steps, problem) if state.step == 0 else 0
         if warmup:
             w, w_state, _, _ = lower_steps(problem, optimizer, x, w, w_state, warmup)
@@ -102,9 +142,24 @@ class RartsEngine(EngineBase):
             linear_residual=None,
             hvp_count=0,
             inner_steps=1 + warmup,
-            time_s=time.perf_counter() - start,
             extra={"weight_gap": tree_norm(tree_sub(w, y)).detach()},
         )
-        extra = {"y": y, "y_state": tuple(s.detach() for s in y_state)}
-        new_state = EngineState(w, tuple(s.detach() for s in w_state), extra, state.step + 1)
-        return Hypergrad(tuple(g.detach() for g in d_x), upper_loss, new_state, stats)
+        new_state = RartsState(w, tuple(s.detach() for s in w_state), state.step + 1, y=y, y_state=tuple(s.detach() for s in y_state))
+        return Hypergrad(d_x, upper_loss, new_state, stats)
+
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        """Architecture search whose weights step with a solver DARTS's virtual step is not defined
+        for (adam), when RARTS fits the budget; else decline (DARTS takes it)."""
+        if situation != "architecture" or facts.lower_solver in ("sgd", "momentum"):
+            return None
+        memory, estimate = architecture_memory_mb(facts)["rarts"], memory_estimate(facts)
+        if memory > facts.memory_mb:
+            return None
+        return Proposal(RartsConfig(), [
+            architecture_reason(facts),
+            f"levels.{facts.lower_level}.solver.name = {facts.lower_solver}: DARTS's second-order virtual step is defined"
+            " for sgd and momentum weight updates, so RARTS is used: first order (no mixed second derivatives), it"
+            " trains a tied copy of the weights on the validation data and, unlike first-order DARTS, reaches the"
+            f" bilevel optimum of the analytic toy as its coupling grows (about {memory:.0f} MiB; {estimate})"])
+

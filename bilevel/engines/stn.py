@@ -35,24 +35,86 @@ from W draws."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from bilevel.distributed.reduce import sum_over_ranks
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
-from bilevel.engines.inner import lower_steps, start_state
+from bilevel.engines.base import Capabilities, EngineBase, Proposal
+from bilevel.engines.inner import lower_steps
 from bilevel.engines.registry import register
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.hyperparameters import Categorical
 from bilevel.linalg.tree import tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
-from bilevel.spec.engine import StnConfig
+from bilevel.spec.engine import EngineConfig
 from bilevel.spec.level import OptimizerSpec
 from bilevel.stn.perturb import inverse_softplus, perturb, scale_of
 
-__all__ = ["StnEngine"]
+if TYPE_CHECKING:
+    from bilevel.planner.facts import ProblemFacts
+
+__all__ = ["StnConfig", "StnEngine", "StnState"]
+
+
+class StnConfig(EngineConfig):
+    """Self-Tuning Networks (MacKay et al. 2019): the lower model is a best-response approximation
+    w_phi(lam) built from STN layers; each outer step trains phi for ``steps`` of the lower solver on
+    the training loss at hyperparameters drawn around the current ones, then steps (lam, sigma) on
+    the validation loss through w_phi minus tau times the entropy of the perturbation."""
+
+    kind: Literal["stn"] = "stn"
+    """Discriminator: the STN engine."""
+    val_steps: Annotated[int, Field(ge=1)] = 1
+    """T_val: hyperparameter steps per cycle. The lower solver's ``steps`` are T_train, taken
+    before the first of every T_val outer steps (paper: T_train = 2, T_val = 1)."""
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    """Training steps of phi (with perturbed hyperparameters) before the first hyperparameter step
+    (the paper warms up for 5 epochs)."""
+    perturbation_scale: Annotated[float, Field(gt=0)] = 0.25
+    """Initial sigma, the standard deviation of the perturbation in raw (unconstrained) units
+    (paper: 0.5). A smaller start trains the model at less noisy settings and lets the draws of a
+    discrete hyperparameter settle on one value (docs/engines/stn.md)."""
+    learn_scale: bool = True
+    """Learn sigma on the validation objective (else keep it fixed)."""
+    scale_lr: Annotated[float, Field(gt=0)] = 3e-3
+    """Adam step size for s, sigma = softplus(s) (paper: 3e-3, as for the hyperparameters)."""
+    entropy_weight: Annotated[float, Field(ge=0)] = 1e-3
+    """tau: weight of the perturbation's entropy, which keeps sigma from collapsing (paper: 1e-3 to 1e-5)."""
+    discrete_estimator: Literal["reinforce", "straight_through"] = "reinforce"
+    """Gradient for discrete hyperparameters. reinforce: score function with a moving-average
+    baseline, unbiased whatever the objectives do with the value; straight_through: the model's
+    conditioning sees the discrete value, its gradient that of the continuous latent (integer) or
+    of a Gumbel-softmax relaxation (categorical): lower variance, but blind to a direct use of the
+    value in the validation objective."""
+    baseline_decay: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    """REINFORCE baseline b <- decay b + (1 - decay) F."""
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    """Gumbel-softmax temperature of straight_through for categorical hyperparameters."""
+    per_example: list[str] = Field(default_factory=list)
+    """Continuous scalar hyperparameters drawn once per example of a batch instead of once per step
+    (the reference code's minibatched perturbation), e.g. dropout rates: each example then trains
+    the response at its own setting, which separates the effects of hyperparameters a per-step
+    draw moves together. Under STN their objectives receive a (batch,) tensor (use it per example:
+    bilevel.stn.dropout does) and hyper_input(upper) a (batch, n_hyper) matrix; the batch is the
+    level's minibatch (its whole data set without batch_size)."""
+
+
+@dataclass
+class StnState(EngineState):
+    """The best-response model's parameters (lower) and the perturbation: its raw scale s
+    (sigma = softplus(s)) with Adam's state, the REINFORCE baseline (value, whether set) and the
+    last training residual."""
+
+    scale: Params | None = None
+    scale_state: Params | None = None
+    baseline: Params | None = None
+    residual: Params | None = None
 
 
 def _per_example(config: StnConfig, level: Any) -> dict[str, int]:
@@ -70,6 +132,8 @@ class StnEngine(EngineBase):
 
     kind: ClassVar[str] = "stn"
     Config: ClassVar[type[StnConfig]] = StnConfig
+    State: ClassVar[type[StnState]] = StnState
+    priority: ClassVar[int] = 20
     capabilities: ClassVar[Capabilities] = Capabilities(
         summary="Self-Tuning Networks: a structured best-response model fitted around perturbed hyperparameters,"
         " hyperparameters stepped through it (MacKay et al. 2019)",
@@ -85,23 +149,16 @@ class StnEngine(EngineBase):
     def _scale_optimizer(self) -> InnerOptimizer:
         return InnerOptimizer(OptimizerSpec(name="adam", lr=self.config.scale_lr))
 
-    def init(self, problem: Problem, x: Params) -> EngineState:
-        state = start_state(problem)
+    def init(self, problem: Problem, x: Params) -> StnState:
         s0 = inverse_softplus(self.config.perturbation_scale)
         scale = tuple(torch.full_like(p, s0) for p in x)
         zero = torch.zeros((), dtype=problem.dtype, device=problem.device)
-        state.extra.update(
-            scale=scale,
-            scale_state=self._scale_optimizer().init(scale),
-            baseline=(zero.clone(), zero.clone()),  # (value, whether set)
-            residual=(zero.clone(),),
-        )
-        return state
+        return dataclasses.replace(super().init(problem, x), scale=scale, scale_state=self._scale_optimizer().init(scale),
+                                   baseline=(zero.clone(), zero.clone()), residual=(zero.clone(),))
 
-    def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
-        start = time.perf_counter()
+    def compute(self, problem: Problem, x: Params, state: StnState, batch: Any) -> Hypergrad:
         config, upper, lower = self.config, problem.upper, problem.lower
-        scale = state.extra["scale"]
+        scale = state.scale
 
         # T_train steps on phi at hyperparameters drawn around the current ones
         steps = lower.solver.steps if state.step % config.val_steps == 0 else 0
@@ -115,13 +172,13 @@ class StnEngine(EngineBase):
         y, inner_state, last_grads = lower_steps(
             problem, InnerOptimizer(lower.solver), x, state.lower, state.inner_state, steps, draw=draw
         )
-        residual = tree_norm(last_grads).detach() if last_grads is not None else state.extra["residual"][0]
+        residual = tree_norm(last_grads).detach() if last_grads is not None else state.residual[0]
 
         # one step on (lam, sigma): E F(lam~, w_phi(lam~)) - tau H, pathwise + score function. Under
         # data parallelism ``value`` is this rank's share w_r F_r of F and the terms that do not
         # depend on the batch (the baseline, the entropy) are weighted by the same share, so that
         # the gradients summed over ranks are those of the union's surrogate (bilevel.distributed.reduce).
-        baseline, seen = state.extra["baseline"]
+        baseline, seen = state.baseline
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
         s_leaf = tuple(s.detach().requires_grad_(config.learn_scale) for s in scale)
         with torch.enable_grad():
@@ -137,7 +194,7 @@ class StnEngine(EngineBase):
             upper_loss = problem.upper_objective(x_now, y, batch)  # at the current hyperparameters
         *grads, value, upper_loss = sum_over_ranks((*grads, value.detach(), upper_loss))  # one collective
         grad_x = tuple(grads[: len(x)])
-        scale_state = state.extra["scale_state"]
+        scale_state = state.scale_state
         if config.learn_scale:
             scale, scale_state = self._scale_optimizer().step(s_now, grads[len(x) :], scale_state)
             scale = tuple(s.detach() for s in scale)
@@ -149,17 +206,54 @@ class StnEngine(EngineBase):
             linear_residual=None,
             hvp_count=0,
             inner_steps=steps,
-            time_s=time.perf_counter() - start,
             extra=self._figures(upper, scale, perturbation.entropy.detach()),
         )
-        extra = {
-            "scale": scale,
-            "scale_state": scale_state,
-            "baseline": (baseline, torch.ones_like(seen)),
-            "residual": (residual,),
-        }
-        new_state = EngineState(y, inner_state, extra, state.step + 1)
-        return Hypergrad(grad_x, upper_loss.detach(), new_state, stats)
+        new_state = StnState(y, inner_state, state.step + 1, scale=scale, scale_state=scale_state,
+                             baseline=(baseline, torch.ones_like(seen)), residual=(residual,))
+        return Hypergrad(grad_x, upper_loss, new_state, stats)
+
+    def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:
+        """The best-response model as the last step left it, trained for as many steps as the run
+        took: no further training at the final values."""
+        return state.lower
+
+    # --- planning -------------------------------------------------------------------------------
+    @classmethod
+    def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
+        if situation != "gradient_free":
+            return None
+        upper = f"levels.{facts.upper_level}.variables"
+        named = ", ".join(f"{upper}.{n} ({'discrete' if n in facts.discrete_hyperparameters else 'declared differentiable: false'})"
+                          for n in facts.gradient_free_hyperparameters)
+        return Proposal(StnConfig(), [
+            f"{named}: no gradient of the objectives reaches these, so hypergradient engines cannot tune them; {cls.kind}"
+            " fits the lower level's best-response model (its STN layers) at hyperparameters perturbed around the"
+            " current ones, and steps the hyperparameters on the validation objective through that model"
+            " (MacKay et al. 2019), discrete ones by a score-function or straight-through gradient"])
+
+    @classmethod
+    def refusals(cls, config: StnConfig, facts: ProblemFacts) -> list[tuple[str, str]]:
+        """A lower model without STN layers, module variables upstairs, tuned optimizer step
+        settings (which the response cannot learn), per-example draws of non-scalars."""
+        kind, upper = cls.kind, f"levels.{facts.upper_level}.variables"
+        out = []
+        if not facts.best_response_model:
+            out.append((f"levels.{facts.lower_level}.variables",
+                        f"the {kind} engine fits a best-response model: build the lower level's model from STN layers"
+                        " (bilevel.stn.StnLinear, StnConv2d, StnTensor) called with bilevel.stn.hyper_input(upper); see docs/engines/stn.md"))
+        out += [(f"{upper}.{name}", f"the {kind} engine perturbs tensor and hyperparameter variables; a module variable"
+                                    " upstairs is not supported") for name in facts.upper_modules]
+        out += [(f"levels.{facts.lower_level}.solver.tuned.{name}",
+                 f"the {kind} engine fits a best response to the training objective, which the optimizer's {name} does"
+                 " not enter (it changes the path, not the objective): the response cannot learn its effect. Tune"
+                 f" {name} with the unrolled engine; weight_decay can be tuned here (it is a term of the training objective)")
+                for name in facts.tuned_step]
+        bad = [name for name in config.per_example if name not in facts.continuous_scalars]
+        if bad:
+            out.append(("engine.per_example",
+                        f"{', '.join(map(repr, bad))}: only continuous scalar upper variables can be drawn per example"
+                        f" (here: {', '.join(facts.continuous_scalars) or 'none'})"))
+        return out
 
     @staticmethod
     def _figures(upper: Any, scale: Params, entropy: torch.Tensor) -> dict[str, Any]:

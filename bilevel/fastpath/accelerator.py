@@ -1,9 +1,10 @@
 """The fast path: how an engine's hypergradient is executed, chosen per problem and device.
 
-An engine computes its hypergradient eagerly in ``compute(problem, x, state, batch)``, calling
-``fast.solve_lower`` for its first-order inner loop and wrapping its inner solve and
-Hessian-vector products in ``fast.reduced_precision(problem)``. :class:`FastPath` then runs that
-one implementation in the fastest way the problem allows:
+An engine computes its hypergradient eagerly, calling its execution policy's ``solve_lower`` for
+its first-order inner loop and wrapping its inner solve and Hessian-vector products in
+``reduced_precision(problem)`` (``bilevel.engines.base.Execution``). :class:`FastPath` is such a
+policy; wrapped around an engine (``bilevel.fastpath.accelerated``), it runs that one
+implementation in the fastest way the problem allows:
 
 ==============  ====================================================  =========================
 mode            CUDA                                                  CPU
@@ -24,7 +25,11 @@ is not used, and the reason is logged once, when the lower level draws minibatch
 state (``graph_safe = False``), when the computation synchronizes with the host, when capture
 fails, or when a replay does not reproduce the eager result. Reduced precision (TF32, bf16) is
 checked every ``precision.check_every`` calls against an eager full-precision computation on the
-same inputs and batches; the cosine and relative error go into ``Stats.extra``."""
+same inputs and batches; the cosine and relative error go into ``Stats.extra``.
+
+Not split: it is one policy object whose decisions (signatures seen, graphs captured, the
+compiled loop's calibration, the fallbacks said once) are shared by the whole-call and the
+inner-loop paths; the mechanisms themselves live in graph.py, compiled.py and precision.py."""
 
 from __future__ import annotations
 
@@ -38,8 +43,9 @@ from typing import Any
 import torch
 
 from bilevel.distributed.reduce import current_world
-from bilevel.engines.base import EngineState, Hypergrad, Stats
 from bilevel.engines.inner import solve_lower
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.fastpath.compiled import CompiledInnerLoop
 from bilevel.fastpath.graph import CapturedCall, CaptureMismatch, CudaGraphBackend, GraphBackend, signature
 from bilevel.fastpath.precision import agreement, precision_scope
@@ -210,6 +216,8 @@ class FastPath:
         """Why nothing of this problem may be captured or compiled (None: no such reason)."""
         if current_world().active:
             return "data-parallel run: every gradient and product is summed over ranks, which stays eager"
+        if problem.depth > 2:
+            return f"{problem.depth} levels: the nested solves and their implicit derivatives stay eager"
         if problem.lower.solution is not None:
             return "the lower level has a closed-form solution: its solve is exact and eager"
         return None
@@ -242,12 +250,12 @@ class FastPath:
         return allowed
 
     def _graphed(self, compute: Compute, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad | None:
-        args = (tuple(x), tuple(state.lower), tuple(state.inner_state), dict(state.extra), batch)
-        key = (id(problem), signature(args), _data_signature(problem), torch.is_grad_enabled())
+        args = (tuple(x), state.tensors(), batch)
+        key = (id(problem), type(state), signature(args), _data_signature(problem), torch.is_grad_enabled())
         if key not in self._graphs:
             if not self._sighted(key):  # first sighting: eager (a one-off signature is never captured)
                 return None
-            captured = self._capture(compute, problem, args, state.step)
+            captured = self._capture(compute, problem, args, state)
             if captured is None:
                 return None
             self._graphs[key] = (captured, state.step)
@@ -258,14 +266,15 @@ class FastPath:
         with self._inside_graph():
             out = entry(*args)
         # the graph baked the step counter of its capture; engines only count calls with it
-        return _hypergrad_from(out, state.step + out["step"] - captured_step)
+        return _hypergrad_from(out, state, state.step + out["step"] - captured_step)
 
-    def _capture(self, compute: Compute, problem: Problem, args: tuple[Any, ...], step: int) -> CapturedCall | None:
+    def _capture(self, compute: Compute, problem: Problem, args: tuple[Any, ...], state: EngineState) -> CapturedCall | None:
         backend = _graph_backend(problem.device)
         assert backend is not None
+        step = state.step
 
-        def whole(x: Params, lower: Params, inner: Params, extra: dict[str, Params], batch: Any) -> dict[str, Any]:
-            return _hypergrad_tree(compute(problem, x, EngineState(lower, inner, extra, step), batch))
+        def whole(x: Params, tensors: dict[str, Any], batch: Any) -> dict[str, Any]:
+            return _hypergrad_tree(compute(problem, x, state.rebuilt(tensors, step), batch))
 
         try:
             with self._inside_graph():
@@ -430,10 +439,9 @@ def _hypergrad_tree(result: Hypergrad) -> dict[str, Any]:
     return {
         "grad": tuple(result.grad),
         "upper_loss": result.upper_loss,
-        "lower": tuple(result.state.lower),
-        "inner": tuple(result.state.inner_state),
-        "extra": dict(result.state.extra),
+        "state": result.state.tensors(),
         "step": result.state.step,
+        "estimate": result.estimate,
         "inner_residual": stats.inner_residual,
         "linear_residual": stats.linear_residual,
         "hvp_count": stats.hvp_count,
@@ -443,11 +451,11 @@ def _hypergrad_tree(result: Hypergrad) -> dict[str, Any]:
     }
 
 
-def _hypergrad_from(tree: dict[str, Any], step: int) -> Hypergrad:
-    state = EngineState(tuple(tree["lower"]), tuple(tree["inner"]), {k: tuple(v) for k, v in tree["extra"].items()}, step)
+def _hypergrad_from(tree: dict[str, Any], like: EngineState, step: int) -> Hypergrad:
+    state = like.rebuilt(tree["state"], step)
     stats = Stats(tree["inner_residual"], tree["linear_residual"], tree["hvp_count"], tree["inner_steps"], 0.0,
                   dict(tree["stats_extra"]))
-    return Hypergrad(tuple(tree["grad"]), tree["upper_loss"], state, stats, tree["stop"])
+    return Hypergrad(tuple(tree["grad"]), tree["upper_loss"], state, stats, tree["stop"], estimate=tree["estimate"])
 
 
 def _stream_states(problem: Problem) -> dict[str, Any]:

@@ -14,7 +14,7 @@ what bounds small and medium hypergradients. It requires:
 
 Before capturing, the function runs once eagerly on a side stream (lazy initializations, cuBLAS
 workspaces, autograd's device threads happen outside the capture) under
-:func:`~bilevel.fastpath.sync.forbid_host_sync`; after capturing, one replay is compared with
+:func:`~bilevel.fastpath.host_sync.forbid_host_sync`; after capturing, one replay is compared with
 that eager run, and a mismatch beyond rounding aborts the fast path.
 
 :class:`ReplayBackend` gives the same contract on any device by re-executing the function at
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from bilevel.fastpath.sync import forbid_host_sync
+from bilevel.fastpath.host_sync import forbid_host_sync
 
 __all__ = ["CaptureMismatch", "CapturedCall", "CudaGraphBackend", "GraphBackend", "ReplayBackend", "signature"]
 

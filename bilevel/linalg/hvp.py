@@ -20,7 +20,7 @@ nothing.
 With ``create_graph=True`` the products are themselves differentiable: x and y stay attached to
 the graph they come from (each product is still the partial derivative at (x, y), taken through
 an alias of each input), and the products record their own graph. Differentiating through them
-gives the third-order terms that multilevel problems need (bilevel.multilevel.solution.py)."""
+gives the third-order terms that multilevel problems need (bilevel/linalg/argmin.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from bilevel.nas.draw import draw_genotype, plot_alpha_history
 from bilevel.nas.genotype import Genotype, derive_genotype
 from bilevel.nas.supernet import ArchitectureWeights
-from bilevel.runtime.checkpoint import atomic_write_json
+from bilevel.runtime.atomic import atomic_write_json
 
 __all__ = ["genotype_record", "monitor", "report", "supernet_loss"]
 

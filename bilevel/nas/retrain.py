@@ -248,7 +248,7 @@ def retrain_run(
         raise SpecError.single(str(path), "architecture.retrain.data", str(exc)) from None
     result = {"genotype_file": str(path), "genotype": genotype.to_json(), **result}
     suffix = "" if step is None else f"-step-{step}"
-    from bilevel.runtime.checkpoint import atomic_write_json
+    from bilevel.runtime.atomic import atomic_write_json
 
     atomic_write_json(run_dir / f"retrain{suffix}.json", result)
     return result

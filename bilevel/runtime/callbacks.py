@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bilevel.runtime.checkpoint import atomic_write_bytes
+from bilevel.runtime.atomic import atomic_write_bytes
 
 __all__ = ["MetricsWriter", "Progress"]
 

@@ -1,96 +1,83 @@
-"""Atomic checkpoints: written to a temporary file in the same directory, fsynced, then renamed
-over the previous one, so an interrupted write never leaves a corrupted latest checkpoint.
-Loaded with ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
+"""Checkpoints of a run, consistent across the ranks of a data-parallel run.
 
-A temporary file is named ``.NAME.PID.RANDOM.tmp`` after its target NAME and its writer's process
-id. A writer that is killed (SIGKILL, out of memory) leaves it behind; the next write of the same
-target, and ``load_checkpoint`` on resume, remove those whose writer is no longer running."""
+A run's state (``bilevel.runtime.session.Session.state_dict``) holds replicated parts (step,
+upper variables, outer optimizer, engine state), identical on every rank, and each rank's own
+parts (``LOCAL``: its data streams' shuffling state and its RNG state). Rank 0 gathers the
+per-rank parts and alone writes the file (atomically, see ``bilevel.runtime.atomic``); before
+writing, the ranks check that the replicated state is still identical.
+On resume rank 0 reads the checkpoint and broadcasts it, so every rank loads the same one (no
+shared file system needed), and each rank takes back its own part. A checkpoint is resumed by the
+number of processes that wrote it."""
 
 from __future__ import annotations
 
-import glob
-import json
-import os
-import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from torch import Tensor
 
-__all__ = ["atomic_write_json", "atomic_write_bytes", "load_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
+from bilevel.distributed import broadcast_from_main, check_replicas, current_world, gather_on_main
+from bilevel.runtime.atomic import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
-CHECKPOINT_NAME = "checkpoint.pt"
-_writing: set[str] = set()  # temporary files this process is writing now (never stale)
+__all__ = ["FORMAT", "LOCAL", "WorldSizeMismatch", "load_snapshot", "save_snapshot", "save_state"]
 
-
-def _running(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (a zombie counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+FORMAT = 2
+"""Checkpoint layout version: 1 kept engine-specific state under "extra" (still read), 2 holds
+each engine's typed state fields."""
+LOCAL = ("data", "rng")
+"""The parts of a run's state that belong to each rank."""
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete the temporary files a killed writer of ``path`` left in its directory: those named
-    ``.NAME.PID.*.tmp`` whose process PID no longer runs (or is this process, which is not writing
-    them). Files of writers still running are kept. Returns the paths removed."""
-    removed = []
-    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = candidate.name[len(path.name) + 2 :].split(".", 1)[0]
-        if not pid.isdigit() or str(candidate) in _writing:
-            continue
-        if int(pid) == os.getpid() or not _running(int(pid)):
-            try:
-                candidate.unlink()
-                removed.append(candidate)
-            except FileNotFoundError:  # removed by another cleaner meanwhile
-                pass
-    return removed
+class WorldSizeMismatch(ValueError):
+    """The checkpoint was written by a different number of processes."""
 
 
-def _atomic_replace(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    _writing.add(tmp)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        _writing.discard(tmp)
+def save_snapshot(directory: Path, replicated: dict[str, Any], local: dict[str, Any]) -> Path:
+    """Write a checkpoint of ``replicated`` (same on every rank) and every rank's ``local`` part.
+    Collective: every rank calls it; only rank 0 writes. Returns the checkpoint's path."""
+    world = current_world()
+    check_replicas(list(_tensors(replicated)), "upper variables, optimizer or engine state")
+    parts = gather_on_main(local)
+    if world.is_main:
+        assert parts is not None
+        state = {**replicated, **parts[0], "world_size": world.size}
+        if world.active:
+            state["ranks"] = parts
+        return save_checkpoint(directory, state)
+    return directory / CHECKPOINT_NAME
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_replace(path, lambda handle: handle.write(data))
+def save_state(directory: Path, state: dict[str, Any]) -> Path:
+    """Write a run's ``state_dict`` as a checkpoint (collective): its ``LOCAL`` parts per rank."""
+    replicated = {key: value for key, value in state.items() if key not in LOCAL}
+    local = {key: state[key] for key in LOCAL}
+    return save_snapshot(directory, {"format": FORMAT, **replicated}, local)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors, numbers, strings, lists and dicts of them) atomically."""
-    path = directory / CHECKPOINT_NAME
-    _atomic_replace(path, lambda handle: torch.save(state, handle))
-    return path
-
-
-def load_checkpoint(directory: Path) -> dict[str, Any] | None:
-    """The latest checkpoint in ``directory``, or None when there is none. Temporary files that
-    a killed writer left beside it are removed."""
-    path = directory / CHECKPOINT_NAME
-    remove_stale_temporaries(path)  # a missing directory holds none: its glob yields nothing
-    if not path.exists():
+def load_snapshot(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(checkpoint, this rank's local part) from rank 0's copy of the latest checkpoint, or None.
+    Collective. Raises WorldSizeMismatch when a different number of processes wrote it."""
+    world = current_world()
+    checkpoint = broadcast_from_main(load_checkpoint(directory) if world.is_main else None)
+    if checkpoint is None:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    written_by = int(checkpoint.get("world_size", 1))
+    if written_by != world.size:
+        raise WorldSizeMismatch(
+            f"the checkpoint in {directory} was written by a run with {written_by} process(es), this run has"
+            f" {world.size}; resume with the same number (torchrun --nproc_per_node {written_by})"
+        )
+    local = checkpoint["ranks"][world.rank] if "ranks" in checkpoint else checkpoint
+    return checkpoint, local
+
+
+def _tensors(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)

@@ -1,22 +1,13 @@
-"""Pydantic v2 models of a bilevel problem spec, their loading from YAML/JSON, and the JSON Schema."""
+"""Pydantic v2 models of a bilevel problem spec, their loading from YAML/JSON, and the JSON Schema.
+
+Each engine's options (``ImplicitConfig``, ...) live with the engine (``bilevel.engines``); the
+spec's ``engine`` field accepts those of every registered engine."""
 
 from __future__ import annotations
 
 from bilevel.spec.constraints import BoxSet, ConstraintSpec, SimplexSet, VariableSet
-from bilevel.spec.engine import (
-    AutoEngine,
-    BORepConfig,
-    DartsConfig,
-    EngineSpec,
-    ImplicitConfig,
-    LinearSolverSpec,
-    LVHBAConfig,
-    PenaltyConfig,
-    RartsConfig,
-    StnConfig,
-    UnrolledConfig,
-)
-from bilevel.spec.errors import SpecError, SpecIssue, VariableError
+from bilevel.spec.engine import AutoEngine, EngineConfig, LinearSolverSpec
+from bilevel.spec.errors import SpecError, SpecIssue, SpecSource, VariableError
 from bilevel.spec.fastpath import FastPathMode, PrecisionSpec
 from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.instances import InstancesSpec
@@ -47,22 +38,18 @@ __all__ = [
     "ArchitectureVariable",
     "Assumptions",
     "AutoEngine",
-    "BORepConfig",
     "BilevelSpec",
     "BoxSet",
     "BudgetSpec",
     "CellSpec",
     "ConstraintSpec",
     "ConvSearchSpace",
-    "DartsConfig",
     "DataSpec",
+    "EngineConfig",
     "DistributedSpec",
     "FastPathMode",
-    "EngineSpec",
     "HyperparameterVariable",
-    "ImplicitConfig",
     "InstancesSpec",
-    "LVHBAConfig",
     "LevelSpec",
     "LinearSolverSpec",
     "LoadedSpec",
@@ -70,18 +57,15 @@ __all__ = [
     "ModuleVariable",
     "OptimizerSpec",
     "PrecisionSpec",
-    "PenaltyConfig",
-    "RartsConfig",
     "RetrainSpec",
     "RunSpec",
     "SearchSpace",
     "SimplexSet",
     "SpecError",
     "SpecIssue",
-    "StnConfig",
+    "SpecSource",
     "SupernetVariable",
     "TensorVariable",
-    "UnrolledConfig",
     "Variable",
     "VariableError",
     "VariableSet",

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["SpecError", "SpecIssue", "VariableError"]
+__all__ = ["SpecError", "SpecIssue", "SpecSource", "VariableError"]
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,21 @@ class SpecIssue:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         return f"{where}: {self.path or '(top level)'}: {self.message}"
+
+
+@dataclass(frozen=True)
+class SpecSource:
+    """Where a spec came from, for messages: its file and the line of each dotted path."""
+
+    file: str = "<python>"
+    lines: dict[tuple[str, ...], int] = field(default_factory=dict, compare=False)
+
+    def issue(self, path: str, message: str) -> SpecIssue:
+        """A SpecIssue at a dotted path of this spec, with its line number when known."""
+        return SpecIssue(self.file, path, message, self.lines.get(tuple(path.split("."))))
+
+    def error(self, path: str, message: str) -> "SpecError":
+        return SpecError([self.issue(path, message)])
 
 
 class SpecError(Exception):

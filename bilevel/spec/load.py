@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from bilevel.spec.errors import SpecError, SpecIssue
+from bilevel.refs import RefError, import_module_ref
+from bilevel.spec.errors import SpecError, SpecIssue, SpecSource
 from bilevel.spec.problem import BilevelSpec
 
 __all__ = ["LoadedSpec", "apply_overrides", "describe_error", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
@@ -27,9 +28,14 @@ class LoadedSpec:
     base_dir: Path = field(default_factory=Path.cwd)
     lines: dict[tuple[str, ...], int] = field(default_factory=dict)
 
+    @property
+    def source(self) -> SpecSource:
+        """The file and lines, for messages about this spec after it is compiled."""
+        return SpecSource(self.file, self.lines)
+
     def issue(self, path: str, message: str) -> SpecIssue:
         """A SpecIssue at a dotted path of this spec, with its line number when known."""
-        return SpecIssue(self.file, path, message, self.lines.get(tuple(path.split("."))))
+        return self.source.issue(path, message)
 
     def error(self, path: str, message: str) -> SpecError:
         return SpecError([self.issue(path, message)])
@@ -128,11 +134,30 @@ def spec_from_data(
 ) -> LoadedSpec:
     """Validate plain data (as parsed from YAML/JSON) into a LoadedSpec, or raise SpecError."""
     lines = lines or {}
+    _import_plugins(data, file, base_dir, lines)
     try:
         spec = BilevelSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(validation_issues(exc, data, file, lines)) from None
     return LoadedSpec(spec, file, base_dir or Path.cwd(), lines)
+
+
+def _import_plugins(data: Any, file: str, base_dir: Path | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Import the modules a spec's ``plugins`` names before validating it, so that the engines
+    they register are part of the engine union the spec is validated against."""
+    plugins = data.get("plugins") if isinstance(data, dict) else None
+    if not isinstance(plugins, list):
+        return  # absent, or of the wrong type: validation says so
+    issues = []
+    for index, ref in enumerate(plugins):
+        if not isinstance(ref, str):
+            continue
+        try:
+            import_module_ref(ref, base_dir)
+        except RefError as exc:
+            issues.append(SpecIssue(file, f"plugins.{index}", str(exc), lines.get(("plugins", str(index)))))
+    if issues:
+        raise SpecError(issues)
 
 
 def validation_issues(

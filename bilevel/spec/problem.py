@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Sequence
+from typing import Annotated, Any, Union
 
 import networkx as nx
 from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 
 from bilevel.spec._base import SpecModel
-from bilevel.spec.engine import AutoEngine, EngineSpec
+from bilevel.spec.engine import AutoEngine
 from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import LevelSpec
 from bilevel.spec.run import RunSpec
 
-__all__ = ["BilevelSpec", "level_graph"]
+__all__ = ["BilevelSpec", "engine_union", "level_graph", "use_engine_configs"]
 
 
 class BilevelSpec(SpecModel):
@@ -26,10 +28,15 @@ class BilevelSpec(SpecModel):
     """A short name, used in outputs."""
     levels: dict[str, LevelSpec]
     """Levels by name."""
-    engine: EngineSpec = Field(default_factory=AutoEngine)
-    """Hypergradient engine: {kind: auto} lets the planner choose."""
+    engine: Annotated[Union[AutoEngine], Field(discriminator="kind")] = Field(default_factory=AutoEngine)
+    """Hypergradient engine: {kind: auto} lets the planner choose, or one registered engine's
+    configuration (``bilevel engines`` lists them; the union grows as engines register)."""
     run: RunSpec = Field(default_factory=RunSpec)
     """Run settings."""
+    plugins: list[Annotated[str, Field(pattern=r"^[^:\s]+$")]] = Field(default_factory=list)
+    """Modules imported before the rest of the spec is validated, for engines defined outside the
+    package: "path/to/my_engine.py" (relative to the spec file) or "package.module". Importing a
+    plugin runs its code, which registers its engines (docs/howto/new-engine.md)."""
     report: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
     """Optional f(upper, lower) -> dict of numbers evaluated at the end of a run (test accuracy, ...)."""
     report_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -89,3 +96,17 @@ def level_graph(levels: dict[str, LevelSpec]) -> nx.DiGraph:
             + ", ".join(sorted(roots))
         )
     return graph
+
+
+def engine_union(configs: Sequence[type]) -> Any:
+    """The annotation of ``BilevelSpec.engine`` for these engine configs (plus auto)."""
+    return Annotated[Union[(AutoEngine, *configs)], Field(discriminator="kind")]  # type: ignore[return-value]
+
+
+def use_engine_configs(configs: Sequence[type]) -> None:
+    """Make ``BilevelSpec.engine`` accept exactly auto and ``configs`` (called by the engine
+    registry whenever an engine registers), so that the schema and validation follow the registry."""
+    current = BilevelSpec.model_fields["engine"]
+    BilevelSpec.model_fields["engine"] = FieldInfo.from_annotated_attribute(
+        engine_union(configs), Field(default_factory=AutoEngine, description=current.description))
+    BilevelSpec.model_rebuild(force=True)

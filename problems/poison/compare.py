@@ -32,11 +32,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from pydantic import TypeAdapter  # noqa: E402
 
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import EngineSpec, load_spec  # noqa: E402
+from bilevel.engines import engine_config  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
 from problems.common.outputs import markdown_table, run_command  # noqa: E402
 from problems.poison.evaluate import AVAILABILITY_ROWS, BACKDOOR_ROWS  # noqa: E402
 
@@ -58,7 +58,7 @@ def attack_overrides(preset: str, seed: int, steps: int, models: int, device: st
 
 def run_attack(preset: str, seed: int, steps: int, models: int, device: str, engine: str | None) -> dict[str, Any]:
     """The report of ``bilevel run PRESET --set ...`` (the overrides of :func:`attack_overrides`)."""
-    config = None if engine is None else TypeAdapter(EngineSpec).validate_python({"kind": engine})
+    config = None if engine is None else engine_config(engine)
     loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device))
     report = run(loaded, engine=config, out=tempfile.mkdtemp(), progress=False).result["report"]
     if not report["budget_respected"]:

@@ -11,17 +11,8 @@ from typing import Any
 import torch
 
 from bilevel import build_engine, compile_spec
-from bilevel.spec import (
-    BORepConfig,
-    DartsConfig,
-    ImplicitConfig,
-    LVHBAConfig,
-    PenaltyConfig,
-    RartsConfig,
-    StnConfig,
-    UnrolledConfig,
-    spec_from_data,
-)
+from bilevel.engines import BORepConfig, DartsConfig, ImplicitConfig, LVHBAConfig, PenaltyConfig, RartsConfig, StnConfig, UnrolledConfig
+from bilevel.spec import spec_from_data
 from problems.toy import ridge_spec
 
 HERE = Path(__file__).resolve().parent
@@ -211,7 +202,7 @@ def replica_checks(out_dir: Path) -> dict[str, Any]:
     """Checkpoints of replicated state that agrees, then differs, across ranks (one entry of the
     upper variable is off by 1e-9 on rank 1): the errors raised and, on rank 0, what was left on disk."""
     from bilevel.distributed import ReplicaMismatch, check_replicas, current_world
-    from bilevel.runtime.snapshot import save_snapshot
+    from bilevel.runtime.checkpoint import save_snapshot
 
     rank = current_world().rank
     x = torch.linspace(-1.0, 1.0, 7, dtype=torch.float64)

@@ -1,8 +1,9 @@
-"""The compiled problem: what engines see.
+"""A compiled level: its variables as a flat tuple of tensors, their presentation to user code,
+its objective, data, solver and declared facts.
 
-Engines work on flat tuples of tensors, ``x`` for the upper level and ``y`` for the lower level.
-A :class:`Level` knows how to present such a tuple to user code as a :class:`VariableView`
-(tensors by name, modules as functional callables) and how to evaluate its objective."""
+Engines work on flat tuples of tensors (``Params``). A :class:`Level` knows how to present such
+a tuple to user code as a :class:`VariableView` (tensors by name, modules as functional
+callables); the :class:`~bilevel.problem.Problem` decides which levels an objective sees."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -22,7 +22,7 @@ from bilevel.linalg.project import project_simplex
 from bilevel.spec.constraints import BoxSet, SimplexSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
 
-__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Problem", "VariableView", "project_onto"]
+__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "VariableView", "merge_levels", "project_onto"]
 
 Params = tuple[Tensor, ...]
 """A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
@@ -129,6 +129,13 @@ class Level:
     solution: Callable[[VariableView, VariableView, Any], Mapping[str, Tensor]] | None = None
     """Closed-form minimizer of the objective, solution(upper, lower, batch) -> name -> Tensor
     (tensor variables only); None: the inner solver's steps find it."""
+    parent: str | None = None
+    """The level this one is solved under (None for the top level)."""
+    kinds: dict[str, str] = field(default_factory=dict)
+    """Variable name -> its declared kind (tensor, module, hyperparameter, architecture, supernet)."""
+    stacked: bool = False
+    """The variables carry a leading dimension of independent instances (``bilevel.problem.stack``):
+    projections onto a simplex then act per instance."""
     share: float = 1.0
     """This rank's weight in the level's union objective under data parallelism: its fraction of
     the level's examples, or 1/W when every rank holds the whole data; 1 in a single process
@@ -192,10 +199,14 @@ class Level:
         return tuple(flat)
 
     def project(self, params: Params) -> Params:
-        """Projection onto the declared simple sets (identity where none is declared)."""
+        """Projection onto the declared simple sets (identity where none is declared); on a
+        stacked level a simplex is taken over the entries of one instance, not of the batch."""
         if not any(s is not None for s in self.sets):
             return params
-        return tuple(project_onto(p, s) for p, s in zip(params, self.sets))
+        if not self.stacked:
+            return tuple(project_onto(p, s) for p, s in zip(params, self.sets))
+        return tuple(torch.func.vmap(functools.partial(project_onto, where=s))(p) if isinstance(s, SimplexSet)
+                     else project_onto(p, s) for p, s in zip(params, self.sets))
 
     def variables(self, params: Sequence[Tensor]) -> dict[str, Tensor | dict[str, Tensor]]:
         """Name -> tensor (or module parameter dict) for outputs and checkpoints."""
@@ -215,66 +226,25 @@ def project_onto(value: Tensor, where: BoxSet | SimplexSet | None) -> Tensor:
     return value.clamp(where.low, where.high)
 
 
-@dataclass
-class Problem:
-    """A compiled bilevel problem on a device and dtype.
+def _no_objective(upper: Any, lower: Any, batch: Any) -> Tensor:
+    raise TypeError("a merged view of several levels has no objective of its own; evaluate each level"
+                    " with Problem.objective(k, params, batch)")
 
-    ``upper`` is the top level (variables x, objective F); ``lower`` its child (variables y,
-    objective G). Both objectives are called as f(upper_view, lower_view, batch). In a
-    data-parallel run ``upper_objective`` and ``lower_objective`` return this rank's share of the
-    union objective (Level.share); engines never see the difference."""
 
-    name: str
-    levels: dict[str, Level]
-    graph: nx.DiGraph
-    device: torch.device
-    dtype: torch.dtype
-    report: Callable[..., Mapping[str, Any]] | None = None
-    """report(upper_view, lower_view, out_dir=...) -> numbers for result.json."""
-    monitor: Callable[..., Mapping[str, Any] | None] | None = None
-    """monitor(upper_view, lower_view, step=..., out_dir=...) -> numbers for metrics.jsonl."""
-    instances: int | None = None
-    """None for one problem; N for a batch of N independent instances whose variables are stacked
-    along a leading dimension (``bilevel.instances``): engines then keep the instances apart in
-    every reduction (CG's inner products)."""
-
-    # resolved once: objectives read them at every inner step (and torch.compile cannot trace networkx)
-    @functools.cached_property
-    def upper(self) -> Level:
-        return self.levels[next(n for n in self.graph if self.graph.in_degree(n) == 0)]
-
-    @functools.cached_property
-    def lower(self) -> Level:
-        (child,) = self.graph.successors(self.upper.name)
-        return self.levels[child]
-
-    def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
-        """F(x, y) on an upper batch (``drawn``: upper values an engine substitutes, e.g. STN's
-        perturbed hyperparameters); this rank's share of it under data parallelism."""
-        return self.upper.shared(self.upper.objective(self.upper.view(x, drawn), self.lower.view(y), batch))
-
-    def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
-        """G(x, y) on a lower batch, plus the inner solver's weight decay wd/2 ||y||^2 when declared."""
-        upper = self.upper.view(x, drawn)
-        value = self.lower.objective(upper, self.lower.view(y), batch)
-        solver = self.lower.solver
-        if solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
-            return self.lower.shared(value)
-        decay = upper[solver.tuned["weight_decay"]] if "weight_decay" in solver.tuned else solver.weight_decay
-        return self.lower.shared(value + 0.5 * decay * sum((p * p).sum() for p in y))
-
-    def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Tensor]:
-        """Optimizer hyperparameter -> the current value of the upper variable it is tuned by."""
-        if not tuned:
-            return {}
-        upper = self.upper.view(x)
-        return {name: upper[variable].reshape(()) for name, variable in tuned.items()}
-
-    def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
-        """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
-        upper, lower = self.upper.view(x), self.lower.view(y)
-        return tuple(c.fn(upper, lower, batch).reshape(-1) for c in self.lower.constraints)
-
-    def fresh(self, params: Params, requires_grad: bool = False) -> Params:
-        """Detached copies of ``params`` (leaves; requiring grad when asked)."""
-        return tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
+def merge_levels(levels: Sequence[Level], name: str) -> Level:
+    """Several levels presented as one: their flat variables concatenated in order, their views
+    merged (variable names are unique across a problem)."""
+    tensors: dict[str, int] = {}
+    modules: dict[str, ModuleBinding] = {}
+    names: list[str] = []
+    init: list[Tensor] = []
+    sets: list[Any] = []
+    for level in levels:
+        offset = len(init)
+        tensors.update({v: i + offset for v, i in level.tensors.items()})
+        modules.update({v: ModuleBinding(b.module, b.param_names, b.start + offset) for v, b in level.modules.items()})
+        names.extend(level.param_names)
+        init.extend(level.init)
+        sets.extend(level.sets or (None,) * len(level.init))
+    return Level(name=name, param_names=tuple(names), init=tuple(init), objective=_no_objective,
+                 tensors=tensors, modules=modules, sets=tuple(sets), stacked=any(level.stacked for level in levels))

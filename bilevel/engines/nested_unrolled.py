@@ -1,4 +1,5 @@
-"""Nested unrolling: reverse-mode differentiation through the optimizers of every level of a chain.
+"""Nested unrolling: reverse-mode differentiation through the optimizers of every level of a
+chain, the unrolled engine's algorithm for more than two levels (``bilevel.engines.unrolled``).
 
 Each lower level runs its optimizer for its solver's ``steps`` steps; a step of level k first
 runs the levels below it from their current points (all of their steps kept in the graph),
@@ -20,28 +21,25 @@ lower levels. Truncation and checkpointing are not available for chains."""
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import inner_step
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
-from bilevel.multilevel.chain import ChainProblem
-from bilevel.multilevel.registry import register_chain_engine
 from bilevel.optim import InnerOptimizer
-from bilevel.problem import Params
-from bilevel.spec.engine import UnrolledConfig
+from bilevel.problem import Params, Problem
 
-__all__ = ["ChainUnrolledEngine"]
+__all__ = ["nested_unrolled_hypergrad", "unrolled_below"]
 
 
 class _Unroll:
     """One run through the nest, counting steps and keeping each level's last gradient."""
 
-    def __init__(self, problem: ChainProblem):
+    def __init__(self, problem: Problem):
         self.problem = problem
         self.steps = 0
         self.differentiated = 0
@@ -97,68 +95,33 @@ class _Unroll:
             self.last_grads[name] = tuple(g.detach() for g in grads)
 
 
-@register_chain_engine
-class ChainUnrolledEngine(EngineBase):
-    """Reverse mode through the nested inner loops of a chain (every step stored)."""
+def unrolled_below(problem: Problem, x: Params, state: EngineState) -> Params:
+    """The levels below the top after their steps at x (warm-started from ``state``), detached."""
+    with torch.enable_grad():
+        below = _Unroll(problem).run(1, [tuple(p.detach() for p in x)], problem.starts(1, problem.split(state.lower)),
+                                     keep_graph=False)
+    return problem.join(below)
 
-    kind: ClassVar[str] = "unrolled"
-    Config: ClassVar[type[UnrolledConfig]] = UnrolledConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        summary="nested unrolling: reverse mode through every level's optimizer steps, each step of a level"
-        " differentiating through the steps of the levels below it",
-        needs_hvp=True,
-        lower_convexity=("strongly_convex", "convex", "nonconvex", "unknown"),
-        memory="horizon",
-        through_optimizer=True,
+
+def nested_unrolled_hypergrad(problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+    """Reverse mode through the whole nest at x (see the module docstring), with per-level inner
+    residuals in ``stats.extra``."""
+    unroll = _Unroll(problem)
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_(True) for p in x)
+        below = unroll.run(1, [leaves], problem.starts(1, problem.split(state.lower)), keep_graph=True)
+        upper_loss = problem.objective(0, [leaves, *below], batch)
+        grads = torch.autograd.grad(upper_loss, leaves, allow_unused=True)
+    grad = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads))
+    per_level = {f"inner_residual.{name}": tree_norm(unroll.last_grads[name]) for name in problem.level_names[1:]
+                 if name in unroll.last_grads}
+    residuals = list(per_level.values())
+    stats = Stats(
+        inner_residual=tree_norm(residuals) if residuals else torch.zeros((), dtype=problem.dtype, device=problem.device),
+        linear_residual=None,
+        hvp_count=unroll.differentiated,
+        inner_steps=unroll.steps,
+        extra=per_level,
     )
-
-    @staticmethod
-    def unsupported(config: UnrolledConfig) -> dict[str, str]:
-        """Options of the two-level engine that a chain cannot use: dotted field -> why."""
-        out = {}
-        if config.truncate is not None:
-            out["truncate"] = "truncation is not available for multilevel problems; use null (every step is differentiated)"
-        if config.checkpoint_every is not None:
-            out["checkpoint_every"] = "checkpointing is not available for multilevel problems; use null"
-        return out
-
-    def __init__(self, config: UnrolledConfig | None = None):
-        super().__init__(config)
-        problems = self.unsupported(self.config)
-        if problems:
-            raise ValueError("; ".join(f"engine.{field}: {why}" for field, why in problems.items()))
-
-    def init(self, problem: ChainProblem, x: Params) -> EngineState:  # type: ignore[override]
-        return EngineState(problem.fresh(problem.lower.init), ())
-
-    def _starts(self, problem: ChainProblem, state: EngineState) -> list[Params]:
-        return problem.starts(1, problem.split(state.lower))
-
-    def solve_below(self, problem: ChainProblem, x: Params, state: EngineState) -> Params:
-        """The levels below the top after their steps at x (warm-started from ``state``), detached."""
-        with torch.enable_grad():
-            below = _Unroll(problem).run(1, [tuple(p.detach() for p in x)], self._starts(problem, state), keep_graph=False)
-        return problem.join(below)
-
-    def hypergrad(self, problem: ChainProblem, x: Params, state: EngineState, batch: Any) -> Hypergrad:  # type: ignore[override]
-        start = time.perf_counter()
-        unroll = _Unroll(problem)
-        with torch.enable_grad():
-            leaves = tuple(p.detach().requires_grad_(True) for p in x)
-            below = unroll.run(1, [leaves], self._starts(problem, state), keep_graph=True)
-            upper_loss = problem.objective(0, [leaves, *below], batch)
-            grads = torch.autograd.grad(upper_loss, leaves, allow_unused=True)
-        grad = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads))
-        per_level = {f"inner_residual.{name}": tree_norm(unroll.last_grads[name]) for name in problem.level_names[1:]
-                     if name in unroll.last_grads}
-        residuals = list(per_level.values())
-        stats = Stats(
-            inner_residual=tree_norm(residuals) if residuals else torch.zeros((), dtype=problem.dtype, device=problem.device),
-            linear_residual=None,
-            hvp_count=unroll.differentiated,
-            inner_steps=unroll.steps,
-            time_s=time.perf_counter() - start,
-            extra=per_level,
-        )
-        new_state = EngineState(tuple(p.detach() for p in problem.join(below)), (), {}, state.step + 1)
-        return Hypergrad(grad, upper_loss.detach(), new_state, stats)
+    new_state = type(state)(tuple(p.detach() for p in problem.join(below)), (), step=state.step + 1)
+    return Hypergrad(grad, upper_loss, new_state, stats)

@@ -1,4 +1,5 @@
-"""Implicit differentiation through a chain of levels (nested IFT).
+"""Implicit differentiation through a chain of levels (nested IFT): the implicit engine's
+algorithm for more than two levels (``bilevel.engines.implicit``).
 
 For a chain z_0 (top) -> z_1 -> ... -> z_{K-1} (bottom), level k >= 1 minimizes its reduced
 objective phi_k(z_0..z_k) = f_k(z_0..z_k, z*_{k+1}, ..., z*_{K-1}) (bilevel/multilevel/chain.py).
@@ -29,28 +30,26 @@ linear solve converges (the lower levels must be strongly convex in their own va
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from bilevel.engines.base import Capabilities, EngineBase, EngineState, Hypergrad, Stats
 from bilevel.engines.inner import solve_lower
+from bilevel.engines.results import Hypergrad, Stats
+from bilevel.engines.state import EngineState
+from bilevel.linalg.argmin import Objective, SolveLog, argmin
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.solve import LinearSolver, make_linear_solver
 from bilevel.linalg.tree import tree_norm
-from bilevel.multilevel.chain import ChainProblem
-from bilevel.multilevel.registry import register_chain_engine
-from bilevel.multilevel.solution import Objective, SolveLog, argmin
 from bilevel.optim import InnerOptimizer
-from bilevel.problem import Params
-from bilevel.spec.engine import ImplicitConfig
+from bilevel.problem import Params, Problem
+from bilevel.spec.engine import LinearSolverSpec
 
-__all__ = ["ChainImplicitEngine", "reduced_objective"]
+__all__ = ["nested_hypergrad", "reduced_objective", "solve_below"]
 
 
 def reduced_objective(
-    problem: ChainProblem, k: int, solutions: list[Params | None], batches: list[Any], solvers: list[LinearSolver | None],
+    problem: Problem, k: int, solutions: list[Params | None], batches: list[Any], solvers: list[LinearSolver | None],
     log: SolveLog,
 ) -> Objective:
     """phi_k(above, z_k): f_k with every level below k attached at its stored solution as an
@@ -77,11 +76,11 @@ def reduced_objective(
 class _Nested:
     """One hypergradient's worth of work: linear solvers per level, costs, inner steps."""
 
-    def __init__(self, problem: ChainProblem, config: ImplicitConfig):
+    def __init__(self, problem: Problem, linear_solver: LinearSolverSpec):
         self.problem = problem
         # one per lower level (Neumann's default step is that level's inner lr); none for the top
         self.solvers: list[LinearSolver | None] = [None]
-        self.solvers += [make_linear_solver(config.linear_solver, level.solver.lr) for level in problem.chain[1:]]
+        self.solvers += [make_linear_solver(linear_solver, level.solver.lr) for level in problem.chain[1:]]
         self.log = SolveLog()
         self.steps = 0
 
@@ -119,70 +118,36 @@ class _Nested:
         return tuple(g.detach() for g in grads)
 
 
-@register_chain_engine
-class ChainImplicitEngine(EngineBase):
-    """Nested implicit differentiation through a chain of strongly convex lower levels."""
+def solve_below(problem: Problem, linear_solver: LinearSolverSpec, x: Params, state: EngineState) -> Params:
+    """The levels below the top solved at x (warm-started from ``state``), as ``lower``'s flat tuple."""
+    nested = _Nested(problem, linear_solver)
+    starts = problem.starts(1, problem.split(state.lower))
+    return problem.join(nested.solve(1, [tuple(p.detach() for p in x)], starts))
 
-    kind: ClassVar[str] = "implicit"
-    Config: ClassVar[type[ImplicitConfig]] = ImplicitConfig
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        summary="nested implicit differentiation: one linear solve per level, HVPs of each reduced objective"
-        " through the implicit derivatives of the levels below it",
-        needs_hvp=True,
-        lower_convexity=("strongly_convex",),
-        memory="constant",
-        exact_when_converged=True,
+
+def nested_hypergrad(problem: Problem, linear_solver: LinearSolverSpec, x: Params, state: EngineState, batch: Any) -> Hypergrad:
+    """The nested implicit hypergradient of the top level at x (any depth >= 2; see the module
+    docstring), with per-level inner residuals in ``stats.extra``."""
+    nested = _Nested(problem, linear_solver)
+    starts = problem.starts(1, problem.split(state.lower))
+    solutions = nested.solve(1, [tuple(p.detach() for p in x)], starts)
+
+    top = SolveLog()
+    batches = [batch, *(level.batch() for level in problem.chain[1:])]
+    phi = reduced_objective(problem, 0, [None, *solutions], batches, nested.solvers, top)
+    with torch.enable_grad():
+        leaves = tuple(p.detach().requires_grad_(True) for p in x)
+        grad, upper_loss = grad_and_value(lambda xx: phi((), xx), leaves)
+
+    per_level = {f"inner_residual.{name}": top.gradient_norms[name] for name in problem.level_names[1:] if name in top.gradient_norms}
+    residuals = list(per_level.values())
+    worst = [r for r in (top.worst_residual(), nested.log.worst_residual()) if r is not None]
+    stats = Stats(
+        inner_residual=tree_norm(residuals) if residuals else torch.zeros((), dtype=problem.dtype, device=problem.device),
+        linear_residual=torch.stack(worst).max() if worst else None,
+        hvp_count=top.matvecs + nested.log.matvecs,
+        inner_steps=nested.steps,
+        extra=per_level,
     )
-
-    @staticmethod
-    def unsupported(config: ImplicitConfig) -> dict[str, str]:
-        """Options of the two-level engine that a chain cannot use: dotted field -> why."""
-        out = {}
-        if config.hvp != "reverse":
-            out["hvp"] = "forward-mode products cannot differentiate through the implicit derivatives of lower levels; use reverse"
-        if config.linear_solver.method == "direct":
-            out["linear_solver.method"] = ("the direct solve assembles H with batched products, which do not pass through"
-                                           " the implicit derivatives of lower levels; use cg or neumann")
-        return out
-
-    def __init__(self, config: ImplicitConfig | None = None):
-        super().__init__(config)
-        problems = self.unsupported(self.config)
-        if problems:
-            raise ValueError("; ".join(f"engine.{field}: {why}" for field, why in problems.items()))
-
-    def init(self, problem: ChainProblem, x: Params) -> EngineState:  # type: ignore[override]
-        return EngineState(problem.fresh(problem.lower.init), ())
-
-    def solve_below(self, problem: ChainProblem, x: Params, state: EngineState) -> Params:
-        """The levels below the top solved at x (warm-started from ``state``), as ``lower``'s flat tuple."""
-        nested = _Nested(problem, self.config)
-        starts = problem.starts(1, problem.split(state.lower))
-        return problem.join(nested.solve(1, [tuple(p.detach() for p in x)], starts))
-
-    def hypergrad(self, problem: ChainProblem, x: Params, state: EngineState, batch: Any) -> Hypergrad:  # type: ignore[override]
-        start = time.perf_counter()
-        nested = _Nested(problem, self.config)
-        starts = problem.starts(1, problem.split(state.lower))
-        solutions = nested.solve(1, [tuple(p.detach() for p in x)], starts)
-
-        top = SolveLog()
-        batches = [batch, *(level.batch() for level in problem.chain[1:])]
-        phi = reduced_objective(problem, 0, [None, *solutions], batches, nested.solvers, top)
-        with torch.enable_grad():
-            leaves = tuple(p.detach().requires_grad_(True) for p in x)
-            grad, upper_loss = grad_and_value(lambda xx: phi((), xx), leaves)
-
-        per_level = {f"inner_residual.{name}": top.gradient_norms[name] for name in problem.level_names[1:] if name in top.gradient_norms}
-        residuals = list(per_level.values())
-        worst = [r for r in (top.worst_residual(), nested.log.worst_residual()) if r is not None]
-        stats = Stats(
-            inner_residual=tree_norm(residuals) if residuals else torch.zeros((), dtype=problem.dtype, device=problem.device),
-            linear_residual=torch.stack(worst).max() if worst else None,
-            hvp_count=top.matvecs + nested.log.matvecs,
-            inner_steps=nested.steps,
-            time_s=time.perf_counter() - start,
-            extra=per_level,
-        )
-        new_state = EngineState(problem.join(solutions), (), {}, state.step + 1)
-        return Hypergrad(tuple(g.detach() for g in grad), upper_loss.detach(), new_state, stats)
+    new_state = type(state)(problem.join(solutions), (), step=state.step + 1)
+    return Hypergrad(tuple(grad), upper_loss, new_state, stats)

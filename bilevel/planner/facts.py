@@ -1,0 +1,185 @@
+"""What the planner knows about a compiled problem: declared assumptions, sizes, variable kinds
+and the memory budget. Built from the Problem alone (nothing re-reads the spec); engines read
+these facts to configure themselves and to word their reasons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bilevel.nas.memory import supernet_activation_mb
+from bilevel.problem import Level, Problem
+from bilevel.stn.layers import StnLayer
+
+__all__ = ["DEFAULT_CPU_MEMORY_MB", "ProblemFacts", "memory_budget_mb"]
+
+DEFAULT_CPU_MEMORY_MB = 4096.0
+
+
+def memory_budget_mb(problem: Problem) -> float:
+    """The declared budget (run.budget.memory_mb), or 80% of the free GPU memory, or
+    DEFAULT_CPU_MEMORY_MB on CPU."""
+    budget = problem.memory_budget_mb
+    if budget is None:
+        if problem.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(problem.device)
+            budget = 0.8 * free / 2**20
+        else:
+            budget = DEFAULT_CPU_MEMORY_MB
+    return float(budget)
+
+
+def _batch_numel(level: Level) -> int:
+    """Scalars of one batch of the level's data (a batch of instances: of all instances together)."""
+    if level.data is None:
+        return 0
+    size = level.data.batch_size or level.data.size
+    per_example = getattr(level.data, "example_numel", None)
+    return per_example() * size if per_example else sum(v[0].numel() * size for v in level.data.full.values())
+
+
+@dataclass(frozen=True)
+class ProblemFacts:
+    """The facts rules and engines read. For more than two levels, the per-level tuples
+    describe the chain (top first) and ``lower_*`` fields the level just below the top."""
+
+    upper_level: str
+    outer_optimizer: str
+    lower_level: str
+    lower_convexity: str
+    upper_smoothness: str
+    constraints: int
+    coupled_constraints: int
+    tuned_step: tuple[str, ...]
+    """Inner-solver hyperparameters that only unrolling differentiates (tuned lr / momentum)."""
+    n_upper: int
+    n_lower: int
+    inner_steps: int
+    lower_batch_numel: int
+    bytes_per_scalar: int
+    memory_mb: float
+    device: str
+    closed_form: bool = False
+    """The lower level declares a closed-form solution (``solution``): it is solved exactly."""
+    architecture: tuple[str, ...] = ()
+    """Upper variables declared as architecture mixtures ({kind: architecture})."""
+    lower_solver: str = "sgd"
+    """The lower level's inner solver (sgd, momentum, adam)."""
+    activation_mb: float = 0.0
+    """Estimated activation memory of one forward/backward of the lower level's supernet on a batch."""
+    gradient_free_hyperparameters: tuple[str, ...] = ()
+    """Upper hyperparameter variables no gradient reaches: discrete (integer, categorical) or
+    declared ``differentiable: false`` (a dropout rate)."""
+    discrete_hyperparameters: tuple[str, ...] = ()
+    """The integer and categorical ones among them."""
+    best_response_model: bool = False
+    """The lower level contains STN layers: a model that takes the hyperparameters as input."""
+    upper_modules: tuple[str, ...] = ()
+    """Module variables of the upper level."""
+    continuous_scalars: tuple[str, ...] = ()
+    """Upper tensor variables that are continuous scalars (what an engine may draw per example)."""
+    instances: int | None = None
+    """Independent instances solved as one batch (None: one problem); sizes above are totals."""
+    levels: tuple[str, ...] = ()
+    """Every level from the top down."""
+    sizes: tuple[int, ...] = ()
+    """Scalars of each level."""
+    level_steps: tuple[int, ...] = ()
+    """Inner steps per solve of each level (0 for the top)."""
+    convexity: tuple[str, ...] = ()
+    """Declared convexity of each level."""
+    tuned_step_paths: tuple[str, ...] = ()
+    """Dotted paths of every tuned lr / momentum, at any level."""
+    steps_per_hypergradient: tuple[int, ...] = ()
+    """Optimizer steps each level takes for one nested hypergradient: level k's solve runs the
+    levels below it once per step and once more at the end, so counts multiply down the chain."""
+    nested_unrolled_memory_mb: float = 0.0
+    """Rough graph memory of nested unrolling: every step stored, each with about four copies
+    of its level's variables and activations the size of its batch."""
+
+    @classmethod
+    def of(cls, problem: Problem) -> ProblemFacts:
+        upper, lower = problem.upper, problem.chain[1]
+        chain = problem.chain
+        steps = tuple(0 if k == 0 else level.solver.steps for k, level in enumerate(chain))
+        counts, runs = [0], 1
+        for k in range(1, len(chain)):
+            counts.append(runs * steps[k])
+            runs *= steps[k] + 1
+        bytes_per_scalar = torch.finfo(problem.dtype).bits // 8
+        nested = sum(count * bytes_per_scalar * (4 * level.numel + _batch_numel(level)) / 2**20
+                     for level, count in zip(chain, counts))
+        return cls(
+            upper_level=upper.name,
+            outer_optimizer=upper.solver.name if upper.solver is not None else "sgd",
+            lower_level=lower.name,
+            lower_convexity=lower.assumptions.convexity,
+            upper_smoothness=upper.assumptions.smoothness,
+            constraints=len(lower.constraints),
+            coupled_constraints=sum(c.coupled for c in lower.constraints),
+            tuned_step=tuple(sorted(k for k in lower.solver.tuned if k != "weight_decay")) if lower.solver else (),
+            n_upper=upper.numel,
+            n_lower=problem.lower.numel,
+            inner_steps=lower.solver.steps if lower.solver else 0,
+            lower_batch_numel=_batch_numel(lower),
+            bytes_per_scalar=bytes_per_scalar,
+            memory_mb=memory_budget_mb(problem),
+            device=str(problem.device),
+            closed_form=lower.solution is not None,
+            **_architecture_facts(problem),
+            gradient_free_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.gradient_free),
+            discrete_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.discrete),
+            best_response_model=any(isinstance(m, StnLayer) for b in lower.modules.values() for m in b.module.modules()),
+            upper_modules=tuple(upper.modules),
+            continuous_scalars=tuple(n for n, i in upper.tensors.items()
+                                     if not upper.transform(n).discrete and upper.init[i].numel() == 1),
+            instances=problem.instances,
+            levels=problem.level_names,
+            sizes=tuple(level.numel for level in chain),
+            level_steps=steps,
+            convexity=tuple(level.assumptions.convexity for level in chain),
+            tuned_step_paths=tuple(f"levels.{level.name}.solver.tuned.{hyper}" for level in chain[1:]
+                                   for hyper in (level.solver.tuned if level.solver else {}) if hyper != "weight_decay"),
+            steps_per_hypergradient=tuple(counts),
+            nested_unrolled_memory_mb=nested,
+        )
+
+    @property
+    def depth(self) -> int:
+        return len(self.levels)
+
+    @property
+    def chain(self) -> str:
+        """The levels as "top -> middle -> bottom"."""
+        return " -> ".join(self.levels)
+
+    @property
+    def lower_convexities(self) -> tuple[str, ...]:
+        """The declared convexity of every level below the top."""
+        return self.convexity[1:]
+
+    def unrolled_memory_mb(self, stored_steps: int) -> float:
+        """Rough graph memory of differentiating through ``stored_steps`` inner steps: each keeps
+        the iterate, its gradient and optimizer buffers (~4 copies of y) and activations at least
+        the size of the lower batch."""
+        per_step = self.bytes_per_scalar * (4 * self.n_lower + self.lower_batch_numel)
+        return stored_steps * per_step / 2**20
+
+    def nested_steps(self) -> str:
+        """The optimizer steps of one nested hypergradient, in total and per lower level."""
+        parts = [f"{count} at {name}" for name, count in zip(self.levels[1:], self.steps_per_hypergradient[1:])]
+        return f"{sum(self.steps_per_hypergradient)} ({', '.join(parts)})"
+
+
+def _architecture_facts(problem: Problem) -> dict[str, Any]:
+    upper, lower = problem.upper, problem.chain[1]
+    names = tuple(n for n, kind in upper.kinds.items() if kind == "architecture")
+    if not names:
+        return {}
+    return {
+        "architecture": names,
+        "lower_solver": lower.solver.name if lower.solver is not None else "sgd",
+        "activation_mb": supernet_activation_mb(problem),
+    }

@@ -1,0 +1,235 @@
+"""The compiled problem: what engines see.
+
+A problem is a chain of levels from the top down, z_0 (the upper level, variables x) -> z_1 ->
+... -> z_{K-1}; a bilevel problem is the chain of depth 2, with y = z_1. Level k >= 1 is solved
+given the levels above it; every level above the bottom minimizes its objective with the levels
+below at their solutions (docs/concepts.md, docs/howto/multilevel.md):
+
+    phi_k(z_0..z_k) = f_k(z_0, ..., z_k, z*_{k+1}(z_0..z_k), ...),    z*_k = argmin_{z_k} phi_k.
+
+**What an objective sees.** f_k is called as ``f(upper, lower, batch)`` with the chain split at
+level k: ``upper`` holds the variables of the levels above k, ``lower`` those of level k and of
+every level below it. The top level has nothing above it; its objective gets its own variables
+in ``upper`` and all the others in ``lower``. So the top level and the level just below it see
+the same split, and a two-level spec reads the same at any depth.
+
+Engines work on flat tuples of tensors. ``x`` is the top level's tuple; ``y`` is ``lower``'s:
+for depth 2 the lower level itself, deeper the levels below the top presented as one
+:class:`~bilevel.problem.level.Level` (their variables in chain order), so that views, warm
+starts, checkpoints, monitors and reports work at every depth. ``params`` is the list of every
+level's tuple, top first. A batch of independent instances is the same type, with stacked
+variables and objectives summed over the instances (``bilevel.problem.stack``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import networkx as nx
+import torch
+from torch import Tensor
+
+from bilevel.hyperparameters import Drawn
+from bilevel.problem.level import Level, Params, VariableView, merge_levels
+from bilevel.spec.errors import SpecSource
+
+if TYPE_CHECKING:
+    from bilevel.problem.stack import StackedInstances
+
+__all__ = ["Problem"]
+
+
+@dataclass
+class Problem:
+    """A compiled problem on a device and dtype (see the module docstring). In a data-parallel
+    run each objective returns this rank's share of the union objective (``Level.share``);
+    engines never see the difference."""
+
+    name: str
+    levels: dict[str, Level]
+    """Levels by name; their ``parent`` fields make the chain."""
+    device: torch.device
+    dtype: torch.dtype
+    report: Callable[..., Mapping[str, Any]] | None = None
+    """report(upper_view, lower_view, out_dir=...) -> numbers for result.json."""
+    monitor: Callable[..., Mapping[str, Any] | None] | None = None
+    """monitor(upper_view, lower_view, step=..., out_dir=...) -> numbers for metrics.jsonl."""
+    source: SpecSource = field(default_factory=SpecSource)
+    """The spec's file and lines, for messages about the problem after it is compiled."""
+    memory_budget_mb: float | None = None
+    """The declared memory budget (run.budget.memory_mb); None: the planner's default for the device."""
+    engine: Any = None
+    """The engine the spec asks for (an engine config; auto or None: the planner chooses)."""
+    fingerprint: str = ""
+    """A digest of everything in the spec that determines the computation (not run lengths or
+    outputs): a checkpoint resumes only a run of the same fingerprint."""
+    stacked: StackedInstances | None = None
+    """A batch of independent instances stacked along a leading dimension (None: one problem)."""
+
+    # --- the chain ------------------------------------------------------------------------------
+    @functools.cached_property
+    def graph(self) -> nx.DiGraph:
+        """Edges parent -> child."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from(self.levels)
+        graph.add_edges_from((level.parent, name) for name, level in self.levels.items() if level.parent is not None)
+        return graph
+
+    @functools.cached_property
+    def chain(self) -> tuple[Level, ...]:
+        """The levels from the top down."""
+        (top,) = (name for name, level in self.levels.items() if level.parent is None)
+        order = [top]
+        while True:
+            children = [name for name, level in self.levels.items() if level.parent == order[-1]]
+            if not children:
+                return tuple(self.levels[name] for name in order)
+            if len(children) > 1:
+                raise ValueError(f"level {order[-1]!r} has several lower levels ({', '.join(children)}): not a chain")
+            order.append(children[0])
+
+    @property
+    def depth(self) -> int:
+        return len(self.chain)
+
+    @property
+    def level_names(self) -> tuple[str, ...]:
+        return tuple(level.name for level in self.chain)
+
+    @functools.cached_property
+    def upper(self) -> Level:
+        """The top level (variables x, objective F)."""
+        return self.chain[0]
+
+    @functools.cached_property
+    def lower(self) -> Level:
+        """Every level below the top as one Level: the lower level itself for depth 2."""
+        below = self.chain[1:]
+        return below[0] if len(below) == 1 else merge_levels(below, "+".join(level.name for level in below))
+
+    @functools.cached_property
+    def bottom_pair(self) -> Problem:
+        """The bottom level as the lower level of a two-level problem whose upper level merges
+        all the levels above it: its ``lower_objective(flat above, bottom, batch)`` is f_{K-1},
+        so the shared inner loop (bilevel/engines/inner.py) solves the bottom level."""
+        if self.depth == 2:
+            return self
+        above = merge_levels(self.chain[:-1], "+".join(level.name for level in self.chain[:-1]))
+        bottom = dataclasses.replace(self.chain[-1], parent=above.name)
+        return Problem(self.name, {above.name: above, bottom.name: bottom}, self.device, self.dtype, source=self.source)
+
+    @property
+    def instances(self) -> int | None:
+        """The number of stacked instances (None for one problem)."""
+        return None if self.stacked is None else self.stacked.count
+
+    def split(self, y: Sequence[Tensor]) -> list[Params]:
+        """``lower``'s flat tuple, one tuple per level below the top."""
+        out, start = [], 0
+        for level in self.chain[1:]:
+            out.append(tuple(y[start : start + len(level.init)]))
+            start += len(level.init)
+        return out
+
+    @staticmethod
+    def join(params: Sequence[Sequence[Tensor]]) -> Params:
+        """Per-level tuples concatenated into one flat tuple."""
+        return tuple(p for level in params for p in level)
+
+    def starts(self, first: int, previous: Sequence[Params]) -> list[Params]:
+        """Where the next solves of levels first, first + 1, ... start: their ``previous``
+        solutions where their solver warm-starts, else their initial values."""
+        return [p if level.solver.warm_start else self.fresh(level.init) for level, p in zip(self.chain[first:], previous)]
+
+    # --- objectives -----------------------------------------------------------------------------
+    def views(self, k: int, params: Sequence[Sequence[Tensor]], drawn: Mapping[str, Drawn] | None = None
+              ) -> tuple[VariableView, VariableView]:
+        """(upper, lower) as level k's objective sees them; ``drawn`` replaces some of the top
+        level's values (an engine's perturbation, e.g. STN's)."""
+        split = max(k, 1)
+        sides: tuple[list[tuple[Level, Sequence[Tensor], Any]], list[tuple[Level, Sequence[Tensor], Any]]] = ([], [])
+        for index, (level, values) in enumerate(zip(self.chain, params)):
+            sides[index >= split].append((level, values, drawn if index == 0 else None))
+        return _view(sides[0]), _view(sides[1])
+
+    def objective(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
+        """f_k on a batch of level k's data, plus the weight decay wd/2 ||z_k||^2 of level k's
+        solver when declared (k >= 1); this rank's share of it under data parallelism. For a
+        batch of instances: the sum over the instances."""
+        if self.stacked is not None:
+            return self.stacked.objective(k, params, batch, drawn)
+        level = self.chain[k]
+        upper, lower = self.views(k, params, drawn)
+        value = level.objective(upper, lower, batch)
+        solver = level.solver
+        if k == 0 or solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
+            return level.shared(value)
+        decay = upper[solver.tuned["weight_decay"]] if "weight_decay" in solver.tuned else solver.weight_decay
+        return level.shared(value + 0.5 * decay * sum((p * p).sum() for p in params[k]))
+
+    def upper_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
+        """F(x, y) on an upper batch (``drawn``: upper values an engine substitutes)."""
+        return self.objective(0, [tuple(x), *self.split(y)], batch, drawn)
+
+    def upper_losses(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
+        """F on a batch: a scalar, or the instances' F_k (shape (N,)) for a batch of instances."""
+        if self.stacked is None:
+            return self.upper_objective(x, y, batch)
+        return self.stacked.per_instance(0, [tuple(x), *self.split(y)], batch)
+
+    def lower_objective(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
+        """G(x, y) on a lower batch, plus the inner solver's weight decay wd/2 ||y||^2 when
+        declared. Depth 2 only: deeper, each level has its own objective (``objective``)."""
+        if self.depth != 2:
+            raise TypeError(
+                f"{self.name!r} has {self.depth} levels ({' -> '.join(self.level_names)}): two-level engines do not apply;"
+                " use an engine that declares more than two levels (implicit or unrolled)"
+            )
+        return self.objective(1, [tuple(x), tuple(y)], batch, drawn)
+
+    def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Tensor]:
+        """Optimizer hyperparameter -> the current value of the upper variable it is tuned by."""
+        if not tuned:
+            return {}
+        upper = self.upper.view(x)
+        return {name: upper[variable].reshape(()) for name, variable in tuned.items()}
+
+    def hyperparameters(self, k: int, above: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
+        """Level k's tuned optimizer hyperparameters (lr, momentum), read from the levels above."""
+        tuned = {name: var for name, var in self.chain[k].solver.tuned.items() if name != "weight_decay"}
+        if not tuned:
+            return {}
+        values: dict[str, Any] = {}
+        for level, p in zip(self.chain[:k], above):
+            values.update(level.items(p))
+        return {name: values[var].reshape(()) for name, var in tuned.items()}
+
+    def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
+        """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
+        upper, lower = self.upper.view(x), self.lower.view(y)
+        return tuple(c.fn(upper, lower, batch).reshape(-1) for c in self.lower.constraints)
+
+    def fresh(self, params: Params, requires_grad: bool = False) -> Params:
+        """Detached copies of ``params`` (leaves; requiring grad when asked)."""
+        return tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
+
+
+def _view(parts: list[tuple[Level, Sequence[Tensor], Any]]) -> VariableView:
+    """One view of several levels' variables (each with its own drawn values)."""
+    if len(parts) == 1:
+        level, values, drawn = parts[0]
+        return level.view(values, drawn)
+    items: dict[str, Any] = {}
+    for level, values, drawn in parts:
+        items.update(level.items(values, drawn))
+
+    def codes() -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for level, values, drawn in parts:
+            out.update(level.codes(values, drawn))
+        return out
+
+    return VariableView(items, codes)
