@@ -1,4 +1,5 @@
-"""Values as plain Python data for JSON: tensors as (nested) lists, mappings with string keys."""
+"""Values as plain Python data for JSON (tensors as nested lists, mappings with string keys), and
+nested lists of numbers flattened (for logging and plotting recorded values)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["plain"]
+__all__ = ["flat_numbers", "plain"]
 
 
 def plain(value: Any) -> Any:
@@ -20,3 +21,21 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def flat_numbers(value: Any) -> list[float] | None:
+    """A number or a (nested) list of numbers as one flat list of floats; None when it holds
+    anything else (a string, a bool, None, a mapping)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, (list, tuple)):
+        out: list[float] = []
+        for item in value:
+            inner = flat_numbers(item)
+            if inner is None:
+                return None
+            out += inner
+        return out
+    return None

@@ -226,3 +226,30 @@ def test_run_descends_toward_the_closed_form_optimum(tmp_path: Path) -> None:
     start = torch.as_tensor(json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["hypergrad_norm"])
     final = quadratic_hypergrad(x, quadratic_data()).norm()
     assert final < 1e-5 * float(start)
+
+
+def test_a_checkpoint_of_the_untyped_engine_state_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """Checkpoints written before engine states were typed (format 1: the engine's own tensors
+    under "extra", no "format" key) resume exactly; the fields of another engine are refused."""
+    from bilevel.engines import BORepConfig, ImplicitState
+
+    spec = quadratic_spec(inner_steps=20, steps=6, checkpoint_every=3)
+    data = spec.model_dump(mode="json")
+    data["levels"]["upper"]["solver"] = {"name": "normalized_momentum", "lr": 0.05}
+    from bilevel.spec import spec_from_data
+
+    loaded = spec_from_data(data)
+    reference = run(loaded, engine=BORepConfig(), out=tmp_path / "ref", progress=False)
+    stopped = tmp_path / "old"
+    run(spec_from_data({**data, "run": {**data["run"], "steps": 3}}), engine=BORepConfig(), out=stopped, progress=False)
+    state = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert state.pop("format") == 2
+    engine_state = state["engine_state"]
+    state["engine_state"] = {"lower": engine_state["lower"], "inner_state": engine_state["inner_state"],
+                             "extra": {"z": engine_state["z"]}, "step": engine_state["step"]}
+    ckpt.save_checkpoint(stopped, state)
+    resumed = run(loaded, engine=BORepConfig(), out=stopped, resume=True, progress=False)
+    assert resumed.result["upper_variables"] == reference.result["upper_variables"]
+    assert resumed.result["final_upper_loss"] == reference.result["final_upper_loss"]
+    with pytest.raises(ValueError, match="fields z, which ImplicitState does not declare"):
+        ImplicitState.from_state_dict({"lower": [], "inner_state": [], "extra": {"z": [torch.zeros(1)]}, "step": 1})

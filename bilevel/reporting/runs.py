@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bilevel.plain import flat_numbers
+
 __all__ = ["ReportError", "RunRecord", "load_run", "load_runs"]
 
 
@@ -43,7 +45,7 @@ class RunRecord:
         steps, values = [], []
         for record in self.records:
             value = (record.get(group) or {}).get(name)
-            flat = _flat_numbers(value)
+            flat = flat_numbers(value)
             if flat is not None:
                 steps.append(int(record["step"]))
                 values.append(flat)
@@ -62,21 +64,6 @@ class RunRecord:
             return "incomplete"
         return str(self.result.get("status", "completed"))
 
-
-def _flat_numbers(value: Any) -> list[float] | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    if isinstance(value, (list, tuple)):
-        out: list[float] = []
-        for item in value:
-            inner = _flat_numbers(item)
-            if inner is None:
-                return None
-            out += inner
-        return out
-    return None
 
 
 def _read_json(path: Path) -> Any:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bilevel.plain import flat_numbers
+
 __all__ = ["MAX_SCALARS", "TensorBoardLogger"]
 
 MAX_SCALARS = 16
@@ -53,7 +55,7 @@ class TensorBoardLogger:
         if isinstance(value, (int, float)):
             self._writer.add_scalar(tag, value, step)
             return
-        flat = _numbers(value)
+        flat = flat_numbers(value)
         if flat is None:
             return
         if len(flat) <= MAX_SCALARS:
@@ -66,18 +68,3 @@ class TensorBoardLogger:
 
     def close(self) -> None:
         self._writer.close()
-
-
-def _numbers(value: Any) -> list[float] | None:
-    """A (nested) list of numbers flattened, or None when it holds anything else."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
-    if isinstance(value, (list, tuple)):
-        out: list[float] = []
-        for item in value:
-            inner = _numbers(item)
-            if inner is None:
-                return None
-            out += inner
-        return out
-    return None

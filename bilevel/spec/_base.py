@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
 
-__all__ = ["SpecModel"]
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["REFERENCE_PATTERN", "CallableRef", "ModuleRef", "Reference", "SpecModel"]
+
+REFERENCE_PATTERN = r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$"
+"""A reference to user code: "package.module:attr" or "path/to/file.py:attr"."""
+
+Reference = Annotated[str, Field(pattern=REFERENCE_PATTERN)]
+"""A reference to user code (the field's docstring describes it)."""
+
+CallableRef = Annotated[
+    str,
+    Field(
+        pattern=REFERENCE_PATTERN,
+        description='Reference to user code: "package.module:attr" or "path/to/file.py:attr" '
+        "(relative to the spec file).",
+    ),
+]
+"""A reference to user code that carries its own description in the JSON schema."""
+
+ModuleRef = Annotated[str, Field(pattern=r"^[^:\s]+$")]
+"""A module to import: "package.module" or "path/to/file.py"."""
 
 
 class SpecModel(BaseModel):

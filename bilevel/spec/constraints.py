@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from bilevel.spec._base import SpecModel
+from bilevel.spec._base import Reference, SpecModel
 
 __all__ = ["BoxSet", "ConstraintSpec", "SimplexSet", "VariableSet"]
 
@@ -17,7 +17,7 @@ class ConstraintSpec(SpecModel):
     The constraint function follows the objective signature and returns a Tensor of values.
     ``coupled`` declares that it depends on the upper variables too (the case LV-HBA targets)."""
 
-    fn: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")]
+    fn: Reference
     """Reference to the constraint function, "module:attr" or "file.py:attr"."""
     kind: Literal["inequality", "equality"] = "inequality"
     """inequality: feasible where fn <= 0; equality: feasible where fn == 0."""

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from bilevel.spec._base import SpecModel
+from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
@@ -21,14 +21,6 @@ __all__ = [
     "Variable",
 ]
 
-CallableRef = Annotated[
-    str,
-    Field(
-        pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$",
-        description='Reference to user code: "package.module:attr" or "path/to/file.py:attr" '
-        "(relative to the spec file).",
-    ),
-]
 
 
 class TensorVariable(SpecModel):

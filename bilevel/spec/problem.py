@@ -9,7 +9,7 @@ import networkx as nx
 from pydantic import Field, field_validator
 from pydantic.fields import FieldInfo
 
-from bilevel.spec._base import SpecModel
+from bilevel.spec._base import ModuleRef, Reference, SpecModel
 from bilevel.spec.engine import AutoEngine
 from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import LevelSpec
@@ -33,16 +33,16 @@ class BilevelSpec(SpecModel):
     configuration (``bilevel engines`` lists them; the union grows as engines register)."""
     run: RunSpec = Field(default_factory=RunSpec)
     """Run settings."""
-    plugins: list[Annotated[str, Field(pattern=r"^[^:\s]+$")]] = Field(default_factory=list)
+    plugins: list[ModuleRef] = Field(default_factory=list)
     """Modules imported before the rest of the spec is validated, for engines defined outside the
     package: "path/to/my_engine.py" (relative to the spec file) or "package.module". Importing a
     plugin runs its code, which registers its engines (docs/howto/new-engine.md)."""
-    report: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
+    report: Reference | None = None
     """Optional f(upper, lower) -> dict of numbers evaluated at the end of a run (test accuracy, ...)."""
     report_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments bound to the report function. A report function with a parameter named
     ``out_dir`` also receives the run's output directory, to write figures or tables there."""
-    monitor: Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")] | None = None
+    monitor: Reference | None = None
     """Optional f(upper, lower, *, step, out_dir) -> dict of numbers (or lists of numbers), called
     every ``run.monitor_every`` outer steps; its values go into that step's metrics.jsonl record
     under "monitor" (hyperparameter trajectories, a derived architecture, a validation accuracy).

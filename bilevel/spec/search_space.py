@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from bilevel.nas.search_space import cell_graph, check_keep, check_skip_limit
-from bilevel.spec._base import SpecModel
+from bilevel.spec._base import Reference, SpecModel
 
 __all__ = [
     "ArchitectureVariable",
@@ -32,7 +32,6 @@ __all__ = [
     "SupernetVariable",
 ]
 
-_Ref = Annotated[str, Field(pattern=r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")]
 
 ConvOp = Literal[
     "none",
@@ -238,7 +237,7 @@ class RetrainSpec(SpecModel):
     """How a derived architecture is trained from scratch and evaluated (the report and
     `bilevel retrain` use it): SGD with momentum, cosine learning rate to zero, weight decay."""
 
-    data: _Ref
+    data: Reference
     """Callable returning {"train": {"x": X, "y": Y}, "test": {"x": X, "y": Y}}."""
     data_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to data."""
