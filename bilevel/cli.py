@@ -350,6 +350,37 @@ def sweep(
     _guard(go)
 
 
+@app.command("meta-test")
+def meta_test(
+    run_dir: Path = typer.Argument(..., help="Output directory of a meta-learning run (a spec with tasks)."),
+    tasks: Optional[int] = typer.Option(None, "--tasks", min=1, help="Meta-test tasks (default: the spec's tasks.test_tasks)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Adaptation steps to score after, e.g. 0,1,10."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Adapt the learned meta-parameters to fresh tasks (the meta-test stream) with the trained
+    algorithm, score them on their query sets, and print the mean, std and 95% confidence interval
+    of each score per number of adaptation steps."""
+    from bilevel.meta_test import meta_test_run
+
+    def go() -> None:
+        counts = None
+        if steps is not None:
+            try:
+                counts = [int(part) for part in steps.split(",") if part.strip()]
+            except ValueError:
+                raise SpecError.single("--steps", "", f"expected comma-separated step counts such as 0,1,10, got {steps!r}") from None
+        result = meta_test_run(run_dir, tasks, counts)
+        if as_json:
+            _echo(json.dumps(result))
+            return
+        _echo(f"meta-test of {run_dir} (step {result['step']}): {result['tasks']} tasks")
+        for count, scores in result["steps"].items():
+            figures = "  ".join(f"{name} {s['mean']:.4g} +- {s['ci95']:.2g} (std {s['std']:.3g})" for name, s in scores.items())
+            _echo(f"  {count:>3} steps: {figures}")
+
+    _guard(go)
+
+
 @app.command()
 def retrain(
     run_dir: Path = typer.Argument(..., help="Output directory of an architecture search (holds genotype.json)."),

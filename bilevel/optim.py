@@ -45,16 +45,17 @@ class InnerOptimizer:
         """One update; returns (new params, new state). No in-place ops on inputs.
 
         ``hyper`` replaces the spec's lr / momentum by (differentiable) scalar tensors: the values
-        of the upper variables named in ``spec.tuned``."""
+        of the upper variables named in ``spec.tuned``; lr may also be one tensor per parameter
+        (a learning rate per entry, Meta-SGD)."""
         spec = self.spec
         params, grads = list(params), list(grads)
         lr = spec.lr if not hyper or "lr" not in hyper else hyper["lr"]
         if spec.name == "sgd":
-            return tuple(_add_scaled(params, grads, -lr)), ()
+            return tuple(_add_scaled(params, grads, _negated(lr))), ()
         if spec.name == "momentum":
             momentum = spec.momentum if not hyper or "momentum" not in hyper else hyper["momentum"]
             velocity = torch._foreach_add(_scaled(list(state), momentum), grads)
-            return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity)
+            return tuple(_add_scaled(params, velocity, _negated(lr))), tuple(velocity)
         n = len(params)
         b1, b2 = spec.betas
         m, v, count = list(state[:n]), list(state[n : 2 * n]), state[2 * n]
@@ -69,21 +70,29 @@ class InnerOptimizer:
         correction2 = 1 - b2**count
         denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
         update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
-        new = _add_scaled(params, update, -lr)
+        new = _add_scaled(params, update, _negated(lr))
         return tuple(new), (*m, *v, count)
 
 
-def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
-    """alpha a, with alpha a number or a 0-d tensor. A tensor alpha is applied per tensor: the
+def _negated(alpha: float | Tensor | tuple[Tensor, ...]) -> float | Tensor | tuple[Tensor, ...]:
+    return tuple(-t for t in alpha) if isinstance(alpha, tuple) else -alpha
+
+
+def _scaled(a: list[Tensor], alpha: float | Tensor | tuple[Tensor, ...]) -> list[Tensor]:
+    """alpha a, with alpha a number, a 0-d tensor, or one tensor per entry of a (broadcast against
+    it: one scale per entry of each parameter). A tensor alpha is applied per tensor: the
     backward of torch._foreach_mul(list, Tensor) fails for lists of more than one tensor
     ("inconsistent range for TensorList output", torch 2.13), which a module variable always is."""
+    if isinstance(alpha, tuple):
+        return [t * s for t, s in zip(a, alpha)]
     if isinstance(alpha, Tensor):
         return [t * alpha for t in a]
     return torch._foreach_mul(a, alpha)
 
 
-def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
-    """a + alpha b, with alpha a number or a 0-d tensor (then differentiable in alpha)."""
-    if isinstance(alpha, Tensor):
+def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor | tuple[Tensor, ...]) -> list[Tensor]:
+    """a + alpha b, with alpha a number, a 0-d tensor or one tensor per entry of b (tensors:
+    differentiable in alpha)."""
+    if isinstance(alpha, (Tensor, tuple)):
         return torch._foreach_add(a, _scaled(b, alpha))
     return torch._foreach_add(a, b, alpha=alpha)

@@ -46,6 +46,7 @@ ORDER = [
     "OptimizerSpec",
     "Assumptions",
     "ConstraintSpec",
+    "ProxSpec",
     "AutoEngine",
     "ImplicitConfig",
     "LinearSolverSpec",
@@ -66,6 +67,7 @@ ORDER = [
     "RunSpec",
     "BudgetSpec",
     "InstancesSpec",
+    "TasksSpec",
 ]
 
 

@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
-from bilevel.compile.checks import check_chain, structure_issues
+from bilevel.compile.checks import check_chain, structure_issues, task_issues
+from bilevel.compile.couplings import couple_levels
 from bilevel.compile.dry_run import dry_run
 from bilevel.compile.instances import instance_specs
 from bilevel.compile.issues import IssueLog
 from bilevel.compile.levels import LevelBuilder
 from bilevel.problem import Level, Problem, stack
+from bilevel.problem.tasks import TaskSetup, TaskStream, check_task_batch, stack_tasks
 from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
@@ -88,14 +90,42 @@ def _compile_one(loaded: LoadedSpec, device: str | torch.device | None, fingerpr
             levels[name] = level
     report, monitor = _report(log, spec), _monitor(log, spec)
     log.raise_any()
+    levels = couple_levels(log, levels, spec.levels)
+    log.raise_any()
     problem = Problem(spec.name, levels, dev, builder.dtype, report, monitor, source=source,
                       memory_budget_mb=spec.run.budget.memory_mb, engine=spec.engine, fingerprint=fingerprint)
-    issues = structure_issues(problem)
+    issues = structure_issues(problem) + task_issues(problem, spec)
     if issues:
         raise SpecError(issues)
+    if spec.tasks is not None:
+        problem = _with_tasks(log, problem, spec)
     dry_run(log, problem, spec.levels)
     log.raise_any()
     return problem
+
+
+def _with_tasks(log: IssueLog, problem: Problem, spec: BilevelSpec) -> Problem:
+    """The meta-batch problem of a spec with ``tasks`` (bilevel.problem.tasks), its sampler tried
+    once so that a sampler that fails or returns the wrong form is a spec error."""
+    tasks = spec.tasks
+    assert tasks is not None
+    sampler = log.ref(tasks.sampler, "tasks.sampler")
+    test_sampler = log.ref(tasks.test_sampler, "tasks.test_sampler") if tasks.test_sampler is not None else sampler
+    metrics = log.ref(tasks.metrics, "tasks.metrics") if tasks.metrics is not None else None
+    log.raise_any()
+    stream = TaskStream(sampler, tasks.kwargs, tasks.meta_batch, tasks.seed, problem.device, problem.dtype)
+    try:
+        raw = sampler(tasks.meta_batch, torch.Generator().manual_seed(tasks.seed), **tasks.kwargs)
+    except Exception as exc:  # user code
+        log.fail_call(exc, tasks.sampler, "tasks.sampler", "tasks.kwargs")
+        log.raise_any()
+    problem_text = check_task_batch(raw, tasks.meta_batch, tasks.sampler)
+    if problem_text is not None:
+        raise problem.source.error("tasks.sampler", problem_text)
+    setup = TaskSetup(sampler, tasks.kwargs, tasks.meta_batch, tasks.seed, tasks.reduce, test_sampler,
+                      {**tasks.kwargs, **tasks.test_kwargs}, tasks.test_tasks,
+                      None if tasks.test_steps is None else tuple(tasks.test_steps), metrics)
+    return stack_tasks(problem, stream, setup, problem.source)
 
 
 def _names_parameter(fn: Callable[..., Any], name: str) -> bool:

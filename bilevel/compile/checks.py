@@ -12,7 +12,7 @@ from bilevel.problem import Problem
 from bilevel.spec.errors import SpecIssue, SpecSource
 from bilevel.spec.problem import BilevelSpec, level_graph
 
-__all__ = ["check_chain", "structure_issues"]
+__all__ = ["check_chain", "structure_issues", "task_issues"]
 
 
 def check_chain(spec: BilevelSpec, source: SpecSource) -> None:
@@ -47,6 +47,10 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
         if len(chain) > 2 and level.constraints:
             issues.append(source.issue(f"{base}.constraints", "constraints are not supported on problems with more than two"
                                        " levels (no multilevel engine handles them)"))
+        if len(chain) > 2 and (level.init_from or level.prox is not None):
+            field = "init_from" if level.init_from else "prox"
+            issues.append(source.issue(f"{base}.{field}", f"{field} is supported on the lower level of a bilevel problem,"
+                                       " not on chains of more than two levels"))
         solver = level.solver
         if k == 0:
             if solver is not None and solver.tuned:
@@ -66,17 +70,49 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
             issues.append(source.issue(f"{base}.solver.name", "normalized_momentum is an outer (top-level) optimizer;"
                                        " expected sgd, momentum or adam"))
         above = {v: (lvl, i) for lvl in chain[:k] for v, i in lvl.tensors.items()}
+        modules_above = {v: (lvl, b) for lvl in chain[:k] for v, b in lvl.modules.items()}
+        shapes = [list(p.shape) for p in level.init]
         for hyper, variable in solver.tuned.items():
             path = f"{base}.solver.tuned.{hyper}"
             owner = above.get(variable)
             if hyper == "momentum" and solver.name != "momentum":
                 issues.append(source.issue(path, f"the {solver.name} solver has no momentum to tune; use name: momentum"))
+            elif hyper == "lr" and variable in modules_above:  # one learning rate per entry (Meta-SGD)
+                lvl, binding = modules_above[variable]
+                rates = [list(lvl.init[binding.start + n].shape) for n in range(len(binding.param_names))]
+                if rates != shapes:
+                    issues.append(source.issue(path, f"{variable!r} is a module whose parameters have shapes {rates}; per-entry"
+                                                     f" learning rates need the shapes of {level.name!r}'s variables, {shapes}"))
             elif owner is None:
                 issues.append(source.issue(path, f"{variable!r} is not a tensor variable of a level above {level.name!r}"
                                                  f" (their tensor variables: {', '.join(above) or 'none'})"))
             elif variable in owner[0].transforms and owner[0].transforms[variable].discrete:
                 issues.append(source.issue(path, f"{variable!r} is a discrete hyperparameter; an optimizer's {hyper} must be continuous"))
-            elif owner[0].init[owner[1]].numel() != 1:
+            elif owner[0].init[owner[1]].numel() != 1 and not (hyper == "lr" and [list(owner[0].init[owner[1]].shape)] == shapes):
                 shape = list(owner[0].init[owner[1]].shape)
-                issues.append(source.issue(path, f"{variable!r} has shape {shape}; a tuned optimizer hyperparameter must be a scalar"))
+                per_entry = (f" (or, for lr, one rate per entry: the shape of {level.name!r}'s only variable)"
+                             if hyper == "lr" else "")
+                issues.append(source.issue(path, f"{variable!r} has shape {shape}; a tuned optimizer hyperparameter must be a"
+                                                 f" scalar{per_entry}"))
+    return issues
+
+
+def task_issues(problem: Problem, spec: BilevelSpec) -> list[SpecIssue]:
+    """What a spec with ``tasks`` cannot also declare: the tasks give both levels their batches,
+    the task level is solved anew for every task (no closed form, no instances)."""
+    if spec.tasks is None:
+        return []
+    source, chain = problem.source, problem.chain
+    issues = []
+    if spec.instances is not None:
+        issues.append(source.issue("instances", "tasks and instances cannot be combined: a meta-batch of tasks is already a batch"))
+    if len(chain) != 2:
+        issues.append(source.issue("tasks", f"tasks need a bilevel problem (the task level below the top); this one has {len(chain)} levels"))
+        return issues
+    for level in chain:
+        if spec.levels[level.name].data is not None:
+            issues.append(source.issue(f"levels.{level.name}.data", "with tasks, the task sampler gives this level its batches"
+                                       " (query sets upstairs, support sets downstairs); remove data"))
+    if chain[1].solution is not None:
+        issues.append(source.issue(f"levels.{chain[1].name}.solution", "a closed-form solution is not supported with tasks"))
     return issues

@@ -118,9 +118,10 @@ class LevelBuilder:
                 module = module.to(device=self.device, dtype=self.dtype)
                 pnames = tuple(n for n, _ in module.named_parameters())
                 modules[vname] = ModuleBinding(module, pnames, len(init))
+                constant = getattr(var, "init", None)
                 for pname, param in module.named_parameters():
                     names.append(f"{vname}.{pname}")
-                    init.append(param.detach().clone())
+                    init.append(param.detach().clone() if constant is None else torch.full_like(param.detach(), constant))
                     sets.append(None)
         objective = self.log.ref(spec.objective, f"{base}.objective")
         if objective is not None:

@@ -149,7 +149,7 @@ class EngineBase:
         the inner solver's steps from the warm start."""
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)
-        y0 = lower_start(problem, state)
+        y0 = lower_start(problem, state, x)
         y, _ = solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
         return y
 

@@ -101,7 +101,7 @@ class ImplicitEngine(EngineBase):
         solver_spec = lower.solver
         optimizer = InnerOptimizer(solver_spec)
         execution = self.execution
-        y0 = lower_start(problem, state)
+        y0 = lower_start(problem, state, x)
         with execution.reduced_precision(problem):
             y, _ = execution.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
 
@@ -163,6 +163,10 @@ class ImplicitEngine(EngineBase):
     @classmethod
     def refusals(cls, config: ImplicitConfig, facts: ProblemFacts) -> list[tuple[str, str]]:
         out = list(_nested_refusals(config).items()) if facts.depth > 2 else []
+        if facts.init_from and not facts.prox:
+            out += [(path, "the implicit engine differentiates the lower solution, which does not depend on where its solve"
+                           " starts: through init_from alone the meta-gradient is identically zero. Declare prox (iMAML:"
+                           f" levels.{facts.lower_level}.prox) or use the unrolled engine (MAML)") for path in facts.init_from]
         if facts.instances and config.linear_solver.method == "direct":
             out.append(("engine.linear_solver.method", "the direct solve does not support a batch of instances; use cg"))
         return out

@@ -35,9 +35,16 @@ def start_state(problem: Problem) -> EngineState:
     return EngineState(y, InnerOptimizer(problem.lower.solver).init(y))
 
 
-def lower_start(problem: Problem, state: EngineState) -> Params:
-    """Where the next lower solve starts: the previous solution (warm start) or the initial values."""
-    return state.lower if problem.lower.solver.warm_start else problem.fresh(problem.lower.init)
+def lower_start(problem: Problem, state: EngineState, x: Params) -> Params:
+    """Where the next lower solve starts (detached): at the upper variables the level declares
+    ``init_from``; else the previous solution (warm start; never across different tasks) or the
+    initial values."""
+    lower = problem.lower
+    if lower.init_from:
+        return problem.initial_lower(tuple(p.detach() for p in x))
+    if lower.solver.warm_start and not problem.resamples_tasks:
+        return state.lower
+    return problem.fresh(lower.init)
 
 
 def inner_step(

@@ -23,7 +23,6 @@ Execution (CUDA graphs, a compiled first-order loop, TF32/bf16) is the fast path
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
@@ -36,6 +35,7 @@ from bilevel.engines.nested_unrolled import nested_unrolled_hypergrad, unrolled_
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
+from bilevel.engines.unrolled_plan import propose, with_nested_memory
 from bilevel.linalg.tree import tree_add, tree_norm
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
@@ -58,6 +58,11 @@ class UnrolledConfig(EngineConfig):
     checkpoint_every: Annotated[int, Field(ge=1)] | None = None
     """Store every k-th inner state and recompute the others during the backward pass:
     memory O(T/k + k) states instead of O(T). None: store every state."""
+    first_order: bool = False
+    """First-order MAML (Finn et al. 2017, FOMAML): the adaptation's Jacobian taken as the identity,
+    so the meta-gradient is grad_x F plus the query gradient at the adapted variables carried back
+    to the upper variables they start from (``init_from``) unchanged; no second derivatives, no
+    stored steps. Not truncation, which drops that term entirely."""
     fast_path: FastPathMode = "auto"
     """How the hypergradient is executed (the result is the same): auto picks per device (CUDA:
     one CUDA graph of the whole hypergradient; CPU: eager); off: eager; cuda_graph: capture the
@@ -116,7 +121,10 @@ class UnrolledEngine(EngineBase):
         optimizer = InnerOptimizer(solver_spec)
         steps = solver_spec.steps
         differentiated = min(self.config.truncate or steps, steps)
-        y0 = lower_start(problem, state)
+        y0 = lower_start(problem, state, x)
+        coupled = bool(lower.init_from)  # the start depends on x: its adjoint goes back to x
+        if self.config.first_order:
+            return self._first_order(problem, optimizer, x, y0, state, batch)
 
         # steps before the truncation window: no graph
         with reduced(problem):
@@ -133,7 +141,7 @@ class UnrolledEngine(EngineBase):
                 y, opt_state = fast.solve_lower(problem, optimizer, x, y, opt_state, batches=batches)
 
         x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
-        needs_start_grad = len(lengths) > 1
+        needs_start_grad = len(lengths) > 1 or coupled
         with torch.enable_grad():
             y_start = tuple(p.detach().requires_grad_(True) for p in y)
             s_start = tuple(s.detach().requires_grad_(needs_start_grad and s.is_floating_point()) for s in opt_state)
@@ -162,6 +170,8 @@ class UnrolledEngine(EngineBase):
                     grads = torch.autograd.grad(outputs, x_leaf + y_s + s_s, cotangents, allow_unused=True)
             grad_x = tree_add(grad_x, _zeros_for_none(grads[: len(x)], x_leaf))
             adjoint = grads[len(x) :]
+        if coupled:  # y_0 = init(x): the adjoint at the start, through the initialization
+            grad_x = tree_add(grad_x, _initialization_vjp(problem, x_leaf, adjoint[: len(y0)]))
 
         # partial adjoints of x and this rank's share of F -> their sums over ranks (no-op in one process)
         *grad_x, upper_loss = sum_over_ranks((*grad_x, upper_loss.detach()))
@@ -176,6 +186,23 @@ class UnrolledEngine(EngineBase):
         new_state = EngineState(y_final, state.inner_state, step=state.step + 1)
         return Hypergrad(tuple(grad_x), upper_loss, new_state, stats)
 
+    def _first_order(self, problem: Problem, optimizer: InnerOptimizer, x: Params, y0: Params, state: EngineState,
+                     batch: Any) -> Hypergrad:
+        """FOMAML: T graph-free steps, then grad_x F(x, y_T) + (dy_0/dx)^T grad_y F(x, y_T)."""
+        lower = problem.lower
+        with self.execution.reduced_precision(problem):
+            y, _ = self.execution.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), lower.solver.steps)
+        x_leaf = tuple(p.detach().requires_grad_(True) for p in x)
+        with torch.enable_grad():
+            y_leaf = tuple(p.detach().requires_grad_(True) for p in y)
+            upper_loss = problem.upper_objective(x_leaf, y_leaf, batch)
+            grads = torch.autograd.grad(upper_loss, x_leaf + y_leaf, allow_unused=True)
+        grad_x = tree_add(_zeros_for_none(grads[: len(x)], x_leaf), _initialization_vjp(problem, x_leaf, grads[len(x) :]))
+        *grad_x, upper_loss = sum_over_ranks((*grad_x, upper_loss.detach()))
+        stats = Stats(inner_residual=inner_residual(problem, x, y, lower.batch()), linear_residual=None, hvp_count=0,
+                      inner_steps=lower.solver.steps)
+        return Hypergrad(tuple(grad_x), upper_loss, EngineState(y, state.inner_state, step=state.step + 1), stats)
+
     def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:
         if problem.depth > 2:
             return unrolled_below(problem, x, state)
@@ -184,31 +211,38 @@ class UnrolledEngine(EngineBase):
     # --- planning -------------------------------------------------------------------------------
     @classmethod
     def configure(cls, facts: ProblemFacts, situation: str) -> Proposal | None:
-        if situation == "tuned_step":
-            return _tuned_step(facts)
-        if situation != "fallback":
-            return None
-        if facts.depth > 2:
-            weak = [f"levels.{name}.assumptions.convexity = {conv}" for name, conv in zip(facts.levels[1:], facts.convexity[1:])
-                    if conv != "strongly_convex"]
-            reason = (f"{'; '.join(weak)}: nested implicit differentiation needs every lower level strongly convex (each"
-                      " solution unique, each reduced Hessian invertible), so the hypergradient is taken through the"
-                      " optimizers of all levels (nested unrolling), the exact derivative of what they compute")
-            return _with_nested_memory(Proposal(UnrolledConfig(), [reason]), facts)
-        reason = (f"levels.{facts.lower_level}.assumptions.convexity = {facts.lower_convexity}: the implicit function theorem"
-                  " needs a strongly convex lower level, so the hypergradient is taken through the inner optimizer itself"
-                  " (unrolled), which is the exact derivative of what the inner solver computes")
-        return _fitted(facts, [reason])
+        return propose(facts, situation, UnrolledConfig)
 
     @classmethod
     def explain(cls, config: UnrolledConfig, facts: ProblemFacts) -> Proposal:
         if facts.depth > 2:
-            return _with_nested_memory(Proposal(config), facts)
+            return with_nested_memory(Proposal(config), facts)
         return Proposal(config)
 
     @classmethod
     def refusals(cls, config: UnrolledConfig, facts: ProblemFacts) -> list[tuple[str, str]]:
-        return list(_nested_refusals(config).items()) if facts.depth > 2 else []
+        out = list(_nested_refusals(config).items()) if facts.depth > 2 else []
+        if facts.init_from and config.truncate is not None:
+            out.append(("engine.truncate", "truncation drops the meta-gradient through the lower level's start (init_from)"
+                                           " entirely; use first_order: true for first-order MAML, or null"))
+        if config.first_order and not facts.init_from:
+            out.append(("engine.first_order", "first-order MAML carries the query gradient back to the upper variables the"
+                                              " lower level starts from: declare init_from on the lower level"))
+        if config.first_order and (config.truncate is not None or config.checkpoint_every is not None):
+            out.append(("engine.first_order", "first_order stores no steps: truncate and checkpoint_every do not apply"))
+        return out
+
+
+def _initialization_vjp(problem: Problem, x: Params, adjoint: Any) -> Params:
+    """(dy_0/dx)^T adjoint for the lower start y_0 = initial_lower(x) (``init_from``; summed over
+    a batch of tasks that all start at x)."""
+    with torch.enable_grad():
+        start = problem.initial_lower(x)
+        pairs = [(s, a) for s, a in zip(start, adjoint) if a is not None and s.requires_grad]
+        if not pairs:
+            return tuple(torch.zeros_like(p) for p in x)
+        grads = torch.autograd.grad([s for s, _ in pairs], x, [a for _, a in pairs], allow_unused=True)
+    return _zeros_for_none(grads, x)
 
 
 def _nested_refusals(config: UnrolledConfig) -> dict[str, str]:
@@ -219,55 +253,3 @@ def _nested_refusals(config: UnrolledConfig) -> dict[str, str]:
     if config.checkpoint_every is not None:
         out["engine.checkpoint_every"] = "checkpointing is not available for multilevel problems; use null"
     return out
-
-
-def _tuned_step(facts: ProblemFacts) -> Proposal:
-    if facts.depth > 2:
-        reason = (f"{', '.join(facts.tuned_step_paths)} change the path of the inner optimizer but not the solution it"
-                  " reaches: only nested unrolling, which differentiates through every optimizer step, gives them a hypergradient")
-        return _with_nested_memory(Proposal(UnrolledConfig(), [reason]), facts)
-    reason = (
-        f"levels.{facts.lower_level}.solver.tuned names {', '.join(facts.tuned_step)}: these change the path of the inner"
-        " optimizer but not the lower solution it converges to, so only differentiating through the optimizer's"
-        " steps (unrolled) gives them a hypergradient"
-    )
-    return _fitted(facts, [reason])
-
-
-def _fitted(facts: ProblemFacts, reasons: list[str]) -> Proposal:
-    """All T steps stored if they fit the memory budget; else checkpointed every sqrt(T); else
-    truncated to what fits."""
-    steps = facts.inner_steps
-    full = facts.unrolled_memory_mb(steps)
-    if full <= facts.memory_mb:
-        return Proposal(UnrolledConfig(), [*reasons, f"storing all {steps} inner steps needs about {full:.0f} MiB, within"
-                                                      f" the {facts.memory_mb:.0f} MiB budget"])
-    every = max(1, int(math.ceil(math.sqrt(steps))))
-    stored = math.ceil(steps / every) + every
-    checkpointed = facts.unrolled_memory_mb(stored)
-    if checkpointed <= facts.memory_mb:
-        return Proposal(UnrolledConfig(checkpoint_every=every), [
-            *reasons,
-            f"storing all {steps} inner steps needs about {full:.0f} MiB, over the {facts.memory_mb:.0f} MiB budget:"
-            f" checkpointing every {every} steps keeps about {checkpointed:.0f} MiB at the cost of one extra forward pass"])
-    per_step = facts.unrolled_memory_mb(1)
-    keep = max(1, int(facts.memory_mb // max(per_step, 1e-9)))
-    config = UnrolledConfig(truncate=min(keep, steps))
-    return Proposal(config, [
-        *reasons,
-        f"even checkpointed, {steps} inner steps exceed the {facts.memory_mb:.0f} MiB budget: differentiating"
-        f" through the last {config.truncate} steps only (truncated, biased)"])
-
-
-def _with_nested_memory(proposal: Proposal, facts: ProblemFacts) -> Proposal:
-    """Nested unrolling's memory estimate against the budget, as a reason (and a warning over it)."""
-    memory = (f"nested unrolling stores every step of the nest ({facts.nested_steps()} steps per hypergradient), about"
-              f" {facts.nested_unrolled_memory_mb:.3g} MiB")
-    if facts.nested_unrolled_memory_mb <= facts.memory_mb:
-        return Proposal(proposal.config, [*proposal.reasons, f"{memory}, within the {facts.memory_mb:.0f} MiB budget"],
-                        proposal.warnings)
-    warning = (f"nested unrolling needs about {facts.nested_unrolled_memory_mb:.0f} MiB, over run.budget.memory_mb ="
-               f" {facts.memory_mb:.0f}: lower the inner steps (levels.<name>.solver.steps); checkpointing and"
-               " truncation are not available for chains")
-    return Proposal(proposal.config, [*proposal.reasons, f"{memory}, over the {facts.memory_mb:.0f} MiB budget"],
-                    [*proposal.warnings, warning])

@@ -93,8 +93,9 @@ def _data_signature(problem: Problem) -> tuple[Any, ...]:
 
 
 def _minibatched(problem: Problem) -> bool:
+    """Whether the lower level's batches change between calls (minibatches, or new tasks)."""
     data = problem.lower.data
-    return data is not None and data.batch_size is not None
+    return data is not None and (data.batch_size is not None or getattr(data, "resampled", False))
 
 
 class _Calibration:

@@ -95,6 +95,12 @@ class ProblemFacts:
     steps_per_hypergradient: tuple[int, ...] = ()
     """Optimizer steps each level takes for one nested hypergradient: level k's solve runs the
     levels below it once per step and once more at the end, so counts multiply down the chain."""
+    init_from: tuple[str, ...] = ()
+    """Dotted paths of the lower level's ``init_from`` (its solves start at upper variables)."""
+    prox: bool = False
+    """The lower level declares a proximal term tying it to upper variables."""
+    tasks: int | None = None
+    """Tasks per outer step of a meta-learning problem (None: not one); ``instances`` then counts them."""
     nested_unrolled_memory_mb: float = 0.0
     """Rough graph memory of nested unrolling: every step stored, each with about four copies
     of its level's variables and activations the size of its batch."""
@@ -143,6 +149,9 @@ class ProblemFacts:
             tuned_step_paths=tuple(f"levels.{level.name}.solver.tuned.{hyper}" for level in chain[1:]
                                    for hyper in (level.solver.tuned if level.solver else {}) if hyper != "weight_decay"),
             steps_per_hypergradient=tuple(counts),
+            init_from=(f"levels.{lower.name}.init_from",) if lower.init_from else (),
+            prox=lower.prox is not None,
+            tasks=problem.instances if problem.resamples_tasks else None,
             nested_unrolled_memory_mb=nested,
         )
 

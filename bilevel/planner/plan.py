@@ -154,8 +154,9 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
                                 f" that can: {able} (or leave engine: auto)")
                    for name in facts.gradient_free_hyperparameters]
     if facts.instances and not caps.handles_instances:
-        issues.append(source.issue("instances", f"the {kind} engine does not support a batch of instances; engines that do:"
-                                                f" {', '.join(_able(lambda c: c.handles_instances))}"))
+        what, path = ("tasks", "tasks") if facts.tasks else ("instances", "instances")
+        issues.append(source.issue(path, f"the {kind} engine does not support a batch of {what}; engines that do:"
+                                         f" {', '.join(_able(lambda c: c.handles_instances))}"))
     issues += [source.issue(path, why) for path, why in engine_class(kind).refusals(config, facts)]
     if issues:
         raise SpecError(issues)

@@ -13,6 +13,7 @@ with that error instead of trying the next rule.
     80        constraints           lower-level constraints                    handle (coupled) constraints
     70        gradient_free         discrete / non-differentiable upper vars   handle discrete variables
     60        closed_form           a closed-form lower solution               are exact when converged
+    55        initialization        lower solves start at upper vars (no prox) go through the optimizer
     50        tuned_step            a tuned inner lr / momentum                go through the optimizer
     40        unbounded_smoothness  upper smoothness unbounded                 are designed for it (convexity accepted)
     30        strongly_convex       every lower level strongly convex          are exact when converged there
@@ -67,6 +68,7 @@ RULES: tuple[Rule, ...] = tuple(sorted((
          lambda f: (f"levels.{f.upper_level}.variables.{f.gradient_free_hyperparameters[0]}",
                     "no registered engine handles discrete or non-differentiable hyperparameters")),
     Rule("closed_form", 60, lambda f: f.closed_form, lambda c, f: c.exact_when_converged),
+    Rule("initialization", 55, lambda f: bool(f.init_from) and not f.prox, lambda c, f: c.through_optimizer),
     Rule("tuned_step", 50, lambda f: bool(f.tuned_step_paths), lambda c, f: c.through_optimizer),
     Rule("unbounded_smoothness", 40, lambda f: f.upper_smoothness == "unbounded",
          lambda c, f: c.unbounded_smoothness and _accepts_convexity(c, f)),

@@ -22,7 +22,7 @@ from bilevel.linalg.project import project_simplex
 from bilevel.spec.constraints import BoxSet, SimplexSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
 
-__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "VariableView", "merge_levels", "project_onto"]
+__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Prox", "VariableView", "merge_levels", "project_onto"]
 
 Params = tuple[Tensor, ...]
 """A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
@@ -111,6 +111,18 @@ class Constraint:
         return self.kind == "equality"
 
 
+@dataclass(frozen=True)
+class Prox:
+    """A compiled proximal term lam/2 ||y - anchor||^2: (lower index, upper index) pairs of the
+    flat tuples it ties together."""
+
+    lam: float
+    pairs: tuple[tuple[int, int], ...]
+
+    def value(self, y: Sequence[Tensor], anchor: Sequence[Tensor]) -> Tensor:
+        return 0.5 * self.lam * sum(((y[i] - anchor[j]) ** 2).sum() for i, j in self.pairs)
+
+
 @dataclass
 class Level:
     """A compiled level: flat parameters, their presentation to user code, objective, data, solver."""
@@ -133,6 +145,11 @@ class Level:
     """The level this one is solved under (None for the top level)."""
     kinds: dict[str, str] = field(default_factory=dict)
     """Variable name -> its declared kind (tensor, module, hyperparameter, architecture, supernet)."""
+    init_from: tuple[tuple[int, int], ...] = ()
+    """(index in this level's flat tuple, index in the parent's) pairs: every solve starts these
+    variables at the parent's values (``init_from`` in the spec; MAML)."""
+    prox: Prox | None = None
+    """A proximal term tying this level's variables to the parent's (``prox`` in the spec; iMAML)."""
     stacked: bool = False
     """The variables carry a leading dimension of independent instances (``bilevel.problem.stack``):
     projections onto a simplex then act per instance."""

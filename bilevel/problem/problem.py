@@ -67,7 +67,9 @@ class Problem:
     """A digest of everything in the spec that determines the computation (not run lengths or
     outputs): a checkpoint resumes only a run of the same fingerprint."""
     stacked: StackedInstances | None = None
-    """A batch of independent instances stacked along a leading dimension (None: one problem)."""
+    """Independent copies stacked along a leading dimension (None: one problem): a batch of
+    instances (every level stacked), or a meta-batch of tasks (the levels below the top stacked,
+    the top shared; ``bilevel.problem.tasks``)."""
 
     # --- the chain ------------------------------------------------------------------------------
     @functools.cached_property
@@ -123,8 +125,19 @@ class Problem:
 
     @property
     def instances(self) -> int | None:
-        """The number of stacked instances (None for one problem)."""
+        """The number of independent lower problems stacked, instances or tasks (None for one
+        problem): engines keep them apart in every reduction (CG's inner products)."""
         return None if self.stacked is None else self.stacked.count
+
+    @property
+    def instance_batch(self) -> bool:
+        """A batch of instances (every level stacked; results per instance)."""
+        return self.stacked is not None and self.stacked.kind == "instances"
+
+    @property
+    def resamples_tasks(self) -> bool:
+        """A meta-batch of tasks drawn anew at every outer step (so no lower warm start across steps)."""
+        return self.stacked is not None and self.stacked.kind == "tasks"
 
     def split(self, y: Sequence[Tensor]) -> list[Params]:
         """``lower``'s flat tuple, one tuple per level below the top."""
@@ -164,6 +177,8 @@ class Problem:
         level = self.chain[k]
         upper, lower = self.views(k, params, drawn)
         value = level.objective(upper, lower, batch)
+        if level.prox is not None:
+            value = value + level.prox.value(params[k], params[k - 1])
         solver = level.solver
         if k == 0 or solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
             return level.shared(value)
@@ -176,7 +191,7 @@ class Problem:
 
     def upper_losses(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> Tensor:
         """F on a batch: a scalar, or the instances' F_k (shape (N,)) for a batch of instances."""
-        if self.stacked is None:
+        if not self.instance_batch:
             return self.upper_objective(x, y, batch)
         return self.stacked.per_instance(0, [tuple(x), *self.split(y)], batch)
 
@@ -190,12 +205,31 @@ class Problem:
             )
         return self.objective(1, [tuple(x), tuple(y)], batch, drawn)
 
-    def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Tensor]:
-        """Optimizer hyperparameter -> the current value of the upper variable it is tuned by."""
+    def initial_lower(self, x: Sequence[Tensor]) -> Params:
+        """Where a solve of the lower level starts: its initial values, with the variables it
+        declares ``init_from`` taken from x (broadcast over a batch of tasks), differentiable in x."""
+        lower = self.lower
+        start = list(self.fresh(lower.init))
+        for i, j in lower.init_from:
+            start[i] = x[j].expand_as(start[i]) if lower.stacked and not self.upper.stacked else x[j]
+        return tuple(start)
+
+    def tuned_hyperparameters(self, x: Sequence[Tensor], tuned: Mapping[str, str]) -> dict[str, Any]:
+        """Optimizer hyperparameter -> the current value of the upper variable it is tuned by: a
+        0-d tensor, or for a per-entry learning rate (Meta-SGD) one tensor per lower variable."""
         if not tuned:
             return {}
         upper = self.upper.view(x)
-        return {name: upper[variable].reshape(()) for name, variable in tuned.items()}
+        out: dict[str, Any] = {}
+        for name, variable in tuned.items():
+            value = upper[variable]
+            if callable(value) and not isinstance(value, Tensor):  # a module of per-parameter learning rates
+                out[name] = tuple(value.params.values())
+            elif value.numel() == 1:
+                out[name] = value.reshape(())
+            else:
+                out[name] = (value,)
+        return out
 
     def hyperparameters(self, k: int, above: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
         """Level k's tuned optimizer hyperparameters (lr, momentum), read from the levels above."""

@@ -75,10 +75,18 @@ class StackedInstances:
     vectorize: str = "vmap"
     """How the per-instance objectives are evaluated: "vmap" (batched kernels) or "loop" (one
     call per instance on views of the stacked tensors; see ``vectorization``)."""
+    kind: str = "instances"
+    """instances: every level stacked; tasks: the top level shared by all (``bilevel.problem.tasks``)."""
+    count_: int = 0
+    """The number of copies (instances: the members)."""
+    top_reduce: str = "sum"
+    """How the copies' top objectives make one: sum (instances), or a task batch's mean or sum."""
+    tasks: Any = None
+    """A task batch's samplers and meta-test settings (``bilevel.problem.tasks.TaskSetup``)."""
 
     @property
     def count(self) -> int:
-        return len(self.members)
+        return self.count_ or len(self.members)
 
     def per_instance(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Any = None) -> Tensor:
         """(f_k^(i)(z^(i)))_i, shape (N,). (No engine that draws upper values takes a batch of instances.)"""
@@ -88,18 +96,22 @@ class StackedInstances:
         level = self.levels[template.chain[k].name]
         in_dims = None if batch is None or level.data is None else level.data.in_dims
         params = tuple(tuple(p) for p in params)
+        params_dims = tuple(0 if self.levels[lvl.name].stacked else None for lvl in template.chain)
 
         def one(pk: tuple[Params, ...], bk: Any, kw: dict[str, dict[str, Tensor]]) -> Tensor:
             self.holder.values = kw
             return template.objective(k, pk, bk).reshape(())
 
         if self.vectorize == "loop":
-            return torch.stack([one(*parts) for parts in _unbound(self.count, (params, batch, self.varying_kwargs), (0, in_dims, 0))])
-        return torch.func.vmap(one, in_dims=(0, in_dims, 0), randomness="different")(params, batch, self.varying_kwargs)
+            parts = _unbound(self.count, (params, batch, self.varying_kwargs), (params_dims, in_dims, 0))
+            return torch.stack([one(*part) for part in parts])
+        return torch.func.vmap(one, in_dims=(params_dims, in_dims, 0), randomness="different")(params, batch, self.varying_kwargs)
 
     def objective(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Any = None) -> Tensor:
-        """sum_i f_k^(i)(z^(i)) (each lower level with its inner solver's weight decay)."""
-        return self.per_instance(k, params, batch, drawn).sum()
+        """sum_i f_k^(i)(z^(i)) (each lower level with its inner solver's weight decay); the top
+        level of a task batch: their mean or sum (``top_reduce``)."""
+        values = self.per_instance(k, params, batch, drawn)
+        return values.mean() if k == 0 and self.top_reduce == "mean" else values.sum()
 
     def results(self, x: Params, y: Params, losses: list[float], out_dir: Path | None) -> list[dict[str, Any]]:
         """Per instance: what varied, the final upper loss (``losses``: F_i on the full upper
@@ -125,7 +137,7 @@ class StackedInstances:
 
     @property
     def monitored(self) -> bool:
-        return self.members[0].monitor is not None
+        return bool(self.members) and self.members[0].monitor is not None
 
     def monitors(self, x: Params, y: Params, step: int, out_dir: Path) -> list[dict[str, Any]]:
         """Each instance's monitor values at the current variables (files it writes go to
@@ -158,7 +170,8 @@ def _unbound(count: int, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> lis
             parts = {key: split(item, dim) for key, item in value.items()}
             return [{key: parts[key][k] for key in value} for k in range(count)]
         if isinstance(value, tuple):
-            parts = [split(item, dim) for item in value]
+            dims = dim if isinstance(dim, tuple) else (dim,) * len(value)
+            parts = [split(item, d) for item, d in zip(value, dims)]
             return [tuple(part[k] for part in parts) for k in range(count)]
         if dim is None:
             return [value] * count

@@ -30,6 +30,7 @@ from bilevel.runtime.callbacks import Progress
 from bilevel.runtime.outputs import DivergenceError, RunResult, final_evaluation, finished_result, result_base, write_result
 from bilevel.runtime.records import Recorder, TrackedUpper, monitor_values, monitored
 from bilevel.runtime.session import Session
+from bilevel.runtime.spec_record import write_spec_record
 from bilevel.runtime.step import outer_step
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
@@ -107,16 +108,17 @@ def run(
         problem, plan, eng = _prepare(loaded, engine, rank_device)
         settings = loaded.spec.run
         out_dir = Path(out if out is not None else settings.out)
-        loop = _Loop(problem, plan, eng, settings, out_dir, loaded.file, log)
+        loop = _Loop(problem, plan, eng, settings, out_dir, loaded, log)
         return loop.run(resume, progress, on_step, settings.tensorboard if tensorboard is None else tensorboard, on_record)
 
 
 class _Loop:
     """One run's outer loop over a Session (see the module docstring)."""
 
-    def __init__(self, problem: Problem, plan: Plan, engine: Engine, settings: RunSpec, out_dir: Path, file: str, log: Any):
+    def __init__(self, problem: Problem, plan: Plan, engine: Engine, settings: RunSpec, out_dir: Path, loaded: LoadedSpec,
+                 log: Any):
         self.problem, self.plan, self.engine, self.settings = problem, plan, engine, settings
-        self.out_dir, self.file = out_dir, file
+        self.out_dir, self.loaded, self.file = out_dir, loaded, loaded.file
         self.main = current_world().is_main
         self.say = (log or (lambda message: None)) if self.main else (lambda message: None)
 
@@ -124,6 +126,7 @@ class _Loop:
         problem, settings, out_dir, say = self.problem, self.settings, self.out_dir, self.say
         if self.main:
             out_dir.mkdir(parents=True, exist_ok=True)
+            write_spec_record(out_dir, self.loaded)
         for warning in self.plan.warnings:
             say(f"warning: {warning}")
         session = Session.start(problem, self.engine)

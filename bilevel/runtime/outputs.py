@@ -14,6 +14,7 @@ import torch
 from bilevel.data import evaluate_on_all_data
 from bilevel.distributed import current_world, sum_over_ranks
 from bilevel.engines.base import Engine
+from bilevel.meta_test import meta_test
 from bilevel.plain import plain
 from bilevel.planner import Plan
 from bilevel.problem import Params, Problem
@@ -54,7 +55,7 @@ def final_evaluation(problem: Problem, engine: Engine, x: Params, state: Any) ->
     with torch.no_grad():
         local = evaluate_on_all_data(lambda batch: problem.upper_losses(xd, y, batch), problem.upper.data)
         (losses,) = sum_over_ranks((local,))
-    return y, float(losses.sum()), None if problem.stacked is None else losses.tolist()
+    return y, float(losses.sum()), losses.tolist() if problem.instance_batch else None
 
 
 def result_base(problem: Problem, plan: Plan, file: str, x: Params, steps: int, began: float) -> dict[str, Any]:
@@ -83,11 +84,13 @@ def finished_result(problem: Problem, engine: Engine, base: dict[str, Any], x: P
     if problem.report is not None:
         out["report"] = plain(problem.report(problem.upper.view(tuple(p.detach() for p in x)), problem.lower.view(y),
                                              out_dir=out_dir))
-    if problem.stacked is not None and instance_losses is not None:  # the final loss is their sum; each one's here
+    if problem.instance_batch and instance_losses is not None:  # the final loss is their sum; each one's here
         out["instances"] = problem.stacked.results(x, y, instance_losses, out_dir)
     execution = engine.execution_report()
     if execution is not None:
         out["fast_path"] = execution
+    if problem.resamples_tasks:  # meta-learning: the learned algorithm on fresh tasks
+        out["meta_test"] = meta_test(problem, x)
     return out
 
 

@@ -65,12 +65,12 @@ class TrackedUpper:
 
 def monitored(problem: Problem) -> bool:
     """Whether the problem (or each of its instances) has a monitor."""
-    return problem.monitor is not None or (problem.stacked is not None and problem.stacked.monitored)
+    return problem.monitor is not None or (problem.instance_batch and problem.stacked.monitored)
 
 
 def monitor_values(problem: Problem, x: Params, y: Params, step: int, out_dir: Path) -> dict[str, Any]:
     """The spec's monitor at the current variables, as JSON-ready values."""
-    if problem.stacked is not None:
+    if problem.instance_batch:
         return {"instances": problem.stacked.monitors(x, y, step, out_dir)}
     assert problem.monitor is not None
     with torch.no_grad():

@@ -10,6 +10,7 @@ from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
+from bilevel.spec.tasks import ProxSpec
 
 __all__ = [
     "Assumptions",
@@ -62,6 +63,9 @@ class ModuleVariable(SpecModel):
     """Callable returning an nn.Module, e.g. "torch.nn:Linear"."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the factory."""
+    init: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    """A constant for every parameter of the module instead of the factory's initialization (e.g.
+    Meta-SGD's per-parameter learning rates, declared as a module of the network's shape)."""
 
 
 def _variable_kind(value: Any) -> str | None:
@@ -127,8 +131,11 @@ class OptimizerSpec(SpecModel):
     outer optimizer it is torch.optim's weight_decay."""
     tuned: dict[Literal["lr", "momentum", "weight_decay"], str] = Field(default_factory=dict)
     """Inner solver only: optimizer hyperparameters read from upper-level variables, e.g.
-    {lr: inner_lr, weight_decay: wd}. Each named upper variable must be a scalar; its current value
-    (as the objectives see it) replaces the constant above, and hypergradients flow into it: the
+    {lr: inner_lr, weight_decay: wd}. Each named upper variable must be a scalar, except that lr
+    may also be one learning rate per entry (Meta-SGD, Li et al. 2017): a tensor variable of the
+    shape of the level's only tensor variable, or a module variable whose parameters have the shapes
+    of the level's variables. Its current value (as the objectives see it) replaces the constant
+    above, and hypergradients flow into it: the
     unrolled engine differentiates through the optimizer steps (learning-rate tuning through the
     optimizer; Maclaurin et al. 2015, Franceschi et al. 2017), and a tuned weight_decay changes the
     lower objective, so implicit engines see it too. A tuned lr or momentum does not move the lower
@@ -172,6 +179,13 @@ class LevelSpec(SpecModel):
     may then be omitted (it matters only to engines that step through it)."""
     solution_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments bound to the closed-form solver."""
+    init_from: str | dict[str, str] | None = None
+    """Start every solve of this lower level at upper variables instead of its own init: the upper
+    variable (for the level's only variable), or a mapping lower variable -> upper variable of the
+    same shape (MAML, ANIL, Meta-SGD: the upper variables are the initialization the solve adapts).
+    The start then depends on the upper variables: unrolling differentiates through it."""
+    prox: ProxSpec | None = None
+    """A proximal term lam/2 ||y - anchor||^2 added to this lower level's objective (iMAML)."""
 
     @field_validator("variables")
     @classmethod

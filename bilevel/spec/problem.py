@@ -14,6 +14,7 @@ from bilevel.spec.engine import AutoEngine
 from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import LevelSpec
 from bilevel.spec.run import RunSpec
+from bilevel.spec.tasks import TasksSpec
 
 __all__ = ["BilevelSpec", "engine_union", "level_graph", "use_engine_configs"]
 
@@ -49,6 +50,10 @@ class BilevelSpec(SpecModel):
     It may also write files into out_dir."""
     monitor_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments bound to the monitor function."""
+    tasks: TasksSpec | None = None
+    """Meta-learning: a distribution of tasks, each solved by the level below the top on its support
+    set and scored by the top objective on its query set (docs/howto/meta-learning.md). None: one
+    lower problem."""
     instances: InstancesSpec | None = None
     """Solve a batch of independent instances of this problem as one (differing by seed, data
     arguments, numeric objective arguments or initial values); results are reported per instance.
