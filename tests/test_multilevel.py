@@ -304,12 +304,6 @@ def test_explicit_engine_warns_when_convexity_contradicts() -> None:
 
 
 # --- bad input --------------------------------------------------------------------------------
-def _siblings() -> dict[str, Any]:
-    data = three_level_spec().model_dump(mode="json")
-    data["levels"]["bottom"]["parent"] = "top"
-    return data
-
-
 def _mutate(**changes: Any) -> dict[str, Any]:
     data = three_level_spec().model_dump(mode="json")
     for path, value in changes.items():
@@ -322,7 +316,6 @@ def _mutate(**changes: Any) -> dict[str, Any]:
 
 
 BAD = {
-    "siblings": (_siblings(), None, "levels.bottom.parent", "must form a chain"),
     "two-level engine": (three_level_spec().model_dump(mode="json"), {"kind": "penalty"}, "engine.kind", "engines for more than two levels: implicit, unrolled"),
     "truncation": (three_level_spec().model_dump(mode="json"), {"kind": "unrolled", "truncate": 5}, "engine.truncate", "not available"),
     "checkpointing": (three_level_spec().model_dump(mode="json"), {"kind": "unrolled", "checkpoint_every": 5}, "engine.checkpoint_every", "not available"),

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bilevel.compile.checks import check_chain, structure_issues, task_issues
+from bilevel.compile.checks import structure_issues, task_issues
 from bilevel.compile.couplings import couple_levels
 from bilevel.compile.dry_run import dry_run
 from bilevel.compile.instances import instance_specs
@@ -79,7 +79,6 @@ def _compile_one(loaded: LoadedSpec, device: str | torch.device | None, fingerpr
     dev = resolve_device(str(device) if device is not None else spec.run.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise source.error("run.device", "cuda was requested but no CUDA device is available (use cpu or auto)")
-    check_chain(spec, source)
     log = IssueLog(source, loaded.base_dir)
     builder = LevelBuilder(spec, log, dev, _DTYPES[spec.run.dtype])
     torch.manual_seed(spec.run.seed)

@@ -1,37 +1,16 @@
-"""What a compiled problem must satisfy before anything is evaluated: its levels form a chain,
-every lower level has an inner solver, tuned optimizer hyperparameters name scalar variables of
-the levels above, hyperparameter variables sit at the top, and what more than two levels cannot
-take (constraints, data parallelism) is refused."""
+"""What a compiled problem must satisfy before anything is evaluated: every lower level has an
+inner solver, tuned optimizer hyperparameters name scalar variables of its ancestors,
+hyperparameter variables sit at the top, and what more than two levels (a chain or a tree)
+cannot take (constraints, data parallelism, init_from, prox) is refused."""
 
 from __future__ import annotations
 
-import networkx as nx
-
 from bilevel.distributed.reduce import current_world
 from bilevel.problem import Problem
-from bilevel.spec.errors import SpecIssue, SpecSource
-from bilevel.spec.problem import BilevelSpec, level_graph
+from bilevel.spec.errors import SpecIssue
+from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["check_chain", "structure_issues", "task_issues"]
-
-
-def check_chain(spec: BilevelSpec, source: SpecSource) -> None:
-    """A SpecError where a level has two levels below it (levels solved side by side)."""
-    graph: nx.DiGraph = level_graph(spec.levels)
-    declared = list(spec.levels)
-    parent = next(n for n in graph if graph.in_degree(n) == 0)
-    while True:
-        children = sorted(graph.successors(parent), key=declared.index)
-        if not children:
-            return
-        if len(children) > 1:
-            raise source.error(
-                f"levels.{children[1]}.parent",
-                f"level {parent!r} already has the lower level {children[0]!r}: more than two levels must form a chain"
-                " (each level has at most one level below it); levels solved side by side under one parent are not"
-                f" supported. Set the parent of {children[1]!r} to {children[0]!r} to nest it instead",
-            )
-        parent = children[0]
+__all__ = ["structure_issues", "task_issues"]
 
 
 def structure_issues(problem: Problem) -> list[SpecIssue]:
@@ -46,11 +25,11 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
         base = f"levels.{level.name}"
         if len(chain) > 2 and level.constraints:
             issues.append(source.issue(f"{base}.constraints", "constraints are not supported on problems with more than two"
-                                       " levels (no multilevel engine handles them)"))
+                                       " levels, chains or trees (no multilevel engine handles them)"))
         if len(chain) > 2 and (level.init_from or level.prox is not None):
             field = "init_from" if level.init_from else "prox"
             issues.append(source.issue(f"{base}.{field}", f"{field} is supported on the lower level of a bilevel problem,"
-                                       " not on chains of more than two levels"))
+                                       " not on chains or trees of more than two levels"))
         solver = level.solver
         if k == 0:
             if solver is not None and solver.tuned:
@@ -69,8 +48,9 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
         if solver.name == "normalized_momentum":
             issues.append(source.issue(f"{base}.solver.name", "normalized_momentum is an outer (top-level) optimizer;"
                                        " expected sgd, momentum or adam"))
-        above = {v: (lvl, i) for lvl in chain[:k] for v, i in lvl.tensors.items()}
-        modules_above = {v: (lvl, b) for lvl in chain[:k] for v, b in lvl.modules.items()}
+        ancestors = [chain[a] for a in problem.ancestors(k)]
+        above = {v: (lvl, i) for lvl in ancestors for v, i in lvl.tensors.items()}
+        modules_above = {v: (lvl, b) for lvl in ancestors for v, b in lvl.modules.items()}
         shapes = [list(p.shape) for p in level.init]
         for hyper, variable in solver.tuned.items():
             path = f"{base}.solver.tuned.{hyper}"

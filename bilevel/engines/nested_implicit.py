@@ -30,6 +30,7 @@ linear solve converges (the lower levels must be strongly convex in their own va
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,25 +50,27 @@ __all__ = ["nested_hypergrad", "reduced_objective", "solve_below"]
 
 
 def reduced_objective(
-    problem: Problem, k: int, solutions: list[Params | None], batches: list[Any], solvers: list[LinearSolver | None],
+    problem: Problem, k: int, solutions: Mapping[int, Params], batches: Mapping[int, Any], solvers: list[LinearSolver | None],
     log: SolveLog,
 ) -> Objective:
-    """phi_k(above, z_k): f_k with every level below k attached at its stored solution as an
-    ``argmin`` node (differentiable in the levels above it). ``above`` is the flat tuple of
-    levels 0..k-1; ``solutions[j]``, ``batches[j]`` and ``solvers[j]`` belong to level j (the
-    linear solver of level j's Hessian; the top level has none)."""
-    sizes = [len(level.init) for level in problem.chain[:k]]
+    """phi_k(above, z_k): f_k with every descendant of level k attached at its stored solution as
+    an ``argmin`` node (differentiable in its ancestors). ``above`` is the flat tuple of k's
+    ancestors; ``solutions[j]``, ``batches[j]`` and ``solvers[j]`` belong to level j (the linear
+    solver of level j's Hessian; the top level has none)."""
+    ancestors = problem.ancestors(k)
+    sizes = [len(problem.chain[a].init) for a in ancestors]
 
     def phi(above: Params, z: Params) -> torch.Tensor:
-        params: list[Params] = []
+        params: list[Any] = [None] * len(problem.chain)
         start = 0
-        for size in sizes:
-            params.append(tuple(above[start : start + size]))
+        for a, size in zip(ancestors, sizes):
+            params[a] = tuple(above[start : start + size])
             start += size
-        params.append(tuple(z))
-        for j in range(k + 1, problem.depth):
+        params[k] = tuple(z)
+        for j in problem.subtree(k)[1:]:  # preorder: each descendant after its ancestors
             below = reduced_objective(problem, j, solutions, batches, solvers, log)
-            params.append(argmin(below, problem.join(params), solutions[j], solvers[j], log, problem.chain[j].name))
+            at = problem.join([params[a] for a in problem.ancestors(j)])
+            params[j] = argmin(below, at, solutions[j], solvers[j], log, problem.chain[j].name)
         return problem.objective(k, params, batches[k])
 
     return phi
@@ -84,57 +87,77 @@ class _Nested:
         self.log = SolveLog()
         self.steps = 0
 
-    def solve(self, k: int, above: list[Params], starts: list[Params]) -> list[Params]:
-        """Levels k..K-1 solved given the levels above (no graph); ``starts`` are their starting points."""
+    def solve(self, k: int, params: list[Any]) -> dict[int, Params]:
+        """Level k and its descendants solved given its ancestors' values in ``params`` (no
+        graph); the subtree's entries of ``params`` are where their solves start."""
         problem = self.problem
         level = problem.chain[k]
         optimizer = InnerOptimizer(level.solver)
-        if k == problem.depth - 1:
-            y, _ = solve_lower(problem.bottom_pair, optimizer, problem.join(above), starts[0], optimizer.init(starts[0]), level.solver.steps)
+        above = [params[a] for a in problem.ancestors(k)]
+        if not problem.children(k):
+            y, _ = solve_lower(problem.pair(k), optimizer, problem.join(above), params[k], optimizer.init(params[k]), level.solver.steps)
             self.steps += level.solver.steps
-            return [y]
-        z, below = starts[0], list(starts[1:])
+            return {k: y}
+        z, below = params[k], {j: params[j] for j in problem.subtree(k)[1:]}
         state = optimizer.init(z)
         hyper = problem.hyperparameters(k, above)
         for _ in range(level.solver.steps):
-            below = self.solve(k + 1, [*above, z], problem.starts(k + 1, below))
+            below = self._children(k, params, z, below)
             grads = self.gradient(k, above, z, below)
             z, state = optimizer.step(z, grads, state, hyper)
             z = level.project(z)
             self.steps += 1
-        below = self.solve(k + 1, [*above, z], problem.starts(k + 1, below))
-        return [z, *below]
+        below = self._children(k, params, z, below)
+        return {k: z, **below}
 
-    def gradient(self, k: int, above: list[Params], z: Params, below: list[Params]) -> Params:
+    def _children(self, k: int, params: list[Any], z: Params, below: Mapping[int, Params]) -> dict[int, Params]:
+        """Every child subtree of level k solved at z_k, from its warm or fresh starts."""
+        problem = self.problem
+        current = list(params)
+        current[k] = z
+        for j, previous in below.items():
+            current[j] = problem.start(j, previous)
+        out: dict[int, Params] = {}
+        for child in problem.children(k):
+            out.update(self.solve(child, current))
+        return out
+
+    def gradient(self, k: int, above: list[Params], z: Params, below: Mapping[int, Params]) -> Params:
         """grad phi_k(above, z) on fresh batches, through the implicit derivatives of the levels below."""
         problem = self.problem
-        batches = [None] * k + [level.batch() for level in problem.chain[k:]]
-        solutions: list[Params | None] = [None] * (k + 1) + list(below)
-        phi = reduced_objective(problem, k, solutions, batches, self.solvers, self.log)
+        batches = {j: problem.chain[j].batch() for j in problem.subtree(k)}
+        phi = reduced_objective(problem, k, below, batches, self.solvers, self.log)
         flat = tuple(p.detach() for p in problem.join(above))
         with torch.enable_grad():
             leaves = tuple(p.detach().requires_grad_(True) for p in z)
             grads, _ = grad_and_value(lambda zz: phi(flat, zz), leaves)
         return tuple(g.detach() for g in grads)
 
+    def below_top(self, x: Params, state: EngineState) -> dict[int, Params]:
+        """Every level below the top solved at x, warm-started from ``state``."""
+        problem = self.problem
+        params: list[Any] = [tuple(p.detach() for p in x), *problem.starts(1, problem.split(state.lower))]
+        out: dict[int, Params] = {}
+        for child in problem.children(0):
+            out.update(self.solve(child, params))
+        return out
+
 
 def solve_below(problem: Problem, linear_solver: LinearSolverSpec, x: Params, state: EngineState) -> Params:
     """The levels below the top solved at x (warm-started from ``state``), as ``lower``'s flat tuple."""
-    nested = _Nested(problem, linear_solver)
-    starts = problem.starts(1, problem.split(state.lower))
-    return problem.join(nested.solve(1, [tuple(p.detach() for p in x)], starts))
+    solutions = _Nested(problem, linear_solver).below_top(x, state)
+    return problem.join([solutions[j] for j in range(1, len(problem.chain))])
 
 
 def nested_hypergrad(problem: Problem, linear_solver: LinearSolverSpec, x: Params, state: EngineState, batch: Any) -> Hypergrad:
     """The nested implicit hypergradient of the top level at x (any depth >= 2; see the module
     docstring), with per-level inner residuals in ``stats.extra``."""
     nested = _Nested(problem, linear_solver)
-    starts = problem.starts(1, problem.split(state.lower))
-    solutions = nested.solve(1, [tuple(p.detach() for p in x)], starts)
+    solutions = nested.below_top(x, state)
 
     top = SolveLog()
-    batches = [batch, *(level.batch() for level in problem.chain[1:])]
-    phi = reduced_objective(problem, 0, [None, *solutions], batches, nested.solvers, top)
+    batches = {0: batch, **{j: problem.chain[j].batch() for j in range(1, len(problem.chain))}}
+    phi = reduced_objective(problem, 0, solutions, batches, nested.solvers, top)
     with torch.enable_grad():
         leaves = tuple(p.detach().requires_grad_(True) for p in x)
         grad, upper_loss = grad_and_value(lambda xx: phi((), xx), leaves)
@@ -149,5 +172,5 @@ def nested_hypergrad(problem: Problem, linear_solver: LinearSolverSpec, x: Param
         inner_steps=nested.steps,
         extra=per_level,
     )
-    new_state = type(state)(problem.join(solutions), (), step=state.step + 1)
+    new_state = type(state)(problem.join([solutions[j] for j in range(1, len(problem.chain))]), (), step=state.step + 1)
     return Hypergrad(tuple(grad), upper_loss, new_state, stats)

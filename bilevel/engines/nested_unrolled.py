@@ -45,48 +45,74 @@ class _Unroll:
         self.differentiated = 0
         self.last_grads: dict[str, Params] = {}
 
-    def run(self, k: int, above: list[Params], starts: list[Params], keep_graph: bool) -> list[Params]:
-        """Levels k..K-1 after their steps from ``starts``, given the levels above. The result is
-        differentiable in ``above`` when ``keep_graph``; it is detached otherwise (the levels
-        below k are always differentiated through, since level k's steps need their derivative)."""
+    def run(self, k: int, params: list[Any], keep_graph: bool) -> dict[int, Params]:
+        """Level k and its descendants after their steps, given k's ancestors' values in
+        ``params`` (whose subtree entries are the starts). The result is differentiable in the
+        ancestors when ``keep_graph``; it is detached otherwise (the levels below k are always
+        differentiated through, since level k's steps need their derivative)."""
         problem = self.problem
         level = problem.chain[k]
         optimizer = InnerOptimizer(level.solver)
-        z = tuple(p if p.requires_grad else p.detach().requires_grad_(True) for p in starts[0])
+        z = tuple(p if p.requires_grad else p.detach().requires_grad_(True) for p in params[k])
         state = optimizer.init(z)
         grads: Params | None = None
-        if k == problem.depth - 1:
+        above = [params[a] for a in problem.ancestors(k)]
+        if not problem.children(k):
             flat = problem.join(above)
             for _ in range(level.solver.steps):
-                z, state, grads = inner_step(problem.bottom_pair, optimizer, flat, z, state, level.batch(), create_graph=keep_graph)
+                z, state, grads = inner_step(problem.pair(k), optimizer, flat, z, state, level.batch(), create_graph=keep_graph)
                 if not keep_graph:
                     z = tuple(p.detach().requires_grad_(True) for p in z)
                     state = tuple(s.detach() for s in state)
             self._count(level.name, grads, level.solver.steps, keep_graph)
-            return [z if keep_graph else tuple(p.detach() for p in z)]
+            return {k: z if keep_graph else tuple(p.detach() for p in z)}
         hyper = problem.hyperparameters(k, above)
-        below = list(starts[1:])
+        below = {j: params[j] for j in problem.subtree(k)[1:]}
         for _ in range(level.solver.steps):
-            restart = problem.starts(k + 1, below)
-            ran: dict[str, list[Params]] = {}
+            restart = {j: problem.start(j, previous) for j, previous in below.items()}
+            ran: dict[str, dict[int, Params]] = {}
 
-            def reduced(zz: Params, restart: list[Params] = restart, ran: dict[str, list[Params]] = ran) -> torch.Tensor:
-                ran["below"] = self.run(k + 1, [*above, zz], restart, keep_graph=True)  # the levels below, from zz
-                return problem.objective(k, [*above, zz, *ran["below"]], level.batch())
+            def reduced(zz: Params, restart: dict[int, Params] = restart, ran: dict[str, dict[int, Params]] = ran) -> torch.Tensor:
+                ran["below"] = self._children(k, params, zz, restart, keep_graph=True)  # the levels below, from zz
+                current = list(params)
+                current[k] = zz
+                for j, value in ran["below"].items():
+                    current[j] = value
+                return problem.objective(k, current, level.batch())
 
-            # the levels above and the starts of the run below carry the history of earlier steps:
+            # the ancestors and the starts of the runs below carry the history of earlier steps:
             # stop_at keeps the gradient partial in z and the call from walking that history
-            grads, _ = grad_and_value(reduced, z, create_graph=keep_graph, stop_at=(*problem.join(above), *problem.join(restart)))
+            grads, _ = grad_and_value(reduced, z, create_graph=keep_graph, stop_at=(*problem.join(above), *problem.join(restart.values())))
             below = ran["below"]
             z, state = optimizer.step(z, grads, state, hyper)
             z = level.project(z)
             if not keep_graph:
                 z = tuple(p.detach().requires_grad_(True) for p in z)
                 state = tuple(s.detach() for s in state)
-                below = [tuple(p.detach() for p in b) for b in below]
+                below = {j: tuple(p.detach() for p in b) for j, b in below.items()}
         self._count(level.name, grads, level.solver.steps, keep_graph)
-        below = self.run(k + 1, [*above, z], problem.starts(k + 1, below), keep_graph=keep_graph)
-        return [z if keep_graph else tuple(p.detach() for p in z), *below]
+        below = self._children(k, params, z, {j: problem.start(j, b) for j, b in below.items()}, keep_graph=keep_graph)
+        return {k: z if keep_graph else tuple(p.detach() for p in z), **below}
+
+    def _children(self, k: int, params: list[Any], z: Params, starts: dict[int, Params], keep_graph: bool) -> dict[int, Params]:
+        """Every child subtree of level k run at z_k from ``starts``."""
+        current = list(params)
+        current[k] = z
+        for j, value in starts.items():
+            current[j] = value
+        out: dict[int, Params] = {}
+        for child in self.problem.children(k):
+            out.update(self.run(child, current, keep_graph))
+        return out
+
+    def below_top(self, x: Params, state: EngineState, keep_graph: bool) -> dict[int, Params]:
+        """Every level below the top after its steps at x, warm-started from ``state``."""
+        problem = self.problem
+        params: list[Any] = [x, *problem.starts(1, problem.split(state.lower))]
+        out: dict[int, Params] = {}
+        for child in problem.children(0):
+            out.update(self.run(child, params, keep_graph))
+        return out
 
     def _count(self, name: str, grads: Params | None, steps: int, differentiated: bool) -> None:
         self.steps += steps
@@ -98,9 +124,8 @@ class _Unroll:
 def unrolled_below(problem: Problem, x: Params, state: EngineState) -> Params:
     """The levels below the top after their steps at x (warm-started from ``state``), detached."""
     with torch.enable_grad():
-        below = _Unroll(problem).run(1, [tuple(p.detach() for p in x)], problem.starts(1, problem.split(state.lower)),
-                                     keep_graph=False)
-    return problem.join(below)
+        below = _Unroll(problem).below_top(tuple(p.detach() for p in x), state, keep_graph=False)
+    return problem.join([below[j] for j in range(1, len(problem.chain))])
 
 
 def nested_unrolled_hypergrad(problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
@@ -109,8 +134,8 @@ def nested_unrolled_hypergrad(problem: Problem, x: Params, state: EngineState, b
     unroll = _Unroll(problem)
     with torch.enable_grad():
         leaves = tuple(p.detach().requires_grad_(True) for p in x)
-        below = unroll.run(1, [leaves], problem.starts(1, problem.split(state.lower)), keep_graph=True)
-        upper_loss = problem.objective(0, [leaves, *below], batch)
+        below = unroll.below_top(leaves, state, keep_graph=True)
+        upper_loss = problem.objective(0, [leaves, *(below[j] for j in range(1, len(problem.chain)))], batch)
         grads = torch.autograd.grad(upper_loss, leaves, allow_unused=True)
     grad = tuple(torch.zeros_like(p) if g is None else g.detach() for p, g in zip(leaves, grads))
     per_level = {f"inner_residual.{name}": tree_norm(unroll.last_grads[name]) for name in problem.level_names[1:]
@@ -123,5 +148,6 @@ def nested_unrolled_hypergrad(problem: Problem, x: Params, state: EngineState, b
         inner_steps=unroll.steps,
         extra=per_level,
     )
-    new_state = type(state)(tuple(p.detach() for p in problem.join(below)), (), step=state.step + 1)
+    new_state = type(state)(tuple(p.detach() for p in problem.join([below[j] for j in range(1, len(problem.chain))])), (),
+                            step=state.step + 1)
     return Hypergrad(grad, upper_loss, new_state, stats)

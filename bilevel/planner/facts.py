@@ -101,6 +101,8 @@ class ProblemFacts:
     """The lower level declares a proximal term tying it to upper variables."""
     tasks: int | None = None
     """Tasks per outer step of a meta-learning problem (None: not one); ``instances`` then counts them."""
+    shape: str = ""
+    """The levels as text ("top -> middle -> bottom", or "top -> (a, b)" for a tree)."""
     nested_unrolled_memory_mb: float = 0.0
     """Rough graph memory of nested unrolling: every step stored, each with about four copies
     of its level's variables and activations the size of its batch."""
@@ -110,10 +112,12 @@ class ProblemFacts:
         upper, lower = problem.upper, problem.chain[1]
         chain = problem.chain
         steps = tuple(0 if k == 0 else level.solver.steps for k, level in enumerate(chain))
-        counts, runs = [0], 1
-        for k in range(1, len(chain)):
+        counts = [0]
+        for k in range(1, len(chain)):  # level k is solved once per step of each ancestor below the top, plus once
+            runs = 1
+            for a in problem.ancestors(k)[1:]:
+                runs *= steps[a] + 1
             counts.append(runs * steps[k])
-            runs *= steps[k] + 1
         bytes_per_scalar = torch.finfo(problem.dtype).bits // 8
         nested = sum(count * bytes_per_scalar * (4 * level.numel + _batch_numel(level)) / 2**20
                      for level, count in zip(chain, counts))
@@ -153,6 +157,7 @@ class ProblemFacts:
             prox=lower.prox is not None,
             tasks=problem.instances if problem.resamples_tasks else None,
             nested_unrolled_memory_mb=nested,
+            shape=problem.shape,
         )
 
     @property
@@ -161,8 +166,12 @@ class ProblemFacts:
 
     @property
     def chain(self) -> str:
-        """The levels as "top -> middle -> bottom"."""
-        return " -> ".join(self.levels)
+        """The levels as "top -> middle -> bottom" (a tree: "top -> (a, b)")."""
+        return self.shape or " -> ".join(self.levels)
+
+    @property
+    def is_chain(self) -> bool:
+        return "(" not in self.chain
 
     @property
     def lower_convexities(self) -> tuple[str, ...]:

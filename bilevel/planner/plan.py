@@ -54,9 +54,13 @@ def make_plan(problem: Problem, requested: Any | None = None) -> Plan:
         proposal = _explicit(requested, facts, source)
     _refuse(proposal.config, facts, source)
     reasons, warnings = proposal.reasons, proposal.warnings
-    if facts.depth > 2:
+    if facts.depth > 2 and facts.is_chain:
         reasons = [f"the levels form a chain of {facts.depth}, {facts.chain}: each level is solved given the levels above"
                    " it, and the top level's hypergradient goes through the solutions of every level below", *reasons]
+    elif facts.depth > 2:
+        reasons = [f"the levels form a tree of {facts.depth}, {facts.chain}: each level is solved given its ancestors, and"
+                   " a level's hypergradient is the sum of its children's contributions, each through the solutions of"
+                   " its subtree", *reasons]
     caps = engine_capabilities()[proposal.config.kind]
     return Plan(proposal.config, reasons, [*warnings, *_advice(caps, proposal.config.kind, facts)], facts)
 

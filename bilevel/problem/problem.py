@@ -1,17 +1,22 @@
 """The compiled problem: what engines see.
 
-A problem is a chain of levels from the top down, z_0 (the upper level, variables x) -> z_1 ->
-... -> z_{K-1}; a bilevel problem is the chain of depth 2, with y = z_1. Level k >= 1 is solved
-given the levels above it; every level above the bottom minimizes its objective with the levels
-below at their solutions (docs/concepts.md, docs/howto/multilevel.md):
+A problem is a tree of levels under one top level z_0 (the upper level, variables x); a bilevel
+problem is the tree of two levels, with y = z_1, and a chain z_0 -> z_1 -> ... -> z_{K-1} the
+tree in which every level has one child. Level k >= 1 is solved given its ancestors; every level
+with children minimizes its objective with its descendants at their solutions
+(docs/concepts.md, docs/howto/multilevel.md, docs/howto/trees-and-blocks.md):
 
-    phi_k(z_0..z_k) = f_k(z_0, ..., z_k, z*_{k+1}(z_0..z_k), ...),    z*_k = argmin_{z_k} phi_k.
+    phi_k(ancestors, z_k) = f_k(ancestors, z_k, z*_c(ancestors, z_k) for every descendant c),
+    z*_k = argmin_{z_k} phi_k,
 
-**What an objective sees.** f_k is called as ``f(upper, lower, batch)`` with the chain split at
-level k: ``upper`` holds the variables of the levels above k, ``lower`` those of level k and of
-every level below it. The top level has nothing above it; its objective gets its own variables
-in ``upper`` and all the others in ``lower``. So the top level and the level just below it see
-the same split, and a two-level spec reads the same at any depth.
+so the hypergradient of a level is the sum of its children's contributions.
+
+**What an objective sees.** f_k is called as ``f(upper, lower, batch)`` with ``upper`` holding the
+variables of k's ancestors and ``lower`` those of k and of its descendants (not its siblings'
+subtrees). The top level has nothing above it; its objective gets its own variables in
+``upper`` and all the others in ``lower``. So the top level and a level just below it see the
+same split, and a two-level spec reads the same in any tree. Levels are indexed in preorder
+(``chain``: the top first, each level before its descendants, children in declaration order).
 
 Engines work on flat tuples of tensors. ``x`` is the top level's tuple; ``y`` is ``lower``'s:
 for depth 2 the lower level itself, deeper the levels below the top presented as one
@@ -71,7 +76,7 @@ class Problem:
     instances (every level stacked), or a meta-batch of tasks (the levels below the top stacked,
     the top shared; ``bilevel.problem.tasks``)."""
 
-    # --- the chain ------------------------------------------------------------------------------
+    # --- the tree -------------------------------------------------------------------------------
     @functools.cached_property
     def graph(self) -> nx.DiGraph:
         """Edges parent -> child."""
@@ -82,19 +87,75 @@ class Problem:
 
     @functools.cached_property
     def chain(self) -> tuple[Level, ...]:
-        """The levels from the top down."""
+        """The levels in preorder: the top first, each level before its descendants, children in
+        declaration order (for a chain, from the top down)."""
         (top,) = (name for name, level in self.levels.items() if level.parent is None)
-        order = [top]
-        while True:
-            children = [name for name, level in self.levels.items() if level.parent == order[-1]]
-            if not children:
-                return tuple(self.levels[name] for name in order)
-            if len(children) > 1:
-                raise ValueError(f"level {order[-1]!r} has several lower levels ({', '.join(children)}): not a chain")
-            order.append(children[0])
+        order: list[str] = []
+
+        def visit(name: str) -> None:
+            order.append(name)
+            for child, level in self.levels.items():
+                if level.parent == name:
+                    visit(child)
+
+        visit(top)
+        return tuple(self.levels[name] for name in order)
+
+    @functools.cached_property
+    def parents(self) -> tuple[int | None, ...]:
+        """The index of each level's parent in ``chain`` (None for the top)."""
+        index = {level.name: k for k, level in enumerate(self.chain)}
+        return tuple(None if level.parent is None else index[level.parent] for level in self.chain)
+
+    @functools.cached_property
+    def _relatives(self) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
+        """(ancestors, children, subtree) of every level, computed once (objectives ask at every step)."""
+        n = len(self.parents)
+        children = tuple(tuple(j for j, parent in enumerate(self.parents) if parent == k) for k in range(n))
+        ancestors = []
+        for k in range(n):
+            out: list[int] = []
+            parent = self.parents[k]
+            while parent is not None:
+                out.insert(0, parent)
+                parent = self.parents[parent]
+            ancestors.append(tuple(out))
+        subtrees: list[tuple[int, ...]] = [()] * n
+        for k in reversed(range(n)):  # preorder: descendants come after their ancestor
+            subtrees[k] = (k, *(j for child in children[k] for j in subtrees[child]))
+        return tuple(ancestors), children, tuple(subtrees)
+
+    def ancestors(self, k: int) -> tuple[int, ...]:
+        """The indices of level k's ancestors, the top first."""
+        return self._relatives[0][k]
+
+    def children(self, k: int) -> tuple[int, ...]:
+        return self._relatives[1][k]
+
+    def subtree(self, k: int) -> tuple[int, ...]:
+        """Level k and its descendants, in preorder."""
+        return self._relatives[2][k]
+
+    @property
+    def is_chain(self) -> bool:
+        """Every level has at most one child."""
+        return all(len(self.children(k)) <= 1 for k in range(len(self.chain)))
+
+    @property
+    def shape(self) -> str:
+        """The levels as text: "top -> middle -> bottom" for a chain, "top -> (a, b -> c)" for a tree."""
+        def text(k: int) -> str:
+            below = self.children(k)
+            if not below:
+                return self.chain[k].name
+            inner = text(below[0]) if len(below) == 1 else "(" + ", ".join(text(c) for c in below) + ")"
+            return f"{self.chain[k].name} -> {inner}"
+
+        return text(0)
 
     @property
     def depth(self) -> int:
+        """The number of levels (2: a bilevel problem)."""
         return len(self.chain)
 
     @property
@@ -114,14 +175,22 @@ class Problem:
 
     @functools.cached_property
     def bottom_pair(self) -> Problem:
-        """The bottom level as the lower level of a two-level problem whose upper level merges
-        all the levels above it: its ``lower_objective(flat above, bottom, batch)`` is f_{K-1},
-        so the shared inner loop (bilevel/engines/inner.py) solves the bottom level."""
+        """``pair`` of the last level of the chain (the bottom of a chain)."""
+        return self.pair(len(self.chain) - 1)
+
+    def pair(self, k: int) -> Problem:
+        """Level k (a leaf) as the lower level of a two-level problem whose upper level merges its
+        ancestors: its ``lower_objective(flat ancestors, z_k, batch)`` is f_k, so the shared inner
+        loop (bilevel/engines/inner.py) solves level k."""
         if self.depth == 2:
             return self
-        above = merge_levels(self.chain[:-1], "+".join(level.name for level in self.chain[:-1]))
-        bottom = dataclasses.replace(self.chain[-1], parent=above.name)
-        return Problem(self.name, {above.name: above, bottom.name: bottom}, self.device, self.dtype, source=self.source)
+        cache = self.__dict__.setdefault("_pairs", {})
+        if k not in cache:
+            above_levels = [self.chain[a] for a in self.ancestors(k)]
+            above = merge_levels(above_levels, "+".join(level.name for level in above_levels))
+            leaf = dataclasses.replace(self.chain[k], parent=above.name)
+            cache[k] = Problem(self.name, {above.name: above, leaf.name: leaf}, self.device, self.dtype, source=self.source)
+        return cache[k]
 
     @property
     def instances(self) -> int | None:
@@ -153,19 +222,23 @@ class Problem:
         return tuple(p for level in params for p in level)
 
     def starts(self, first: int, previous: Sequence[Params]) -> list[Params]:
-        """Where the next solves of levels first, first + 1, ... start: their ``previous``
-        solutions where their solver warm-starts, else their initial values."""
+        """Where the next solves of levels first, first + 1, ... (in preorder) start: their
+        ``previous`` solutions where their solver warm-starts, else their initial values."""
         return [p if level.solver.warm_start else self.fresh(level.init) for level, p in zip(self.chain[first:], previous)]
+
+    def start(self, k: int, previous: Params) -> Params:
+        """Where the next solve of level k starts (see ``starts``)."""
+        level = self.chain[k]
+        return previous if level.solver.warm_start else self.fresh(level.init)
 
     # --- objectives -----------------------------------------------------------------------------
     def views(self, k: int, params: Sequence[Sequence[Tensor]], drawn: Mapping[str, Drawn] | None = None
               ) -> tuple[VariableView, VariableView]:
         """(upper, lower) as level k's objective sees them; ``drawn`` replaces some of the top
         level's values (an engine's perturbation, e.g. STN's)."""
-        split = max(k, 1)
-        sides: tuple[list[tuple[Level, Sequence[Tensor], Any]], list[tuple[Level, Sequence[Tensor], Any]]] = ([], [])
-        for index, (level, values) in enumerate(zip(self.chain, params)):
-            sides[index >= split].append((level, values, drawn if index == 0 else None))
+        above = (0,) if k == 0 else self.ancestors(k)
+        below = tuple(range(1, len(self.chain))) if k == 0 else self.subtree(k)
+        sides = tuple([(self.chain[j], params[j], drawn if j == 0 else None) for j in side] for side in (above, below))
         return _view(sides[0]), _view(sides[1])
 
     def objective(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Mapping[str, Drawn] | None = None) -> Tensor:
@@ -178,7 +251,7 @@ class Problem:
         upper, lower = self.views(k, params, drawn)
         value = level.objective(upper, lower, batch)
         if level.prox is not None:
-            value = value + level.prox.value(params[k], params[k - 1])
+            value = value + level.prox.value(params[k], params[self.parents[k]])
         solver = level.solver
         if k == 0 or solver is None or (solver.weight_decay == 0.0 and "weight_decay" not in solver.tuned):
             return level.shared(value)
@@ -232,13 +305,14 @@ class Problem:
         return out
 
     def hyperparameters(self, k: int, above: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
-        """Level k's tuned optimizer hyperparameters (lr, momentum), read from the levels above."""
+        """Level k's tuned optimizer hyperparameters (lr, momentum), read from its ancestors'
+        values ``above`` (in the order of ``ancestors(k)``)."""
         tuned = {name: var for name, var in self.chain[k].solver.tuned.items() if name != "weight_decay"}
         if not tuned:
             return {}
         values: dict[str, Any] = {}
-        for level, p in zip(self.chain[:k], above):
-            values.update(level.items(p))
+        for a, p in zip(self.ancestors(k), above):
+            values.update(self.chain[a].items(p))
         return {name: values[var].reshape(()) for name, var in tuned.items()}
 
     def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:

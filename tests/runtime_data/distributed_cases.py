@@ -87,6 +87,19 @@ def stn_ridge_case() -> dict:
     return stn_ridge.spec(n=41, d=6, wd=1e-2, k=4)
 
 
+def maml() -> dict:
+    """MAML on quadratic tasks (problems/meta/quadratic.py): every rank draws the whole meta-batch."""
+    from problems.meta.quadratic import task_spec
+
+    return task_spec(steps=2)
+
+
+def imaml() -> dict:
+    from problems.meta.quadratic import task_spec
+
+    return task_spec(steps=30, prox=2.0)
+
+
 CASES: dict[str, tuple[Any, Any]] = {
     "implicit-cg": (ridge, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 8, "tol": 0.0})),
     "implicit-neumann": (ridge, ImplicitConfig(linear_solver={"method": "neumann", "maxiter": 8, "neumann_lr": 0.1})),
@@ -106,6 +119,8 @@ CASES: dict[str, tuple[Any, Any]] = {
     "hyperclean-implicit": (hyperclean, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 10, "tol": 0.0})),
     "hyperclean-unrolled": (hyperclean, UnrolledConfig(checkpoint_every=10)),
     "stn": (stn_ridge_case, StnConfig()),
+    "maml": (maml, UnrolledConfig()),
+    "imaml": (imaml, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 4, "tol": 0.0})),
 }
 
 

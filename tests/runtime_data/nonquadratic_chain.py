@@ -1,5 +1,5 @@
-"""A chain of 2 to 4 levels z0 (top) -> z1 -> ... with non-quadratic couplings between every pair
-of levels, so that third derivatives (which the nested implicit engine differentiates through)
+"""A chain of 2 to 4 levels z0 (top) -> z1 -> ... (or the tree top -> (z1 -> z3, z2)) with
+non-quadratic couplings between every pair of levels that see each other, so that third derivatives (which the nested implicit engine differentiates through)
 are not zero. Each level's objective is strongly convex in its own variable:
 
     f_k = 1/2 z_k^T A_k z_k - t_k^T z_k + 0.3 sum_{j != k} sum logcosh(z_k + W_kj tanh(z_j)),
@@ -37,7 +37,8 @@ def objective(upper: Any, lower: Any, batch: Any, k: int, depth: int, seed: int 
     c = _constants(k, depth, seed)
     value = 0.5 * own @ (c["A"] @ own) - c["t"] @ own
     for j, w in c["W"].items():
-        value = value + 0.3 * torch.log(torch.cosh(own + w @ torch.tanh(z[f"z{j}"]))).sum()
+        if f"z{j}" in z:  # in a tree, a level sees its ancestors and its subtree, not its siblings'
+            value = value + 0.3 * torch.log(torch.cosh(own + w @ torch.tanh(z[f"z{j}"]))).sum()
     if k == 0:
         value = value + 0.05 * (own**4).sum()
     return value
@@ -59,3 +60,12 @@ def chain_spec(depth: int = 3, steps: int = 40, lr: float = 0.5, warm_start: boo
             level["assumptions"] = {"convexity": "strongly_convex"}
         levels[f"level{k}"] = level
     return BilevelSpec.model_validate({"name": f"chain-{depth}", "levels": levels, "run": {"dtype": "float64", "device": "cpu"}})
+
+
+def tree_spec(steps: int = 40, lr: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """The tree level0 -> (level1 -> level3, level2) with the same objectives (spec data)."""
+    data = chain_spec(depth=4, steps=steps, lr=lr, seed=seed).model_dump(mode="json")
+    data["levels"]["level2"]["parent"] = "level0"
+    data["levels"]["level3"]["parent"] = "level1"
+    data["name"] = "nonquadratic-tree"
+    return data
