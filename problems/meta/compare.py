@@ -59,7 +59,7 @@ def run_method(preset: str, seed: int, steps: int, out: Path, tasks: int, sets: 
 def table(results: list[dict[str, Any]], score: str) -> str:
     """Markdown: one row per method, one column per number of adaptation steps."""
     counts = sorted({int(s) for r in results for s in r["steps"]})
-    lines = [f"| method | seeds | outer steps | " + " | ".join(f"{score} after {c}" for c in counts) + " |",
+    lines = ["| method | seeds | outer steps | " + " | ".join(f"{score} after {c}" for c in counts) + " |",
              "|---|---|---|" + "---|" * len(counts)]
     for preset in dict.fromkeys(r["preset"] for r in results):
         rows = [r for r in results if r["preset"] == preset]

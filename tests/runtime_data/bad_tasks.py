@@ -1,6 +1,5 @@
 """Task samplers returning the wrong form, for the bad-input tests of tests/test_meta.py."""
 
-import torch
 
 from problems.meta.quadratic import quadratic_tasks
 
