@@ -117,7 +117,12 @@ class OptimizerSpec(SpecModel):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     """Adam's moment decay rates."""
     eps: Annotated[float, Field(gt=0)] = 1e-8
-    """Adam's denominator floor."""
+    """Adam's denominator floor, added after the square root: lr m_hat / (sqrt(v_hat + eps_root) + eps)."""
+    eps_root: Annotated[float, Field(ge=0)] = 0.0
+    """Adam: added to v_hat inside the square root (TorchOpt's and optax's eps_root). 0 (the
+    torch.optim.Adam form): at entries whose gradient has been exactly zero so far the derivative
+    of the square root is taken as 0, which is exact there (docs/engines/unrolled.md); > 0 makes
+    the update smooth in the gradient everywhere, a slightly different optimizer."""
     warm_start: bool = True
     """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
