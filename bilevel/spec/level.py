@@ -9,6 +9,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
+from bilevel.spec.prox import ProxOperator
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 from bilevel.spec.tasks import ProxSpec
 
@@ -42,6 +43,12 @@ class TensorVariable(SpecModel):
     set: VariableSet | None = None
     """Simple set the variable is projected onto after each update: {kind: box, low, high} (the
     default kind) or {kind: simplex, radius}. None: unconstrained."""
+    prox: ProxOperator | None = None
+    """Lower levels: a non-smooth convex term g of the level's objective on this variable, given by
+    its proximal operator ({kind: l1, strength: lam}, elastic_net, group_lasso, or custom); the
+    objective function returns the smooth part only, and the inner solver (sgd) takes proximal
+    gradient steps. A strength may name an upper tensor variable (its hypergradient is then
+    computed through the prox). See docs/concepts.md#non-smooth-lower-levels. None: smooth."""
 
     @model_validator(mode="after")
     def _kwargs_need_a_reference(self) -> "TensorVariable":
