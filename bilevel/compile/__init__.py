@@ -25,6 +25,7 @@ import torch
 
 from bilevel.compile.checks import check_chain, structure_issues, task_issues
 from bilevel.compile.couplings import couple_levels
+from bilevel.compile.data_order import wire_data_order
 from bilevel.compile.dry_run import dry_run
 from bilevel.compile.instances import instance_specs
 from bilevel.compile.issues import IssueLog
@@ -96,7 +97,7 @@ def _compile_one(loaded: LoadedSpec, device: str | torch.device | None, fingerpr
     log.raise_any()
     problem = Problem(spec.name, levels, dev, builder.dtype, report, monitor, source=source,
                       memory_budget_mb=spec.run.budget.memory_mb, engine=spec.engine, fingerprint=fingerprint)
-    issues = structure_issues(problem) + task_issues(problem, spec) + prox_issues(spec, problem)
+    issues = structure_issues(problem) + task_issues(problem, spec) + prox_issues(spec, problem) + wire_data_order(problem)
     if issues:
         raise SpecError(issues)
     if spec.tasks is not None:

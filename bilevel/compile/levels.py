@@ -207,4 +207,4 @@ class LevelBuilder:
         moved = {
             k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in raw.items()
         }
-        return DataStream(moved, spec.data.batch_size, seed), share
+        return DataStream(moved, spec.data.batch_size, seed, spec.data.order), share

@@ -103,6 +103,14 @@ class DataSpec(SpecModel):
     batch_size: Annotated[int, Field(ge=1)] | None = None
     """Examples per minibatch; None uses the whole data set as one (deterministic) batch. In a
     data-parallel run: examples per minibatch on each rank, drawn from its shard."""
+    order: Literal["shuffled", "per_outer_step", "paired"] = "shuffled"
+    """Which minibatch each use of the level's data gets. shuffled: the next one of the level's own
+    shuffled epochs at every draw: a fresh batch at each inner step (and for the linearization).
+    per_outer_step: one minibatch per outer step, used by every inner step and product of that
+    step (the inner loops of TorchOpt's and higher's tests). paired (a lower level): at outer step
+    k, the examples at the indices of the top level's batch k, held for the step; with the same
+    data source both levels see the same batch k. The top level draws once per outer step
+    whatever its order. See docs/concepts.md#data-order."""
     shard: bool = True
     """Data-parallel runs (torchrun): split the examples (the rows of every tensor) over the ranks,
     so that each holds one shard. False: every rank holds the whole data, for data that are not a
