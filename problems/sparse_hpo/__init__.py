@@ -35,6 +35,7 @@ __all__ = [
     "lasso_hypergrad",
     "lasso_solution",
     "regression_data",
+    "report",
     "smooth_lower",
     "sparse_hpo_spec",
     "split_lower",
@@ -99,6 +100,13 @@ def split_upper(upper: Any, lower: Any, batch: dict[str, Tensor]) -> Tensor:
     """F(u - v)."""
     residual = batch["X"] @ (lower["u"] - lower["v"]) - batch["t"]
     return (residual**2).mean()
+
+
+def report(upper: Any, lower: Any) -> dict[str, Any]:
+    """The final strengths and the sparsity of the lower solution (w, or u - v in the split form)."""
+    w = lower["w"] if "w" in lower else lower["u"] - lower["v"]
+    out = {name: float(upper[name]) for name in ("l1", "l2") if name in upper}
+    return {**out, "nonzeros": int((w != 0).sum()), "features": int(w.numel()), "w_l1_norm": float(w.abs().sum())}
 
 
 # --- closed forms on the active set ------------------------------------------------------------
