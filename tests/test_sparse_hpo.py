@@ -221,3 +221,16 @@ def test_planner_differentiates_the_fixed_point_or_unrolls() -> None:
     explicit = make_plan(compile_spec(sparse_hpo_spec()), {"kind": "implicit"})
     assert any("fixed point" in r for r in explicit.reasons)
     assert not math.isnan(float(_call(compile_spec(sparse_hpo_spec()), plan.engine).grad[0]))
+
+
+def test_a_batch_of_instances_on_boxes_gives_each_its_own_fixed_point_hypergradient() -> None:
+    from bilevel.compile.instances import instance_specs
+
+    data = sparse_hpo_spec(form="split", inner_steps=800, inner_lr=0.25).model_dump(mode="json")
+    data["instances"] = {"count": 2, "vary": {"levels.upper.variables.l1.init": [0.1, 0.3]}}
+    loaded = spec_from_data(data)
+    batched = _call(compile_spec(loaded), ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=40)))
+    for k, one in enumerate(instance_specs(loaded)):
+        single = _call(compile_spec(one), ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=40)))
+        assert abs(float(batched.grad[0][k]) - float(single.grad[0])) < 1e-10 * abs(float(single.grad[0]))
+    assert abs(float(batched.grad[0][0]) - float(lasso_closed_form(0.1).d_l1)) < 1e-8 * abs(float(lasso_closed_form(0.1).d_l1))
