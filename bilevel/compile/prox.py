@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 
 from bilevel.compile.issues import IssueLog
-from bilevel.problem import Problem
+from bilevel.problem import Level, Problem
 from bilevel.prox import Prox, make_prox, strength_names
-from bilevel.spec.errors import SpecIssue
+from bilevel.spec.errors import SpecIssue, SpecSource
 from bilevel.spec.level import TensorVariable
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
@@ -88,7 +88,7 @@ def prox_issues(spec: BilevelSpec, problem: Problem) -> list[SpecIssue]:
     return issues
 
 
-def _strength_issue(source, path: str, ref: str, top, shape: tuple[int, ...]) -> list[SpecIssue]:
+def _strength_issue(source: SpecSource, path: str, ref: str, top: Level, shape: tuple[int, ...]) -> list[SpecIssue]:
     index = top.tensors.get(ref)
     if index is None:
         return [source.issue(path, f"{ref!r} is not a tensor variable of the upper level {top.name!r} (its tensor"
