@@ -3,13 +3,13 @@ and the evaluation of an objective on a level's whole data set, batch by batch."
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["DataStream", "evaluate_on_all_data", "iter_chunks"]
+__all__ = ["DataStream", "begin_outer_step", "evaluate_on_all_data", "iter_chunks"]
 
 
 class DataStream:
@@ -18,9 +18,15 @@ class DataStream:
     With ``batch_size=None`` every batch is the whole data set (deterministic, no indexing cost).
     Shuffling uses a seeded generator, so a resumed run draws the same batches. The generator
     lives on the data's device: on CUDA the permutation is drawn there (no host round trip, which
-    would synchronize), so the batch sequence of a seed differs between CPU and CUDA runs."""
+    would synchronize), so the batch sequence of a seed differs between CPU and CUDA runs.
 
-    def __init__(self, data: Mapping[str, Tensor], batch_size: int | None, seed: int):
+    ``order`` (the spec's ``data.order``) says which batch each draw returns: ``shuffled``, the
+    next minibatch at every draw (a fresh batch at each inner step); ``per_outer_step``, one
+    minibatch per outer step, returned by every draw of the step; ``paired``, the examples at the
+    indices of ``leader``'s current batch (the top level's batch of this outer step), held for the
+    step. An outer step begins with ``begin_outer_step``."""
+
+    def __init__(self, data: Mapping[str, Tensor], batch_size: int | None, seed: int, order: str = "shuffled"):
         self.data = dict(data)
         sizes = {v.shape[0] for v in self.data.values()}
         self.size = sizes.pop() if sizes else 0
@@ -31,6 +37,12 @@ class DataStream:
         self._device = device
         self._perm: Tensor | None = None
         self._cursor = 0
+        self.order = order
+        self.leader: DataStream | None = None
+        """The stream whose current indices a paired stream takes."""
+        self.index: Tensor | None = None
+        """The example indices of the last minibatch drawn (None: the whole set, or nothing drawn yet)."""
+        self._held: dict[str, Tensor] | None = None
 
     @property
     def full(self) -> dict[str, Tensor]:
@@ -43,8 +55,24 @@ class DataStream:
         ``batch_size`` is None."""
         yield from iter_chunks(self.data, self.size, self.batch_size)
 
+    def begin_outer_step(self) -> None:
+        """A new outer step: a held batch (per_outer_step, paired) is drawn again at the next draw."""
+        self._held = None
+
     def next(self) -> dict[str, Tensor]:
-        """The next minibatch (the whole set when batch_size is None)."""
+        """The batch of this draw (see ``order``; the whole set when batch_size is None)."""
+        if self.order == "shuffled":
+            return self._draw()
+        if self._held is None:
+            if self.order == "per_outer_step":
+                self._held = self._draw()
+            else:
+                index = None if self.leader is None else self.leader.index
+                self._held = self.data if index is None else {name: v.index_select(0, index) for name, v in self.data.items()}
+        return self._held
+
+    def _draw(self) -> dict[str, Tensor]:
+        """The next minibatch of the level's own shuffled epochs."""
         if self.batch_size is None:
             return self.data
         if self._perm is None or self._cursor + self.batch_size > self.size:
@@ -52,6 +80,7 @@ class DataStream:
             self._cursor = 0
         index = self._perm[self._cursor : self._cursor + self.batch_size]
         self._cursor += self.batch_size
+        self.index = index
         return {name: value.index_select(0, index) for name, value in self.data.items()}
 
     def state_dict(self) -> dict[str, object]:
@@ -66,6 +95,13 @@ class DataStream:
         perm = state["perm"]
         self._perm = None if perm is None else perm.to(self._device)  # type: ignore[union-attr]
         self._cursor = int(state["cursor"])  # type: ignore[arg-type]
+
+
+def begin_outer_step(streams: Iterable[Any]) -> None:
+    """Tell every level's data stream (None: a level without data) that an outer step begins."""
+    for stream in streams:
+        if stream is not None and hasattr(stream, "begin_outer_step"):
+            stream.begin_outer_step()
 
 
 def iter_chunks(

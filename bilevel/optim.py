@@ -5,7 +5,15 @@ so the same code runs without a graph (implicit engine) and is differentiated th
     sgd:       y <- y - lr g
     momentum:  m <- mu m + g;  y <- y - lr m                       (heavy ball, Polyak 1964)
     adam:      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
-               y <- y - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (Kingma & Ba 2015)
+               y <- y - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t) + eps_root) + eps)   (Kingma & Ba 2015)
+
+Adam is torch.optim.Adam's form (eps added after the bias correction of sqrt(v)); ``eps_root``
+(TorchOpt's and optax's name, 0 by default) is added inside the square root. Where an entry of v
+is exactly zero (its gradient was zero at every step so far: a dead ReLU, an unused parameter)
+the square root is not differentiable; with eps_root = 0 its derivative there is taken as 0
+(``_adam_denominator``), which is exact, since v = sum_k c_k g_k^2 = 0 forces every g_k = 0 and
+so dv = 2 sum_k c_k g_k dg_k = 0 (higher masks the same entries). Elsewhere the derivative is
+that of the formula above, bit for bit.
 """
 
 from __future__ import annotations
@@ -68,10 +76,23 @@ class InnerOptimizer:
         v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(grads, grads), alpha=1 - b2)
         correction1 = 1 - b1**count
         correction2 = 1 - b2**count
-        denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
+        denom = _adam_denominator(v, correction2, spec.eps_root, spec.eps)
         update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
         new = _add_scaled(params, update, _negated(lr))
         return tuple(new), (*m, *v, count)
+
+
+def _adam_denominator(v: list[Tensor], correction2: Tensor, eps_root: float, eps: float) -> list[Tensor]:
+    """sqrt(v / correction2 + eps_root) + eps, with the derivative of the square root at an entry
+    v = 0 (eps_root = 0) taken as 0 instead of inf (whose product with dv = 0 is NaN): exact,
+    since v = 0 only where every gradient so far was zero (see the module docstring). The values
+    are those of the plain formula; the masked form runs only where a graph is being recorded."""
+    v_hat = torch._foreach_div(v, correction2)
+    if eps_root:
+        v_hat = torch._foreach_add(v_hat, eps_root)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in v_hat):
+        return [torch.where(t > 0, torch.where(t > 0, t, 1).sqrt(), 0) + eps for t in v_hat]
+    return torch._foreach_add(torch._foreach_sqrt(v_hat), eps)
 
 
 def _negated(alpha: float | Tensor | tuple[Tensor, ...]) -> float | Tensor | tuple[Tensor, ...]:

@@ -16,7 +16,9 @@ its declared capabilities (``bilevel.engines.Capabilities``):
 * instances (``handles_instances``): a batch of independent instances gives each instance the
   hypergradient it gets alone (1e-10); the others are refused on a batch;
 * the fast path on CPU (``graph_safe``): the hypergradient checks again with every call replayed
-  from a captured graph (the replay backend keeps a CUDA graph's contract); slow: compiled.
+  from a captured graph (the replay backend keeps a CUDA graph's contract); slow: compiled;
+* proximal terms (``handles_prox_operators``): the lasso and elastic-net hypergradients equal their closed
+  forms on the active set (problems/sparse_hpo) to 1e-8; the others are refused on such a level.
 
 A newly registered engine fails ``test_every_engine_has_settings_for_what_it_declares`` until it
 is given settings here for each check its capabilities call for."""
@@ -54,6 +56,7 @@ from bilevel.spec import SpecError, spec_from_data
 from helpers import hypergrad_calls
 from oracles import (
     darts_fixed_point_on_the_quadratic,
+    lasso_closed_form,
     quadratic_data,
     quadratic_hypergrad,
     quadratic_solution,
@@ -101,6 +104,8 @@ class Settings:
     """Configs matched against the three-level closed form."""
     instances: Any = None
     """A config for the batch-of-instances check."""
+    prox: list[Any] = field(default_factory=list)
+    """Configs matched against the lasso / elastic-net closed forms (a lower level with a prox)."""
 
 
 SETTINGS: dict[str, Settings] = {
@@ -115,12 +120,15 @@ SETTINGS: dict[str, Settings] = {
         chain=[ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=4)),
                ImplicitConfig(linear_solver=LinearSolverSpec(method="neumann", maxiter=60))],
         instances=ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=6)),
+        prox=[ImplicitConfig(), ImplicitConfig(linear_solver=LinearSolverSpec(method="direct")),
+              ImplicitConfig(linear_solver=LinearSolverSpec(method="neumann", maxiter=300))],
     ),
     "unrolled": Settings(
         hypergradient=[UnrolledConfig(), UnrolledConfig(checkpoint_every=7), UnrolledConfig(truncate=400, checkpoint_every=50)],
         solution=(UnrolledConfig(), {"name": "sgd", "lr": 0.2}, 300, 1e-6),
         chain=[UnrolledConfig()],
         instances=UnrolledConfig(checkpoint_every=4, truncate=10),
+        prox=[UnrolledConfig(), UnrolledConfig(checkpoint_every=100)],
     ),
     "penalty": Settings(solution=(PenaltyConfig(gamma_max=30.0, lower_lr=0.09, omega_lr=0.09), {"name": "sgd", "lr": 1.0}, 2000, 5e-3)),
     "bo_rep": Settings(solution=(
@@ -151,6 +159,8 @@ def _required(kind: str) -> list[str]:
         needed.append("chain")
     if caps.handles_instances:
         needed.append("instances")
+    if caps.handles_prox_operators:
+        needed.append("prox")
     return needed
 
 
@@ -347,6 +357,37 @@ def test_engines_that_couple_instances_are_refused_on_a_batch(kind: str) -> None
     with pytest.raises(SpecError) as info:
         make_plan(compile_spec(spec_from_data(data)))
     assert any(issue.path == "instances" and "does not support a batch" in issue.message for issue in info.value.issues)
+
+
+# --- proximal terms ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("l2", [None, 0.05], ids=["lasso", "elastic_net"])
+@pytest.mark.parametrize("config, mode", _cases("prox", fast=True, head=2))
+def test_prox_hypergradient_matches_the_closed_form_on_the_active_set(config: Any, mode: str, l2: float | None) -> None:
+    from problems.sparse_hpo import sparse_hpo_spec
+
+    problem = compile_spec(sparse_hpo_spec(l2=l2))
+    with _mode(mode):
+        x = problem.fresh(problem.upper.init)
+        engine = build_engine(config)
+        result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+    exact = lasso_closed_form(0.1, l2 or 0.0)
+    assert 0 < int(exact.active.sum()) < exact.w.numel() and exact.margin > 0  # sparse, strictly complementary
+    assert torch.equal(result.state.lower[0] != 0, exact.active)
+    want = [exact.d_l1] if l2 is None else [exact.d_l1, exact.d_l2]
+    for got, ref in zip(result.grad, want):
+        assert abs(float(got) - float(ref)) < 1e-8 * abs(float(ref))
+    assert float(result.stats.inner_residual) < 1e-8
+
+
+@pytest.mark.parametrize("kind", _with_capability(lambda c: not c.handles_prox_operators))
+def test_engines_without_prox_are_refused_on_a_prox_level(kind: str) -> None:
+    from problems.sparse_hpo import sparse_hpo_spec
+
+    data = {**sparse_hpo_spec().model_dump(mode="json"), "engine": {"kind": kind}}
+    with pytest.raises(SpecError) as info:
+        make_plan(compile_spec(spec_from_data(data)))
+    assert any(issue.path == "levels.lower.variables.w.prox" and "does not differentiate proximal terms" in issue.message
+               for issue in info.value.issues), info.value.issues
 
 
 # --- the fast path, compiled (slow) ----------------------------------------------------------------------

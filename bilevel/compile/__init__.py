@@ -25,10 +25,12 @@ import torch
 
 from bilevel.compile.checks import structure_issues, task_issues
 from bilevel.compile.couplings import couple_levels
+from bilevel.compile.data_order import wire_data_order
 from bilevel.compile.dry_run import dry_run
 from bilevel.compile.instances import instance_specs
 from bilevel.compile.issues import IssueLog
 from bilevel.compile.levels import LevelBuilder
+from bilevel.compile.prox import check_no_prox_with_instances, prox_issues
 from bilevel.problem import Level, Problem, stack
 from bilevel.problem.tasks import TaskSetup, TaskStream, check_task_batch, stack_tasks
 from bilevel.spec.errors import SpecError
@@ -69,6 +71,7 @@ def compile_spec(loaded: LoadedSpec | BilevelSpec, device: str | torch.device | 
     fingerprint = spec_fingerprint(loaded.spec)
     if loaded.spec.instances is None:
         return _compile_one(loaded, device, fingerprint)
+    check_no_prox_with_instances(loaded)
     members = [_compile_one(one, device, fingerprint) for one in instance_specs(loaded)]
     return stack(members, loaded.spec.instances.vary)
 
@@ -93,7 +96,7 @@ def _compile_one(loaded: LoadedSpec, device: str | torch.device | None, fingerpr
     log.raise_any()
     problem = Problem(spec.name, levels, dev, builder.dtype, report, monitor, source=source,
                       memory_budget_mb=spec.run.budget.memory_mb, engine=spec.engine, fingerprint=fingerprint)
-    issues = structure_issues(problem) + task_issues(problem, spec)
+    issues = structure_issues(problem) + task_issues(problem, spec) + prox_issues(spec, problem) + wire_data_order(problem)
     if issues:
         raise SpecError(issues)
     if spec.tasks is not None:

@@ -8,7 +8,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from bilevel.compile.issues import IssueLog
-from bilevel.problem import Level, Prox
+from bilevel.problem import Level, ProximalTerm
 from bilevel.spec.level import LevelSpec
 
 __all__ = ["couple_levels"]
@@ -76,6 +76,6 @@ def couple_levels(log: IssueLog, levels: dict[str, Level], specs: Mapping[str, L
         if spec.prox is not None:
             pairs = _pairs(log, f"{base}.prox.anchor", spec.prox.anchor, level, parent)
             if pairs:
-                changes["prox"] = Prox(spec.prox.lam, pairs)
+                changes["prox"] = ProximalTerm(spec.prox.lam, pairs)
         out[name] = dataclasses.replace(level, **changes)
     return out

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from bilevel.compile.issues import IssueLog
+from bilevel.compile.prox import build_prox
 from bilevel.data import DataStream
 from bilevel.distributed.reduce import current_world
 from bilevel.distributed.shard import replicated_share, shard_rows
@@ -94,6 +95,7 @@ class LevelBuilder:
         modules: dict[str, ModuleBinding] = {}
         transforms = {}
         sets = []
+        proxes = []
         for vname, var in spec.variables.items():
             path = f"{base}.variables.{vname}"
             if isinstance(var, TensorVariable):
@@ -105,12 +107,14 @@ class LevelBuilder:
                 names.append(vname)
                 init.append(value)
                 sets.append(var.set)
+                proxes.append(build_prox(self.log, var, path))
             elif isinstance(var, HyperparameterVariable):
                 transforms[vname], value = make_transform(var, self.device, self.dtype)
                 tensors[vname] = len(init)
                 names.append(vname)
                 init.append(value)
                 sets.append(None)  # the range is kept by the transform
+                proxes.append(None)
             else:
                 module = self.module(name, vname, var, path)
                 if module is None:
@@ -123,6 +127,7 @@ class LevelBuilder:
                     names.append(f"{vname}.{pname}")
                     init.append(param.detach().clone() if constant is None else torch.full_like(param.detach(), constant))
                     sets.append(None)
+                    proxes.append(None)
         objective = self.log.ref(spec.objective, f"{base}.objective")
         if objective is not None:
             objective = self.log.bind(objective, 3, spec.objective_kwargs, f"{base}.objective", "f(upper, lower, batch)")
@@ -170,6 +175,7 @@ class LevelBuilder:
             share=share,
             solution=solution,
             transforms=transforms,
+            proxes=tuple(proxes) if any(p is not None for p in proxes) else (),
         )
 
     def data(self, spec: LevelSpec, path: str, seed: int) -> tuple[DataStream, float] | None:
@@ -201,4 +207,4 @@ class LevelBuilder:
         moved = {
             k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype) for k, v in raw.items()
         }
-        return DataStream(moved, spec.data.batch_size, seed), share
+        return DataStream(moved, spec.data.batch_size, seed, spec.data.order), share

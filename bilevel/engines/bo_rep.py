@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import solve_lower
+from bilevel.engines.inner import solve_lower, stationarity
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
@@ -106,7 +106,7 @@ class BORepEngine(EngineBase):
         grad = tree_sub(grad_x, lin.vjp_x(new_z))
 
         stats = Stats(
-            inner_residual=tree_norm(lin.grad_y).detach(),
+            inner_residual=stationarity(problem, x, y, lin.grad_y),
             linear_residual=(tree_norm(residual) / tree_norm(grad_y).clamp_min(1e-30)).detach(),
             hvp_count=1,
             inner_steps=steps,

@@ -53,6 +53,10 @@ class Capabilities:
     alone: nothing in it couples the instances except through per-instance reductions."""
     max_depth: int | None = 2
     """The deepest chain of levels it solves (2: bilevel problems; None: any depth)."""
+    handles_prox_operators: bool = False
+    """Differentiates a lower level with proximal terms (``prox`` on a variable) exactly: through
+    the proximal steps, or by implicit differentiation of their fixed point. Engines without it
+    would ignore the non-smooth term g in their formulas, and are refused on such a level."""
     graph_safe: bool = False
     """Its call depends on its inputs only through tensors (the state's step counter is only
     counted, never read), so the fast path may capture one CUDA graph for every call of the same

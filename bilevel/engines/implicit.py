@@ -22,16 +22,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
+from torch import Tensor
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import lower_start
+from bilevel.engines.inner import fixed_point_map, lower_start
 from bilevel.engines.nested_implicit import nested_hypergrad, solve_below
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
+from bilevel.linalg.fixed_point import FixedPointLinearization
 from bilevel.linalg.hvp import Linearization, joint_grad
-from bilevel.linalg.solve import make_linear_solver
-from bilevel.linalg.tree import tree_norm, tree_sub
+from bilevel.linalg.result import SolveResult
+from bilevel.linalg.solve import make_fixed_point_solver, make_linear_solver
+from bilevel.linalg.tree import tree_add, tree_norm, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig, LinearSolverSpec
@@ -89,6 +92,7 @@ class ImplicitEngine(EngineBase):
         memory="constant",
         exact_when_converged=True,
         handles_instances=True,
+        handles_prox_operators=True,
         max_depth=None,
         graph_safe=True,
     )
@@ -109,13 +113,18 @@ class ImplicitEngine(EngineBase):
         with execution.reduced_precision(problem):
             lin = Linearization(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y, self.config.hvp)
         grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
-        solve = make_linear_solver(self.config.linear_solver, solver_spec.lr, problem.instances)
-        with execution.reduced_precision(problem):
-            result = solve(lin, grad_y, state.v)
-            grad = tree_sub(grad_x, lin.vjp_x(result.solution))
+        if lower.nonsmooth:  # sets or proximal terms: differentiate the fixed point y = P(y - eta grad_y G)
+            with execution.reduced_precision(problem):
+                grad, result, residual = _fixed_point_hypergrad(problem, self.config.linear_solver, lin, grad_x, grad_y, state.v)
+        else:
+            solve = make_linear_solver(self.config.linear_solver, solver_spec.lr, problem.instances)
+            with execution.reduced_precision(problem):
+                result = solve(lin, grad_y, state.v)
+                grad = tree_sub(grad_x, lin.vjp_x(result.solution))
+            residual = tree_norm(lin.grad_y).detach()
 
         stats = Stats(
-            inner_residual=tree_norm(lin.grad_y).detach(),
+            inner_residual=residual,
             # with a batch of instances, the worst instance's residual
             linear_residual=result.residual.detach().amax(),
             hvp_count=result.matvecs,
@@ -158,7 +167,11 @@ class ImplicitEngine(EngineBase):
                 f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
                 f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
             )
-        return Proposal(ImplicitConfig(linear_solver=solver), reasons)
+        return Proposal(ImplicitConfig(linear_solver=solver), [*reasons, *_fixed_point_reasons(facts)])
+
+    @classmethod
+    def explain(cls, config: ImplicitConfig, facts: ProblemFacts) -> Proposal:
+        return Proposal(config, _fixed_point_reasons(facts))
 
     @classmethod
     def refusals(cls, config: ImplicitConfig, facts: ProblemFacts) -> list[tuple[str, str]]:
@@ -167,9 +180,38 @@ class ImplicitEngine(EngineBase):
             out += [(path, "the implicit engine differentiates the lower solution, which does not depend on where its solve"
                            " starts: through init_from alone the meta-gradient is identically zero. Declare prox (iMAML:"
                            f" levels.{facts.lower_level}.prox) or use the unrolled engine (MAML)") for path in facts.init_from]
+        if facts.depth > 2 and facts.lower_sets:
+            out.append((facts.lower_sets[0], "the nested implicit engine differentiates the unconstrained stationarity"
+                        " condition grad G = 0 of each level, which does not hold where a variable sits on the boundary of"
+                        " its set; the fixed point of projected steps is differentiated for two levels only. Use the"
+                        " unrolled engine (it differentiates through the projections)"))
         if facts.instances and config.linear_solver.method == "direct":
             out.append(("engine.linear_solver.method", "the direct solve does not support a batch of instances; use cg"))
         return out
+
+
+def _fixed_point_reasons(facts: ProblemFacts) -> list[str]:
+    """Why a lower level with sets or proximal terms is differentiated as a fixed point."""
+    declared = [*facts.lower_sets, *facts.prox_operators]
+    if not declared or facts.depth > 2:
+        return []
+    return [f"{', '.join(declared)}: the lower solution is the fixed point y = P(y - eta grad_y G) of the projected /"
+            " proximal gradient step, not a zero of grad_y G; the implicit engine differentiates that fixed point"
+            " ((I - d_yT)^T w = grad_y F, active-set aware: entries held at a bound or at zero do not move)"]
+
+
+def _fixed_point_hypergrad(
+    problem: Problem, spec: LinearSolverSpec, lin: Linearization, grad_x: Params, grad_y: Params, v0: Params | None
+) -> tuple[Params, SolveResult, Tensor]:
+    """dF/dx = grad_x F + (d_xT)^T w with (I - d_yT)^T w = grad_y F, for the fixed-point map
+    T(x, y) = P(x, y - eta grad_y G) of a lower level with sets or proximal terms
+    (``bilevel.linalg.fixed_point``); also the solve's result and the fixed-point residual.
+    eta: the Neumann step when one is set (the series needs eta < 2/L), else the inner lr; the
+    derivative of the fixed point does not depend on it."""
+    eta = spec.neumann_lr if spec.method == "neumann" and spec.neumann_lr is not None else problem.lower.solver.lr
+    fp = FixedPointLinearization(lin, lambda xx, zz: fixed_point_map(problem, xx, zz, eta), eta, spec.ridge)
+    result = make_fixed_point_solver(spec, problem.instances)(fp, grad_y, v0)
+    return tree_add(grad_x, fp.vjp_x(result.solution)), result, fp.residual
 
 
 def _nested_refusals(config: ImplicitConfig) -> dict[str, str]:

@@ -24,8 +24,10 @@ __all__ = [
     "inner_step",
     "lower_start",
     "lower_steps",
+    "proximal_step",
     "solve_lower",
     "start_state",
+    "stationarity",
 ]
 
 
@@ -55,8 +57,9 @@ def inner_step(
     derivative in y even when x was computed from y (a warm start in nested unrolling), and it does
     not walk x's graph history (grad_and_value's stop_at; nothing changes when x are leaves)."""
     grads, _ = grad_and_value(lambda yy: problem.lower_objective(x, yy, batch), y, create_graph=create_graph, stop_at=x)
-    new_y, new_state = optimizer.step(y, grads, state, problem.tuned_hyperparameters(x, optimizer.spec.tuned))
-    return problem.lower.project(new_y), new_state, grads
+    hyper = problem.tuned_hyperparameters(x, optimizer.spec.tuned)
+    new_y, new_state = optimizer.step(y, grads, state, hyper)
+    return proximal_step(problem, optimizer, x, new_y, hyper), new_state, grads
 
 
 def solve_lower(
@@ -106,8 +109,53 @@ def lower_steps(
             grads = sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)))
             # inputs detached and grads graph-free: the optimizer step records nothing
             y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
-            y = lower.project(y)
+            y = proximal_step(problem, optimizer, x, y, hyper)
     return tuple(p.detach() for p in y), tuple(s.detach() for s in state), grads
+
+
+def proximal_step(
+    problem: Problem, optimizer: InnerOptimizer, x: Params, y: Params, hyper: Mapping[str, torch.Tensor] | None = None
+) -> Params:
+    """What follows the optimizer's update of the lower level: the projection onto its sets, and
+    for a level with proximal terms prox_{lr g} at the step size lr (tuned by ``hyper`` when it is):
+    with sgd, y <- P(y - lr grad G) is proximal gradient descent (ISTA)."""
+    lower = problem.lower
+    if not lower.proxes:
+        return lower.project(y)
+    step = hyper["lr"] if hyper and "lr" in hyper else optimizer.spec.lr
+    return lower.prox_step(y, step, problem.upper.view(x))
+
+
+def fixed_point_map(problem: Problem, x: Params, z: Params, step: float) -> Params:
+    """P(x, z) of the lower level's fixed-point map T(x, y) = P(x, y - step grad_y G(x, y)): its
+    proximal operators at ``step`` and projections (``proximal_step`` at a given step)."""
+    lower = problem.lower
+    if not lower.proxes:
+        return lower.project(z)
+    return lower.prox_step(z, step, problem.upper.view(x))
+
+
+def stationarity(problem: Problem, x: Params, y: Params, grads: Params) -> torch.Tensor:
+    """How far y is from a lower solution, from the gradient grad_y G at y: ||grad_y G|| for a
+    smooth level; for a level with sets or proximal terms the fixed-point residual of the
+    projected / proximal gradient step at the inner step size eta,
+
+        ||y - P(y - eta grad_y G)|| / eta,
+
+    which is ||grad_y G|| where no constraint is active and 0 exactly at a solution (the plain
+    gradient norm is not 0 there). Detached."""
+    if not problem.lower.nonsmooth:
+        return tree_norm(grads).detach()
+    with torch.no_grad():
+        eta = _fixed_point_step(problem)
+        xs, ys = tuple(p.detach() for p in x), tuple(p.detach() for p in y)
+        stepped = fixed_point_map(problem, xs, tuple(p - eta * g.detach() for p, g in zip(ys, grads)), eta)
+        return tree_norm(tuple((p - q) / eta for p, q in zip(ys, stepped)))
+
+
+def _fixed_point_step(problem: Problem) -> float:
+    """The step eta of the fixed-point residual: the inner solver's constant lr."""
+    return float(problem.lower.solver.lr)
 
 
 def closed_form_solution(problem: Problem, x: Params, y: Params, batch: Any) -> Params:
@@ -120,9 +168,9 @@ def closed_form_solution(problem: Problem, x: Params, y: Params, batch: Any) -> 
 
 
 def inner_residual(problem: Problem, x: Params, y: Params, batch: Any) -> torch.Tensor:
-    """||grad_y G(x, y)||, detached."""
+    """||grad_y G(x, y)|| (with sets or proximal terms: the fixed-point residual, ``stationarity``), detached."""
     leaves = tuple(p.detach().requires_grad_(True) for p in y)
     xs = tuple(p.detach() for p in x)
     with torch.enable_grad():
         grads, _ = grad_and_value(lambda yy: problem.lower_objective(xs, yy, batch), leaves)
-    return tree_norm(grads).detach()
+    return stationarity(problem, xs, y, grads)

@@ -31,12 +31,13 @@ import torch
 from pydantic import Field
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
+from bilevel.engines.inner import stationarity
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
 from bilevel.linalg.project import project_affine
-from bilevel.linalg.tree import tree_add, tree_axpy, tree_norm, tree_scale, tree_sub
+from bilevel.linalg.tree import tree_add, tree_axpy, tree_scale, tree_sub
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
 
@@ -145,7 +146,7 @@ class LVHBAEngine(EngineBase):
             z = self._box(problem, tuple(zz + cfg.z_lr * (m - zz) / cfg.gamma2 for zz, m in zip(z, lam)))
 
         stats = Stats(
-            inner_residual=tree_norm(g_y).detach(),
+            inner_residual=stationarity(problem, x, y, g_y),
             linear_residual=None,
             hvp_count=0,
             inner_steps=1,

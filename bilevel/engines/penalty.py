@@ -26,12 +26,12 @@ import torch
 from pydantic import Field
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import solve_lower
+from bilevel.engines.inner import solve_lower, stationarity
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
-from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
+from bilevel.linalg.tree import tree_axpy, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
@@ -126,7 +126,7 @@ class PenaltyEngine(EngineBase):
             y = lower.project(tree_axpy(-lower_lr, d_y, y))
 
         stats = Stats(
-            inner_residual=tree_norm(g_y).detach(),
+            inner_residual=stationarity(problem, x, state.lower, g_y),
             linear_residual=None,
             hvp_count=0,
             inner_steps=config.omega_steps,

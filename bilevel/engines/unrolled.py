@@ -104,6 +104,7 @@ class UnrolledEngine(EngineBase):
         memory="horizon",
         through_optimizer=True,
         handles_instances=True,
+        handles_prox_operators=True,
         max_depth=None,
         graph_safe=True,
     )
@@ -177,8 +178,10 @@ class UnrolledEngine(EngineBase):
         *grad_x, upper_loss = sum_over_ranks((*grad_x, upper_loss.detach()))
         y_final = tuple(p.detach() for p in y_end)
         stats = Stats(
-            # the last gradient the inner loop evaluated (at y_{T-1}): free, unlike one more evaluation at y_T
-            inner_residual=tree_norm(last_grads).detach() if last_grads is not None else inner_residual(problem, x, y_final, lower.batch()),
+            # the last gradient the inner loop evaluated (at y_{T-1}): free, unlike one more evaluation at y_T; with sets or
+            # proximal terms the fixed-point residual at y_T (the gradient norm is no measure of convergence there)
+            inner_residual=(tree_norm(last_grads).detach() if last_grads is not None and not lower.nonsmooth
+                            else inner_residual(problem, x, y_final, lower.batch())),
             linear_residual=None,
             hvp_count=differentiated,
             inner_steps=steps,

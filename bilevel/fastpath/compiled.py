@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bilevel.engines.inner import proximal_step
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 
@@ -33,7 +34,7 @@ def first_order_step(
     projection of ``solve_lower``, with the gradient taken by ``torch.func.grad``."""
     grads = torch.func.grad(lambda yy: problem.lower_objective(x, yy, batch))(tuple(y))
     new_y, new_state = optimizer.step(y, grads, state, hyper)
-    return problem.lower.project(tuple(new_y)), tuple(new_state)
+    return proximal_step(problem, optimizer, x, tuple(new_y), hyper), tuple(new_state)
 
 
 class CompiledInnerLoop:

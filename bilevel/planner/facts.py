@@ -103,6 +103,10 @@ class ProblemFacts:
     """Tasks per outer step of a meta-learning problem (None: not one); ``instances`` then counts them."""
     shape: str = ""
     """The levels as text ("top -> middle -> bottom", or "top -> (a, b)" for a tree)."""
+    lower_sets: tuple[str, ...] = ()
+    """Dotted paths of the sets declared on the variables of the levels below the top."""
+    prox_operators: tuple[str, ...] = ()
+    """Dotted paths of the proximal terms declared on the variables of the levels below the top."""
     nested_unrolled_memory_mb: float = 0.0
     """Rough graph memory of nested unrolling: every step stored, each with about four copies
     of its level's variables and activations the size of its batch."""
@@ -158,6 +162,7 @@ class ProblemFacts:
             tasks=problem.instances if problem.resamples_tasks else None,
             nested_unrolled_memory_mb=nested,
             shape=problem.shape,
+            **_nonsmooth_facts(chain[1:]),
         )
 
     @property
@@ -189,6 +194,20 @@ class ProblemFacts:
         """The optimizer steps of one nested hypergradient, in total and per lower level."""
         parts = [f"{count} at {name}" for name, count in zip(self.levels[1:], self.steps_per_hypergradient[1:])]
         return f"{sum(self.steps_per_hypergradient)} ({', '.join(parts)})"
+
+
+def _nonsmooth_facts(below: tuple[Level, ...]) -> dict[str, Any]:
+    """The sets and proximal terms of the levels below the top, at their dotted paths."""
+    sets: list[str] = []
+    proxes: list[str] = []
+    for level in below:
+        base = f"levels.{level.name}.variables"
+        for name, i in level.tensors.items():
+            if level.sets and level.sets[i] is not None:
+                sets.append(f"{base}.{name}.set")
+            if level.proxes and level.proxes[i] is not None:
+                proxes.append(f"{base}.{name}.prox")
+    return {"lower_sets": tuple(sets), "prox_operators": tuple(proxes)}
 
 
 def _architecture_facts(problem: Problem) -> dict[str, Any]:

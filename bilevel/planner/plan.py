@@ -161,6 +161,10 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
         what, path = ("tasks", "tasks") if facts.tasks else ("instances", "instances")
         issues.append(source.issue(path, f"the {kind} engine does not support a batch of {what}; engines that do:"
                                          f" {', '.join(_able(lambda c: c.handles_instances))}"))
+    if facts.prox_operators and not caps.handles_prox_operators:
+        issues.append(source.issue(facts.prox_operators[0], f"the {kind} engine does not differentiate proximal terms (its"
+                                   " formulas see the smooth objective only); engines that do:"
+                                   f" {', '.join(_able(lambda c: c.handles_prox_operators))}"))
     issues += [source.issue(path, why) for path, why in engine_class(kind).refusals(config, facts)]
     if issues:
         raise SpecError(issues)

@@ -20,8 +20,8 @@ with that error instead of trying the next rule.
     20        nonconvex             a nonconvex lower level                    are first order and accept it
     0         fallback              always                                     go through the optimizer (convexity accepted)
 
-Every rule also requires an engine that solves the problem's depth and, for a batch of
-instances, keeps the instances apart."""
+Every rule also requires an engine that solves the problem's depth, for a batch of instances
+keeps the instances apart, and for a lower level with proximal terms differentiates them."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def _accepts_convexity(caps: Capabilities, facts: ProblemFacts) -> bool:
 
 def admitted(caps: Capabilities, facts: ProblemFacts) -> bool:
     """What every rule requires of an engine: the problem's depth, and a batch of instances kept apart."""
-    return caps.solves_depth(facts.depth) and (not facts.instances or caps.handles_instances)
+    return (caps.solves_depth(facts.depth) and (not facts.instances or caps.handles_instances)
+            and (not facts.prox_operators or caps.handles_prox_operators))
 
 
 RULES: tuple[Rule, ...] = tuple(sorted((

@@ -7,7 +7,7 @@ of levels from the top down, and batches of instances stacked into one problem.
 
 from __future__ import annotations
 
-from bilevel.problem.level import Constraint, Level, ModuleBinding, Params, Prox, VariableView, merge_levels, project_onto
+from bilevel.problem.level import Constraint, Level, ModuleBinding, Params, Prox, ProximalTerm, VariableView, merge_levels, project_onto
 from bilevel.problem.problem import Problem
 from bilevel.problem.stack import StackedDataStream, StackedInstances, stack
 
@@ -18,6 +18,7 @@ __all__ = [
     "Params",
     "Problem",
     "Prox",
+    "ProximalTerm",
     "StackedDataStream",
     "StackedInstances",
     "VariableView",

@@ -19,10 +19,11 @@ from torch.func import functional_call
 from bilevel.data import DataStream
 from bilevel.hyperparameters import IDENTITY, Drawn, VariableTransform
 from bilevel.linalg.project import project_simplex
+from bilevel.prox import Prox
 from bilevel.spec.constraints import BoxSet, SimplexSet
 from bilevel.spec.level import Assumptions, OptimizerSpec
 
-__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Prox", "VariableView", "merge_levels", "project_onto"]
+__all__ = ["Constraint", "Level", "ModuleBinding", "Params", "Prox", "ProximalTerm", "VariableView", "merge_levels", "project_onto"]
 
 Params = tuple[Tensor, ...]
 """A level's variables as a flat tuple of tensors, in the order of Level.param_names."""
@@ -112,7 +113,7 @@ class Constraint:
 
 
 @dataclass(frozen=True)
-class Prox:
+class ProximalTerm:
     """A compiled proximal term lam/2 ||y - anchor||^2: (lower index, upper index) pairs of the
     flat tuples it ties together."""
 
@@ -148,7 +149,7 @@ class Level:
     init_from: tuple[tuple[int, int], ...] = ()
     """(index in this level's flat tuple, index in the parent's) pairs: every solve starts these
     variables at the parent's values (``init_from`` in the spec; MAML)."""
-    prox: Prox | None = None
+    prox: ProximalTerm | None = None
     """A proximal term tying this level's variables to the parent's (``prox`` in the spec; iMAML)."""
     stacked: bool = False
     """The variables carry a leading dimension of independent instances (``bilevel.problem.stack``):
@@ -164,6 +165,25 @@ class Level:
     transforms: dict[str, VariableTransform] = field(default_factory=dict)
     """Tensor variable -> its map from the raw tensor to the value user code sees (hyperparameter
     variables); the others are the identity."""
+    proxes: tuple[Prox | None, ...] = ()
+    """Per flat tensor: the proximal operator of the non-smooth term declared on it (``prox``),
+    or None; empty when the level declares none (``bilevel.prox``)."""
+
+    @property
+    def nonsmooth(self) -> bool:
+        """Some variable declares a set or a prox: the lower solution is then a fixed point of the
+        projected / proximal gradient step, y = T(y) = P(y - eta grad_y G), not a zero of grad_y G."""
+        return any(s is not None for s in self.sets) or any(p is not None for p in self.proxes)
+
+    def prox_step(self, params: Params, step: float | Tensor | tuple[Tensor, ...], upper: VariableView) -> Params:
+        """P(params): each declared prox_{step g} (strengths read from ``upper``; ``step`` one per
+        tensor for per-entry learning rates), then the projection onto each declared set;
+        ``project`` when no prox is declared."""
+        if not any(p is not None for p in self.proxes):
+            return self.project(params)
+        steps = step if isinstance(step, tuple) else (step,) * len(params)
+        return tuple(project_onto(value if prox is None else prox(upper, value, s), where)
+                     for value, prox, s, where in zip(params, self.proxes, steps, self.sets or (None,) * len(params)))
 
     def transform(self, name: str) -> VariableTransform:
         """The raw -> value map of tensor variable ``name`` (identity for a plain tensor)."""

@@ -65,6 +65,10 @@ class StackedDataStream:
         batches = [s.next() for s in self.streams]
         return {name: torch.stack([b[name] for b in batches]) for name in self.in_dims}
 
+    def begin_outer_step(self) -> None:
+        for stream in self.streams:
+            stream.begin_outer_step()
+
     def example_numel(self) -> int:
         """Scalars of one example of all instances together (the planner's memory estimate)."""
         n = len(self.streams)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bilevel.data import begin_outer_step
 from bilevel.engines.results import Hypergrad
 from bilevel.linalg.tree import tree_norm
 from bilevel.runtime.outer import scheduled_lr
@@ -44,6 +45,7 @@ def outer_step(session: Session, tracked: TrackedUpper, step: int, total: int) -
     """Outer step ``step`` of ``total`` (0-based) on the session, which it updates in place."""
     problem, engine = session.problem, session.engine
     upper = problem.upper
+    begin_outer_step(level.data for level in problem.chain)  # held batches (data.order) are drawn anew
     result = engine.hypergrad(problem, session.x, session.state, upper.batch())
     if result.stop is not None:  # the engine's own criterion ends the run: no step for this call
         session.state = result.state

@@ -22,6 +22,7 @@ from bilevel.spec.level import (
 )
 from bilevel.spec.load import LoadedSpec, apply_overrides, load_spec, spec_from_data
 from bilevel.spec.problem import BilevelSpec, level_graph
+from bilevel.spec.prox import CustomProx, ElasticNetProx, GroupLassoProx, L1Prox, ProxOperator
 from bilevel.spec.run import BudgetSpec, DistributedSpec, RunSpec
 from bilevel.spec.search_space import (
     ArchitectureVariable,
@@ -44,12 +45,16 @@ __all__ = [
     "CellSpec",
     "ConstraintSpec",
     "ConvSearchSpace",
+    "CustomProx",
     "DataSpec",
     "EngineConfig",
     "DistributedSpec",
+    "ElasticNetProx",
     "FastPathMode",
+    "GroupLassoProx",
     "HyperparameterVariable",
     "InstancesSpec",
+    "L1Prox",
     "LevelSpec",
     "LinearSolverSpec",
     "LoadedSpec",
@@ -57,6 +62,7 @@ __all__ = [
     "ModuleVariable",
     "OptimizerSpec",
     "PrecisionSpec",
+    "ProxOperator",
     "RetrainSpec",
     "RunSpec",
     "SearchSpace",

@@ -9,6 +9,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
+from bilevel.spec.prox import ProxOperator
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 from bilevel.spec.tasks import ProxSpec
 
@@ -42,6 +43,12 @@ class TensorVariable(SpecModel):
     set: VariableSet | None = None
     """Simple set the variable is projected onto after each update: {kind: box, low, high} (the
     default kind) or {kind: simplex, radius}. None: unconstrained."""
+    prox: ProxOperator | None = None
+    """Lower levels: a non-smooth convex term g of the level's objective on this variable, given by
+    its proximal operator ({kind: l1, strength: lam}, elastic_net, group_lasso, or custom); the
+    objective function returns the smooth part only, and the inner solver (sgd) takes proximal
+    gradient steps. A strength may name an upper tensor variable (its hypergradient is then
+    computed through the prox). See docs/concepts.md#non-smooth-lower-levels. None: smooth."""
 
     @model_validator(mode="after")
     def _kwargs_need_a_reference(self) -> "TensorVariable":
@@ -96,6 +103,14 @@ class DataSpec(SpecModel):
     batch_size: Annotated[int, Field(ge=1)] | None = None
     """Examples per minibatch; None uses the whole data set as one (deterministic) batch. In a
     data-parallel run: examples per minibatch on each rank, drawn from its shard."""
+    order: Literal["shuffled", "per_outer_step", "paired"] = "shuffled"
+    """Which minibatch each use of the level's data gets. shuffled: the next one of the level's own
+    shuffled epochs at every draw: a fresh batch at each inner step (and for the linearization).
+    per_outer_step: one minibatch per outer step, used by every inner step and product of that
+    step (the inner loops of TorchOpt's and higher's tests). paired (a lower level): at outer step
+    k, the examples at the indices of the top level's batch k, held for the step; with the same
+    data source both levels see the same batch k. The top level draws once per outer step
+    whatever its order. See docs/concepts.md#data-order."""
     shard: bool = True
     """Data-parallel runs (torchrun): split the examples (the rows of every tensor) over the ranks,
     so that each holds one shard. False: every rank holds the whole data, for data that are not a
@@ -117,7 +132,12 @@ class OptimizerSpec(SpecModel):
     betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     """Adam's moment decay rates."""
     eps: Annotated[float, Field(gt=0)] = 1e-8
-    """Adam's denominator floor."""
+    """Adam's denominator floor, added after the square root: lr m_hat / (sqrt(v_hat + eps_root) + eps)."""
+    eps_root: Annotated[float, Field(ge=0)] = 0.0
+    """Adam: added to v_hat inside the square root (TorchOpt's and optax's eps_root). 0 (the
+    torch.optim.Adam form): at entries whose gradient has been exactly zero so far the derivative
+    of the square root is taken as 0, which is exact there (docs/engines/unrolled.md); > 0 makes
+    the update smooth in the gradient everywhere, a slightly different optimizer."""
     warm_start: bool = True
     """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
