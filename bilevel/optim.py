@@ -6,6 +6,10 @@ so the same code runs without a graph (implicit engine) and is differentiated th
     momentum:  m <- mu m + g;  y <- y - lr m                       (heavy ball, Polyak 1964)
     adam:      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
                y <- y - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)   (Kingma & Ba 2015)
+
+Two options add state after the optimizer's own (``bilevel.optim_extras``): a step count when a
+tuned hyperparameter is a schedule (adam's own count serves), and hypergradient descent's
+learning rate and previous direction (Baydin et al. 2018).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from bilevel.optim_extras import Extras
 from bilevel.spec.level import OptimizerSpec
 
 __all__ = ["InnerOptimizer"]
@@ -28,8 +33,12 @@ class InnerOptimizer:
 
     def __init__(self, spec: OptimizerSpec):
         self.spec = spec
+        self.extras = Extras(spec)
 
     def init(self, params: Sequence[Tensor]) -> Tree:
+        return (*self._init(params), *self.extras.init(params))
+
+    def _init(self, params: Sequence[Tensor]) -> Tree:
         name = self.spec.name
         if name == "sgd":
             return ()
@@ -45,16 +54,29 @@ class InnerOptimizer:
         """One update; returns (new params, new state). No in-place ops on inputs.
 
         ``hyper`` replaces the spec's lr / momentum by (differentiable) scalar tensors: the values
-        of the upper variables named in ``spec.tuned``."""
-        spec = self.spec
+        of the upper variables named in ``spec.tuned`` (a schedule's entry for this step, with
+        ``spec.tuned_schedule``)."""
+        spec, extras = self.spec, self.extras
         params, grads = list(params), list(grads)
+        if extras:
+            own, extra = extras.split(tuple(state), len(params))
+            hyper, adapted = extras.before(own, extra, grads, hyper)
+            new, new_own, direction = self._step(params, grads, own, hyper)
+            return new, (*new_own, *extras.after(extra, direction, adapted))
+        new, new_state, _ = self._step(params, grads, tuple(state), hyper)
+        return new, new_state
+
+    def _step(self, params: list[Tensor], grads: list[Tensor], state: Tree, hyper: Mapping[str, Tensor] | None
+              ) -> tuple[Tree, Tree, Sequence[Tensor]]:
+        """(new params, new own state, the direction u of y <- y - lr u)."""
+        spec = self.spec
         lr = spec.lr if not hyper or "lr" not in hyper else hyper["lr"]
         if spec.name == "sgd":
-            return tuple(_add_scaled(params, grads, -lr)), ()
+            return tuple(_add_scaled(params, grads, -lr)), (), grads
         if spec.name == "momentum":
             momentum = spec.momentum if not hyper or "momentum" not in hyper else hyper["momentum"]
             velocity = torch._foreach_add(_scaled(list(state), momentum), grads)
-            return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity)
+            return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity), velocity
         n = len(params)
         b1, b2 = spec.betas
         m, v, count = list(state[:n]), list(state[n : 2 * n]), state[2 * n]
@@ -70,7 +92,7 @@ class InnerOptimizer:
         denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
         update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
         new = _add_scaled(params, update, -lr)
-        return tuple(new), (*m, *v, count)
+        return tuple(new), (*m, *v, count), update
 
 
 def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:

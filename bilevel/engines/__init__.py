@@ -10,6 +10,7 @@ from __future__ import annotations
 from bilevel.engines.base import EAGER, Capabilities, Engine, EngineBase, EngineState, Execution, Hypergrad, Proposal, Stats
 from bilevel.engines.bo_rep import BORepConfig, BORepEngine, BORepState
 from bilevel.engines.darts import DartsConfig, DartsEngine, DartsState
+from bilevel.engines.forward import ForwardConfig, ForwardEngine, ForwardState
 from bilevel.engines.implicit import ImplicitConfig, ImplicitEngine, ImplicitState
 from bilevel.engines.lv_hba import LVHBAConfig, LVHBAEngine, LVHBAState
 from bilevel.engines.penalty import PenaltyConfig, PenaltyEngine, PenaltyState
@@ -46,6 +47,9 @@ __all__ = [
     "EngineConfig",
     "EngineState",
     "Execution",
+    "ForwardConfig",
+    "ForwardEngine",
+    "ForwardState",
     "Hypergrad",
     "ImplicitConfig",
     "ImplicitEngine",

@@ -195,7 +195,7 @@ class Problem:
         if not tuned:
             return {}
         upper = self.upper.view(x)
-        return {name: upper[variable].reshape(()) for name, variable in tuned.items()}
+        return {name: _tuned_value(upper[variable]) for name, variable in tuned.items()}
 
     def hyperparameters(self, k: int, above: Sequence[Sequence[Tensor]]) -> dict[str, Tensor]:
         """Level k's tuned optimizer hyperparameters (lr, momentum), read from the levels above."""
@@ -205,7 +205,7 @@ class Problem:
         values: dict[str, Any] = {}
         for level, p in zip(self.chain[:k], above):
             values.update(level.items(p))
-        return {name: values[var].reshape(()) for name, var in tuned.items()}
+        return {name: _tuned_value(values[var]) for name, var in tuned.items()}
 
     def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
         """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
@@ -215,6 +215,11 @@ class Problem:
     def fresh(self, params: Params, requires_grad: bool = False) -> Params:
         """Detached copies of ``params`` (leaves; requiring grad when asked)."""
         return tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
+
+
+def _tuned_value(value: Tensor) -> Tensor:
+    """A tuned hyperparameter's value: a scalar, or the K entries of a schedule (solver.tuned_schedule)."""
+    return value.reshape(()) if value.numel() == 1 else value.reshape(-1)
 
 
 def _view(parts: list[tuple[Level, Sequence[Tensor], Any]]) -> VariableView:
