@@ -15,6 +15,7 @@ learning rate and previous direction (Baydin et al. 2018).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,7 +76,7 @@ class InnerOptimizer:
             return tuple(_add_scaled(params, grads, -lr)), (), grads
         if spec.name == "momentum":
             momentum = spec.momentum if not hyper or "momentum" not in hyper else hyper["momentum"]
-            velocity = torch._foreach_add(_scaled(list(state), momentum), grads)
+            velocity = _foreach.add(_scaled(list(state), momentum), grads)
             return tuple(_add_scaled(params, velocity, -lr)), tuple(velocity), velocity
         n = len(params)
         b1, b2 = spec.betas
@@ -85,14 +86,36 @@ class InnerOptimizer:
         # meets the backward of torch._foreach_div(list, Tensor) with a Tensor that requires grad
         # ("inconsistent range for TensorList output", torch 2.13)
         count = count.detach() + 1
-        m = torch._foreach_add(torch._foreach_mul(m, b1), grads, alpha=1 - b1)
-        v = torch._foreach_add(torch._foreach_mul(v, b2), torch._foreach_mul(grads, grads), alpha=1 - b2)
+        m = _foreach.add(_foreach.mul(m, b1), grads, alpha=1 - b1)
+        v = _foreach.add(_foreach.mul(v, b2), _foreach.mul(grads, grads), alpha=1 - b2)
         correction1 = 1 - b1**count
         correction2 = 1 - b2**count
-        denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, correction2)), spec.eps)
-        update = torch._foreach_div(torch._foreach_div(m, correction1), denom)
+        denom = _foreach.add(_foreach.sqrt(_foreach.div(v, correction2)), spec.eps)
+        update = _foreach.div(_foreach.div(m, correction1), denom)
         new = _add_scaled(params, update, -lr)
         return tuple(new), (*m, *v, count), update
+
+
+class _Foreach:
+    """``_foreach.add(...)`` is ``torch._foreach_add(...)`` (one fused call over the list), or the
+    same op tensor by tensor where a torch.func transform wraps the tensors: vmap has no batching
+    rule for foreach lists (the zero-order engine evaluates a batch of perturbations), and the
+    transforms trace single ops as well."""
+
+    def __getattr__(self, name: str) -> Any:
+        fused, single = getattr(torch, f"_foreach_{name}"), getattr(torch, name)
+
+        def apply(first: list[Tensor], *args: Any, **kwargs: Any) -> list[Tensor]:
+            lists = [first, *(a for a in args if isinstance(a, (list, tuple)))]
+            if not any(t and torch._C._functorch.is_functorch_wrapped_tensor(t[0]) for t in lists):
+                return fused(first, *args, **kwargs)
+            rest = [a if isinstance(a, (list, tuple)) else [a] * len(first) for a in args]
+            return [single(t, *others, **kwargs) for t, *others in zip(first, *rest)]
+
+        return apply
+
+
+_foreach = _Foreach()
 
 
 def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
@@ -101,11 +124,11 @@ def _scaled(a: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
     ("inconsistent range for TensorList output", torch 2.13), which a module variable always is."""
     if isinstance(alpha, Tensor):
         return [t * alpha for t in a]
-    return torch._foreach_mul(a, alpha)
+    return _foreach.mul(a, alpha)
 
 
 def _add_scaled(a: list[Tensor], b: list[Tensor], alpha: float | Tensor) -> list[Tensor]:
     """a + alpha b, with alpha a number or a 0-d tensor (then differentiable in alpha)."""
     if isinstance(alpha, Tensor):
-        return torch._foreach_add(a, _scaled(b, alpha))
-    return torch._foreach_add(a, b, alpha=alpha)
+        return _foreach.add(a, _scaled(b, alpha))
+    return _foreach.add(a, b, alpha=alpha)

@@ -28,6 +28,7 @@ from bilevel.engines.registry import (
 )
 from bilevel.engines.stn import StnConfig, StnEngine, StnState
 from bilevel.engines.unrolled import UnrolledConfig, UnrolledEngine
+from bilevel.engines.zero_order import ZeroOrderConfig, ZeroOrderEngine
 from bilevel.spec.engine import AutoEngine, EngineConfig, LinearSolverSpec
 
 load_entry_points()
@@ -71,6 +72,8 @@ __all__ = [
     "StnState",
     "UnrolledConfig",
     "UnrolledEngine",
+    "ZeroOrderConfig",
+    "ZeroOrderEngine",
     "build_engine",
     "engine_capabilities",
     "engine_class",
