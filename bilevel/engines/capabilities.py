@@ -42,6 +42,9 @@ class Capabilities:
     through_optimizer: bool = False
     """Differentiates through the inner optimizer's steps, so optimizer hyperparameters tuned by
     upper variables (lr, momentum) receive hypergradients."""
+    derivative_free: bool = False
+    """Estimates the hypergradient from values of F alone (zero-order): it differentiates neither
+    the objectives nor the inner solver, so a closed-form or external lower solve is used as it is."""
     returns_hypergradient: bool = True
     """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
     direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""

@@ -120,6 +120,7 @@ class ZeroOrderEngine(EngineBase):
         first_order=True,
         handles_discrete=True,
         through_optimizer=True,
+        derivative_free=True,
     )
 
     def __init__(self, config: Any = None):
@@ -137,7 +138,8 @@ class ZeroOrderEngine(EngineBase):
         optimizer = InnerOptimizer(lower.solver)
         y0 = lower_start(problem, state)
         s0 = optimizer.init(y0)
-        batches = [lower.batch() for _ in range(max(lower.solver.steps, 1 if lower.solution is not None else 0))]
+        steps = lower.solver.steps if lower.solver is not None else 0
+        batches = [lower.batch() for _ in range(max(steps, 1 if lower.solution is not None else 0))]
 
         y, _, grads = lower_steps(problem, optimizer, x, y0, s0, batches=batches)
         with torch.no_grad():
@@ -153,7 +155,7 @@ class ZeroOrderEngine(EngineBase):
             else tree_norm(grads).detach(),
             linear_residual=None,
             hvp_count=0,
-            inner_steps=lower.solver.steps,
+            inner_steps=steps,
             extra={"estimate_variance": variance, "lower_solves": float(points.shape[0] + 1)},
         )
         return Hypergrad(_unflatten(direction, x), base, EngineState(y, state.inner_state, state.step + 1), stats)

@@ -129,7 +129,7 @@ def _contradictions(kind: str, caps: Capabilities, facts: ProblemFacts) -> list[
             f"the {kind} engine assumes a lower level that is {' or '.join(caps.lower_convexity)}, but"
             f" levels.{facts.lower_level}.assumptions.convexity = {facts.lower_convexity}: its hypergradient may be wrong"
         )
-    if facts.closed_form and caps.through_optimizer:
+    if facts.closed_form and caps.through_optimizer and not caps.derivative_free:
         warnings.append(
             f"levels.{facts.lower_level}.solution solves the lower level in closed form, but the {kind} engine"
             " differentiates the inner solver's steps (started from that solution); the implicit engine is exact here"
