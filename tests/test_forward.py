@@ -199,3 +199,40 @@ def test_rtho_carries_the_tangents_across_calls() -> None:
                                            reference_problem.upper.batch())
     _assert_same(reference, result)
     assert engine.lower_solution(problem, x, state) is state.lower  # the run as RTHO left it
+
+
+# --- planning -------------------------------------------------------------------------------------
+def test_the_planner_picks_forward_for_a_few_hyperparameters_over_a_long_horizon() -> None:
+    from bilevel import make_plan
+
+    long = make_plan(compile_spec(spec_from_data(_quadratic("momentum", steps=400))))
+    assert long.engine.kind == "forward" and not long.engine.online
+    memory = long.reasons[1]
+    assert "6 upper scalars over a horizon of 400 inner steps" in memory and "MiB whatever the horizon" in memory
+    assert "would store the 400 steps" in memory
+    short = make_plan(compile_spec(spec_from_data(_quadratic("momentum", steps=40))))
+    assert short.engine.kind == "unrolled"  # a short horizon: reverse mode is cheap
+    many = _quadratic("momentum", steps=400)
+    many["levels"]["upper"]["variables"]["x"]["shape"] = [20]
+    many["levels"]["lower"]["data"]["kwargs"]["m"] = 20
+    many["levels"]["upper"]["data"]["kwargs"]["m"] = 20
+    assert make_plan(compile_spec(spec_from_data(many))).engine.kind == "unrolled"  # 23 upper scalars: reverse mode
+
+
+def test_forward_refuses_a_closed_form_lower_level(tmp_path: Any) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from bilevel.cli import app
+    from problems.toy import ridge_spec
+
+    from pathlib import Path
+
+    data = ridge_spec().model_dump(mode="json")
+    data["levels"]["lower"]["solution"] = f"{Path(__file__).parent / 'runtime_data' / 'closed_form.py'}:solution"
+    data["engine"] = {"kind": "forward"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["plan", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "levels.lower.solution" in result.output and "engine: implicit" in result.output and "spec.yaml" in result.output
