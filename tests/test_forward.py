@@ -236,3 +236,21 @@ def test_forward_refuses_a_closed_form_lower_level(tmp_path: Any) -> None:
     result = CliRunner().invoke(app, ["plan", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "levels.lower.solution" in result.output and "engine: implicit" in result.output and "spec.yaml" in result.output
+
+
+def test_rtho_resumes_with_its_tangents(tmp_path: Any) -> None:
+    """The carried tangents are engine state: 3 steps, a checkpoint, 3 more after --resume equal 6 in one go."""
+    from bilevel import run
+
+    def spec(steps: int) -> Any:
+        data = _quadratic("momentum", steps=5, tuned={"lr": "inner_lr", "momentum": "mu"})
+        data["run"] = {**data.get("run", {}), "steps": steps, "checkpoint_every": 3, "dtype": "float64"}
+        data["engine"] = {"kind": "forward", "online": True}
+        data["levels"]["upper"]["solver"] = {"name": "adam", "lr": 0.002}
+        return spec_from_data(data)
+
+    whole = run(spec(6), out=tmp_path / "whole", progress=False)
+    run(spec(3), out=tmp_path / "split", progress=False)
+    resumed = run(spec(6), out=tmp_path / "split", resume=True, progress=False)
+    for a, b in zip(whole.x, resumed.x):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
