@@ -254,3 +254,15 @@ def test_rtho_resumes_with_its_tangents(tmp_path: Any) -> None:
     resumed = run(spec(6), out=tmp_path / "split", resume=True, progress=False)
     for a, b in zip(whole.x, resumed.x):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_schedule_problem_runs_online_and_its_baselines_train(tmp_path: Any) -> None:
+    """problems/schedule: two RTHO updates of (lr, momentum) on the digits MLP, and a hand-tuned baseline."""
+    from bilevel import run
+    from problems.schedule import hand_tuned, schedule_spec
+
+    result = run(schedule_spec(steps=2, delta=5), out=tmp_path, progress=False).result
+    assert result["engine"] == "forward" and result["engine_config"]["online"]
+    assert 0.0 < result["report"]["test_accuracy"] <= 1.0 and result["upper_variables"]["lr"] != 0.01
+    baseline = hand_tuned("cosine", steps=10, grid=(0.03, 0.1))
+    assert baseline["lr"] in (0.03, 0.1) and 0.0 < baseline["test_accuracy"] <= 1.0

@@ -194,3 +194,19 @@ def test_a_sort_and_an_argmax_in_the_objectives() -> None:
     result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
     difference = float((result.grad[0] - through).norm())
     assert difference > 5 * float(result.stats.extra["estimate_variance"]) ** 0.5
+
+
+def test_a_bad_option_is_a_spec_error_at_its_path(tmp_path: Any) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from bilevel.cli import app
+
+    data = quadratic_spec(inner_steps=5).model_dump(mode="json")
+    data["engine"] = {"kind": "zero_order", "method": "central", "samples": 0}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "engine.zero_order.method" in result.output or "engine.method" in result.output, result.output
+    assert "samples" in result.output and "spec.yaml" in result.output
