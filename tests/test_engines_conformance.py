@@ -142,7 +142,7 @@ SETTINGS: dict[str, Settings] = {
     "forward": Settings(
         hypergradient=[ForwardConfig(), ForwardConfig(online=True)],
         solution=(ForwardConfig(online=True), {"name": "sgd", "lr": 0.2}, 300, 1e-6),
-        inner_steps=10,
+        inner_steps=3,
     ),
     # orthogonal antithetic directions, N a multiple of d: exact on the quadratic (F(x, y_T(x)) is
     # quadratic in x), O(sigma^2) on ridge; the run takes 100 outer steps (its cost: 7 lower solves each)
