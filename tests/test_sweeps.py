@@ -112,12 +112,13 @@ def test_default_space_follows_the_spec(tmp_path: Path) -> None:
     space = default_space(spec)
     assert space["outer_lr"].low == pytest.approx(0.005) and space["outer_lr"].high == pytest.approx(0.5)
     assert (space["inner_steps"].low, space["inner_steps"].high) == (10, 80)
-    assert set(space["engine"].choices) == {"implicit", "unrolled"}  # strongly convex: both hypergradient engines
+    assert set(space["engine"].choices) == {"implicit", "unrolled", "forward"}  # strongly convex: the hypergradient engines
     data = spec.model_dump(mode="json")
     data["levels"]["lower"]["assumptions"]["convexity"] = "nonconvex"
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     plan = prepare_sweep(str(tmp_path / "spec.yaml"))  # a spec without a sweep file: the defaults
-    assert [d.name for d in plan.dimensions] == ["outer_lr", "inner_steps"]  # only unrolled fits
+    assert [d.name for d in plan.dimensions] == ["outer_lr", "inner_steps", "engine"]
+    assert set(plan.dimensions[2].param.choices) == {"unrolled", "forward"}  # through the optimizer only; no zero-order
 
 
 def test_the_example_sweep_runs(tmp_path: Path) -> None:

@@ -68,12 +68,16 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
                                                  f" (their tensor variables: {', '.join(above) or 'none'})"))
             elif variable in owner[0].transforms and owner[0].transforms[variable].discrete:
                 issues.append(source.issue(path, f"{variable!r} is a discrete hyperparameter; an optimizer's {hyper} must be continuous"))
+            elif solver.tuned_schedule is not None and hyper in solver.tuned_schedule.hyperparameters:
+                if owner[0].init[owner[1]].dim() != 1:
+                    shape = list(owner[0].init[owner[1]].shape)
+                    issues.append(source.issue(path, f"{variable!r} has shape {shape}; a schedule (solver.tuned_schedule)"
+                                                     " is a vector of shape [K], one entry per block of steps"))
             elif owner[0].init[owner[1]].numel() != 1 and not (hyper == "lr" and [list(owner[0].init[owner[1]].shape)] == shapes):
                 shape = list(owner[0].init[owner[1]].shape)
-                per_entry = (f" (or, for lr, one rate per entry: the shape of {level.name!r}'s only variable)"
-                             if hyper == "lr" else "")
+                per_entry = (f", one rate per entry (the shape of {level.name!r}'s only variable)" if hyper == "lr" else "")
                 issues.append(source.issue(path, f"{variable!r} has shape {shape}; a tuned optimizer hyperparameter must be a"
-                                                 f" scalar{per_entry}"))
+                                                 f" scalar{per_entry}, or a vector read as a schedule (solver.tuned_schedule)"))
     return issues
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from bilevel.engines.base import EAGER, Capabilities, Engine, EngineBase, EngineState, Execution, Hypergrad, Proposal, Stats
 from bilevel.engines.bo_rep import BORepConfig, BORepEngine, BORepState
 from bilevel.engines.darts import DartsConfig, DartsEngine, DartsState
+from bilevel.engines.forward import ForwardConfig, ForwardEngine, ForwardState
 from bilevel.engines.implicit import ImplicitConfig, ImplicitEngine, ImplicitState
 from bilevel.engines.lv_hba import LVHBAConfig, LVHBAEngine, LVHBAState
 from bilevel.engines.penalty import PenaltyConfig, PenaltyEngine, PenaltyState
@@ -27,6 +28,7 @@ from bilevel.engines.registry import (
 )
 from bilevel.engines.stn import StnConfig, StnEngine, StnState
 from bilevel.engines.unrolled import UnrolledConfig, UnrolledEngine
+from bilevel.engines.zero_order import ZeroOrderConfig, ZeroOrderEngine
 from bilevel.spec.engine import AutoEngine, EngineConfig, LinearSolverSpec
 
 load_entry_points()
@@ -46,6 +48,9 @@ __all__ = [
     "EngineConfig",
     "EngineState",
     "Execution",
+    "ForwardConfig",
+    "ForwardEngine",
+    "ForwardState",
     "Hypergrad",
     "ImplicitConfig",
     "ImplicitEngine",
@@ -67,6 +72,8 @@ __all__ = [
     "StnState",
     "UnrolledConfig",
     "UnrolledEngine",
+    "ZeroOrderConfig",
+    "ZeroOrderEngine",
     "build_engine",
     "engine_capabilities",
     "engine_class",

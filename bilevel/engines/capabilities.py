@@ -42,6 +42,9 @@ class Capabilities:
     through_optimizer: bool = False
     """Differentiates through the inner optimizer's steps, so optimizer hyperparameters tuned by
     upper variables (lr, momentum) receive hypergradients."""
+    derivative_free: bool = False
+    """Estimates the hypergradient from values of F alone (zero-order): it differentiates neither
+    the objectives nor the inner solver, so a closed-form or external lower solve is used as it is."""
     returns_hypergradient: bool = True
     """Each call returns an estimate of dF/dx; False for single-loop methods whose per-step
     direction (a penalized gradient, a momentum estimate) is not a hypergradient by itself."""
@@ -57,6 +60,11 @@ class Capabilities:
     """Differentiates a lower level with proximal terms (``prox`` on a variable) exactly: through
     the proximal steps, or by implicit differentiation of their fixed point. Engines without it
     would ignore the non-smooth term g in their formulas, and are refused on such a level."""
+    differentiates_start: bool = False
+    """Takes the meta-gradient through a lower solve that starts at upper variables (``init_from``:
+    MAML's initialization): through the unrolled steps back to their start, or through a proximal
+    term anchoring the lower level (iMAML). Engines without it would drop that path, and are
+    refused on such a level."""
     graph_safe: bool = False
     """Its call depends on its inputs only through tensors (the state's step counter is only
     counted, never read), so the fast path may capture one CUDA graph for every call of the same

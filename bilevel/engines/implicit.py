@@ -93,6 +93,7 @@ class ImplicitEngine(EngineBase):
         exact_when_converged=True,
         handles_instances=True,
         handles_prox_operators=True,
+        differentiates_start=True,
         max_depth=None,
         graph_safe=True,
     )

@@ -105,6 +105,7 @@ class UnrolledEngine(EngineBase):
         through_optimizer=True,
         handles_instances=True,
         handles_prox_operators=True,
+        differentiates_start=True,
         max_depth=None,
         graph_safe=True,
     )

@@ -133,7 +133,7 @@ def _contradictions(kind: str, caps: Capabilities, facts: ProblemFacts) -> list[
             f"the {kind} engine assumes a lower level that is {' or '.join(caps.lower_convexity)}, but"
             f" levels.{facts.lower_level}.assumptions.convexity = {facts.lower_convexity}: its hypergradient may be wrong"
         )
-    if facts.closed_form and caps.through_optimizer:
+    if facts.closed_form and caps.through_optimizer and not caps.derivative_free:
         warnings.append(
             f"levels.{facts.lower_level}.solution solves the lower level in closed form, but the {kind} engine"
             " differentiates the inner solver's steps (started from that solution); the implicit engine is exact here"
@@ -165,6 +165,10 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
         issues.append(source.issue(facts.prox_operators[0], f"the {kind} engine does not differentiate proximal terms (its"
                                    " formulas see the smooth objective only); engines that do:"
                                    f" {', '.join(_able(lambda c: c.handles_prox_operators))}"))
+    if facts.init_from and not caps.differentiates_start:
+        issues.append(source.issue(facts.init_from[0], f"the {kind} engine does not differentiate a lower solve started at"
+                                   " upper variables (it would drop the meta-gradient through the start); engines that do:"
+                                   f" {', '.join(_able(lambda c: c.differentiates_start))}"))
     issues += [source.issue(path, why) for path, why in engine_class(kind).refusals(config, facts)]
     if issues:
         raise SpecError(issues)

@@ -13,7 +13,10 @@ with that error instead of trying the next rule.
     80        constraints           lower-level constraints                    handle (coupled) constraints
     70        gradient_free         discrete / non-differentiable upper vars   handle discrete variables
     60        closed_form           a closed-form lower solution               are exact when converged
-    55        initialization        lower solves start at upper vars (no prox) go through the optimizer
+    56        initialization        lower solves start at upper vars (no prox) go through the optimizer
+    55        online_tuned_step     a tuned inner lr / momentum, at most       go through the optimizer in memory
+                                    16 upper scalars, at least 100 inner       independent of the horizon
+                                    steps per solve (two levels)
     50        tuned_step            a tuned inner lr / momentum                go through the optimizer
     40        unbounded_smoothness  upper smoothness unbounded                 are designed for it (convexity accepted)
     30        strongly_convex       every lower level strongly convex          are exact when converged there
@@ -21,7 +24,8 @@ with that error instead of trying the next rule.
     0         fallback              always                                     go through the optimizer (convexity accepted)
 
 Every rule also requires an engine that solves the problem's depth, for a batch of instances
-keeps the instances apart, and for a lower level with proximal terms differentiates them."""
+keeps the instances apart, for a lower level with proximal terms differentiates them, and for
+a lower level started at upper variables (init_from) differentiates that start."""
 
 from __future__ import annotations
 
@@ -31,7 +35,13 @@ from dataclasses import dataclass
 from bilevel.engines.capabilities import Capabilities
 from bilevel.planner.facts import ProblemFacts
 
-__all__ = ["RULES", "Rule", "admitted"]
+__all__ = ["FEW_UPPER_SCALARS", "LONG_HORIZON", "RULES", "Rule", "admitted"]
+
+FEW_UPPER_SCALARS = 16
+"""Upper scalars up to which forward mode's one Jacobian-vector product per scalar and step is cheap."""
+LONG_HORIZON = 100
+"""Inner steps per solve from which storing every step (reverse mode) costs more than forward
+mode's tangents (one copy of the lower state per upper scalar)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,8 @@ def _accepts_convexity(caps: Capabilities, facts: ProblemFacts) -> bool:
 def admitted(caps: Capabilities, facts: ProblemFacts) -> bool:
     """What every rule requires of an engine: the problem's depth, and a batch of instances kept apart."""
     return (caps.solves_depth(facts.depth) and (not facts.instances or caps.handles_instances)
-            and (not facts.prox_operators or caps.handles_prox_operators))
+            and (not facts.prox_operators or caps.handles_prox_operators)
+            and (not facts.init_from or caps.differentiates_start))
 
 
 RULES: tuple[Rule, ...] = tuple(sorted((
@@ -69,7 +80,10 @@ RULES: tuple[Rule, ...] = tuple(sorted((
          lambda f: (f"levels.{f.upper_level}.variables.{f.gradient_free_hyperparameters[0]}",
                     "no registered engine handles discrete or non-differentiable hyperparameters")),
     Rule("closed_form", 60, lambda f: f.closed_form, lambda c, f: c.exact_when_converged),
-    Rule("initialization", 55, lambda f: bool(f.init_from) and not f.prox, lambda c, f: c.through_optimizer),
+    Rule("initialization", 56, lambda f: bool(f.init_from) and not f.prox, lambda c, f: c.through_optimizer),
+    Rule("online_tuned_step", 55,
+         lambda f: bool(f.tuned_step) and f.depth == 2 and f.n_upper <= FEW_UPPER_SCALARS and f.inner_steps >= LONG_HORIZON,
+         lambda c, f: c.through_optimizer and c.memory == "constant"),
     Rule("tuned_step", 50, lambda f: bool(f.tuned_step_paths), lambda c, f: c.through_optimizer),
     Rule("unbounded_smoothness", 40, lambda f: f.upper_smoothness == "unbounded",
          lambda c, f: c.unbounded_smoothness and _accepts_convexity(c, f)),

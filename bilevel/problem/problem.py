@@ -227,7 +227,7 @@ class Problem(LevelTree):
         values: dict[str, Any] = {}
         for a, p in zip(self.ancestors(k), above):
             values.update(self.chain[a].items(p))
-        return {name: values[var].reshape(()) for name, var in tuned.items()}
+        return {name: _tuned_value(values[var]) for name, var in tuned.items()}
 
     def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
         """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
@@ -237,6 +237,11 @@ class Problem(LevelTree):
     def fresh(self, params: Params, requires_grad: bool = False) -> Params:
         """Detached copies of ``params`` (leaves; requiring grad when asked)."""
         return tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
+
+
+def _tuned_value(value: Tensor) -> Tensor:
+    """A tuned hyperparameter's value: a scalar, or the K entries of a schedule (solver.tuned_schedule)."""
+    return value.reshape(()) if value.numel() == 1 else value.reshape(-1)
 
 
 def _view(parts: list[tuple[Level, Sequence[Tensor], Any]]) -> VariableView:

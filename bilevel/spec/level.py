@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.prox import ProxOperator
+from bilevel.spec.schedule import TunedSchedule
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 from bilevel.spec.tasks import ProxSpec
 
@@ -160,6 +161,39 @@ class OptimizerSpec(SpecModel):
     optimizer; Maclaurin et al. 2015, Franceschi et al. 2017), and a tuned weight_decay changes the
     lower objective, so implicit engines see it too. A tuned lr or momentum does not move the lower
     solution, so only unrolling gives it a hypergradient; the planner then picks the unrolled engine."""
+    tuned_schedule: TunedSchedule | None = None
+    """Inner solver only: read the named tuned hyperparameters as schedules (an upper variable of
+    shape [K]; inner step t uses entry floor(t K / horizon)). See docs/howto/tune-schedules-online.md."""
+    lr_hypergradient: Annotated[float, Field(gt=0)] | None = None
+    """Hypergradient descent (Baydin et al. 2018): the learning rate adapts itself online,
+    lr_t = lr_{t-1} + beta <g_t, u_{t-1}>, starting from ``lr``, with beta this value, g_t the
+    current gradient and u_{t-1} the previous step's direction (sgd: the previous gradient; adam:
+    its previous bias-corrected update). sgd and adam only, as an inner solver or the outer
+    optimizer; not with a tuned lr or an outer learning-rate schedule. None: a fixed lr."""
+
+    @field_validator("tuned_schedule")
+    @classmethod
+    def _scheduled_are_tuned(cls, value: TunedSchedule | None, info: ValidationInfo) -> TunedSchedule | None:
+        tuned = info.data.get("tuned", {})
+        missing = [name for name in (value.hyperparameters if value else []) if name not in tuned]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} must be tuned by an upper variable (solver.tuned) to be read as a"
+                             f" schedule; tuned here: {', '.join(tuned) or 'nothing'}")
+        return value
+
+    @field_validator("lr_hypergradient")
+    @classmethod
+    def _hypergradient_descent(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is None:
+            return value
+        name = info.data.get("name")
+        if name not in ("sgd", "adam"):
+            raise ValueError(f"hypergradient descent is defined for sgd and adam (Baydin et al. 2018), not {name}")
+        if "lr" in info.data.get("tuned", {}):
+            raise ValueError("the learning rate is tuned by an upper variable (tuned.lr); it cannot also adapt itself")
+        if info.data.get("schedule", "constant") != "constant":
+            raise ValueError(f"the learning rate adapts itself; drop schedule: {info.data['schedule']} (use constant)")
+        return value
 
 
 class Assumptions(SpecModel):

@@ -55,7 +55,8 @@ def _named_path(name: str, spec: BilevelSpec) -> tuple[str, ...] | None:
 
 
 def compatible_engines(spec: BilevelSpec) -> list[str]:
-    """Hypergradient engines whose declared assumptions fit the spec's lower level."""
+    """Hypergradient engines whose declared assumptions fit the spec's lower level (derivative-free
+    estimates, which cost a lower solve per perturbation, only where a sweep file names them)."""
     from bilevel.engines import engine_capabilities
 
     _, lower = _levels(spec)
@@ -66,6 +67,7 @@ def compatible_engines(spec: BilevelSpec) -> list[str]:
     return sorted(
         kind for kind, cap in engine_capabilities().items()
         if cap.returns_hypergradient
+        and not cap.derivative_free
         and level.assumptions.convexity in cap.lower_convexity
         and (cap.handles_constraints or not level.constraints)
         and (cap.through_optimizer or not tuned)
