@@ -123,7 +123,7 @@ def write_new_json(directory: Path, stem: str, obj: Any, digits: int = 3) -> Pat
             handle.flush()
             os.fchmod(handle.fileno(), file_mode())
             os.fsync(handle.fileno())
-        number = 1 + sum(1 for _ in directory.glob(f"{glob.escape(stem)}-*.json"))
+        number = 1
         while True:
             path = directory / f"{stem}-{number:0{digits}d}.json"
             try:
