@@ -425,8 +425,10 @@ def _result_base(loaded: LoadedSpec, problem: Problem, plan: Plan, x: Params, st
         "world_size": current_world().size,
         "dtype": str(problem.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
         "wall_time_s": time.perf_counter() - began,
         "upper_variables": to_nested(problem.upper.values(x)),  # hyperparameters in their declared units
+        "resolved_spec": loaded.spec.model_dump(mode="json"),  # after --set: what reports compare runs by
     }
 
 
