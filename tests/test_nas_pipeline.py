@@ -67,15 +67,20 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     assert alphas.shape == (9, 5) and torch.allclose(alphas.sum(1), torch.ones(9), atol=1e-5)
     assert (torch.tensor(written["upper_variables"]["arch"]["normal"]).softmax(1) - alphas).abs().max() < 1e-5
 
-    # retrain the genotype of step 2 with another budget, from the command line
+    # retrain the genotype of step 2 with another budget, from the command line: each retraining
+    # writes a new file, and the search's own retrain.json stays as the search wrote it
+    searched = (out / "retrain.json").read_bytes()
     again = runner.invoke(app, ["retrain", str(out), "--step", "2", "--epochs", "1", "--repeats", "2", "--json"])
     assert again.exit_code == 0, again.output
     payload = json.loads(again.output)
-    assert payload["epochs"] == 1 and len(payload["test_accuracies"]) == 2
+    assert payload["epochs"] == 1 and len(payload["test_accuracies"]) == 2 and payload["step"] == 2
     assert payload["genotype"] == json.loads((out / "genotypes" / "step-000002.json").read_text())["genotype"]
-    assert (out / "retrain-step-2.json").exists()
+    assert payload["file"] == str(out / "retrains" / "retrain-001.json")
+    assert json.loads((out / "retrains" / "retrain-001.json").read_text())["test_accuracies"] == payload["test_accuracies"]
     text = runner.invoke(app, ["retrain", str(out), "--epochs", "1"])
     assert text.exit_code == 0 and "test accuracy:" in text.output and "normal:" in text.output
+    assert f"written: {out / 'retrains' / 'retrain-002.json'}" in text.output
+    assert (out / "retrain.json").read_bytes() == searched
     bad = runner.invoke(app, ["retrain", str(out), "--epochs", "0"])
     assert bad.exit_code == 2 and "retrain.epochs" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(app, ["retrain", str(out), "--step", "3"])
@@ -94,6 +99,8 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     assert json.loads(hand.output)["genotype"] == cell  # conv_3x3 and max_pool_3x3: not searched, still buildable
     mine.write_text(json.dumps({"genotype": cell}))
     assert runner.invoke(app, ["retrain", str(out), "--genotype", str(mine), "--epochs", "1"]).exit_code == 0
+    assert sorted(p.name for p in (out / "retrains").iterdir()) == [f"retrain-00{i}.json" for i in range(1, 5)]
+    assert (out / "retrain.json").read_bytes() == searched  # --genotype does not replace it either
     for change, path, message in [
         (lambda c: c["normal"][1].__setitem__(0, "sep_conv_9x9"), "genotype.normal.1", "unknown operation 'sep_conv_9x9'"),
         (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 4, 3]), "genotype.normal.5", "[4, 3] is not an edge"),
