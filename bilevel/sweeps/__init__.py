@@ -16,10 +16,11 @@ from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec, load_spec, read_spec_file, validation_issues
 from bilevel.sweeps.space import Dimension, default_space, resolve_space, trial_data
 from bilevel.sweeps.spec import PARAM_KINDS, SweepSpec
-from bilevel.sweeps.study import SweepResult, run_sweep, storage_url
+from bilevel.sweeps.study import SweepInterrupted, SweepResult, run_sweep, storage_url, trial_states
 
 __all__ = [
     "Dimension",
+    "SweepInterrupted",
     "SweepPlan",
     "SweepResult",
     "SweepSpec",
@@ -29,6 +30,7 @@ __all__ = [
     "run_sweep",
     "storage_url",
     "trial_data",
+    "trial_states",
 ]
 
 
