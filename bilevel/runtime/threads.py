@@ -3,8 +3,9 @@
 torch starts with one intra-op thread per core. The problems this package is mostly used on are
 small (a few thousand parameters, a few hundred examples): each operator takes microseconds,
 and a second thread buys nothing but synchronization. On a machine whose cores are shared
-(other jobs, other tests), the threads also wait for each other: the default hyper-cleaning job
-took 10 times longer on 2 threads than on 1 on a loaded 2-core machine (README, "Threads").
+(other jobs, other tests), the threads also wait for each other: the outer loop of the default
+hyper-cleaning job took 157 s on torch's 2 threads against 13 s on one (medians of 5, a loaded
+2-core machine; README, "Threads", and benchmarks/thread_default.py).
 
 The command line therefore uses one thread unless told otherwise:
 
