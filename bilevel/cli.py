@@ -206,24 +206,35 @@ def _root(debug: bool = DebugOpt, threads: Optional[int] = ThreadsOpt) -> None:
 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:
-    """The run summary's lines for the problem's report values: numbers by format_number, the
-    known-optimum verdict as a sentence, long lists only by their length."""
+    """The run summary's lines for the problem's report values: numbers (and short lists of
+    numbers) by format_number, the known-optimum verdict as a sentence, long lists and mappings
+    only by their length."""
     from bilevel.reporting.optimum import KNOWN_OPTIMUM, optimum_line
 
     lines = []
     for key, value in report.items():
         if key == KNOWN_OPTIMUM:
             continue
-        if isinstance(value, (list, dict)) and len(json.dumps(value)) > 80:
-            lines.append(f"  {key}: {type(value).__name__} of {len(value)} entries (in result.json)")
-        elif isinstance(value, (int, float, bool)) or value is None:
+        if isinstance(value, (int, float, bool)) or value is None:
             lines.append(f"  {key}: {format_number(value)}")
+            continue
+        if isinstance(value, list) and all(_is_number(v) for v in value):
+            text = "[" + ", ".join(format_number(v) for v in value) + "]"
+        elif isinstance(value, dict) and all(_is_number(v) for v in value.values()):
+            text = "{" + ", ".join(f"{k}: {format_number(v)}" for k, v in value.items()) + "}"
         else:
-            lines.append(f"  {key}: {value}")
+            text = str(value)
+        if isinstance(value, (list, dict)) and len(text) > 100:
+            text = f"{type(value).__name__} of {len(value)} entries (in result.json)"
+        lines.append(f"  {key}: {text}")
     verdict = optimum_line(report)
     if verdict is not None:
         lines.append(verdict)
     return lines
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _threads_text(result: dict[str, Any]) -> str:
