@@ -202,3 +202,19 @@ def test_random_cells_respect_the_space() -> None:
                 sources = [s for _, s, d in cell if d == node]
                 assert len(sources) == len(set(sources)) == 2 and all(s < node for s in sources)
         assert Genotype.from_json(json.loads(json.dumps(genotype.to_json()))) == genotype
+
+
+def test_cell_drawing_numbers_nodes_as_the_genotype_does() -> None:
+    """Edge [op, 0, 2] of the genotype is drawn from node '0: c_{k-2}' to node '2'."""
+    from types import SimpleNamespace
+
+    from bilevel.nas.draw import cell_drawing_graph, node_label
+    from bilevel.nas.genotype import Genotype
+
+    space = SimpleNamespace(cell=SimpleNamespace(inputs=2, nodes=3))
+    cell = [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["avg_pool_3x3", 2, 3], ["conv_3x3", 1, 4], ["max_pool_3x3", 3, 4]]
+    graph = cell_drawing_graph(Genotype.from_json({"normal": cell}), space, "normal")
+    assert [node_label(i, 2) for i in range(5)] == ["0: c_{k-2}", "1: c_{k-1}", "2", "3", "4"]
+    drawn = {(u, v): d["op"] for u, v, d in graph.edges(data=True) if d["op"] != "concat"}
+    assert drawn == {(node_label(s, 2), node_label(d, 2)): op for op, s, d in cell}
+    assert {u for u, v, d in graph.edges(data=True) if d["op"] == "concat"} == {"2", "3", "4"}

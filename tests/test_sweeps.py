@@ -68,6 +68,21 @@ def test_sweep_runs_trials_in_their_own_directories_and_resumes(tmp_path: Path) 
     report = runner.invoke(app, ["report", *(str(tmp_path / "trials" / f"trial-{i:04d}") for i in range(4)),
                                  "--out", str(tmp_path / "cmp")])
     assert report.exit_code == 0 and "## Sweep parameters" in (tmp_path / "cmp" / "report.md").read_text()
+    # the trials' directory stands for the trials; the sampled parameters are columns
+    table = runner.invoke(app, ["report", str(tmp_path / "trials"), "--out", str(tmp_path / "cmp2"), "--csv"])
+    assert table.exit_code == 0, table.output
+    import csv
+
+    with (tmp_path / "cmp2" / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
+    for row, trial in zip(rows, study.trials):
+        assert row["param.engine"] == trial.params["engine"] and int(row["param.inner_steps"]) == trial.params["inner_steps"]
+        assert float(row["param.outer_lr"]) == pytest.approx(trial.params["outer_lr"])
+    assert not any(k.startswith("spec.levels.lower.solver.steps") for k in rows[0])  # shown as param.inner_steps
+    with (tmp_path / "cmp2" / "aggregate.csv").open() as handle:
+        groups = list(csv.DictReader(handle))
+    assert len(groups) == 4 and {"param.engine", "param.outer_lr", "param.inner_steps"} <= set(groups[0])
 
 
 def test_pruned_trials_stop_their_runs_early(tmp_path: Path) -> None:
