@@ -94,7 +94,7 @@ class WandbTracker:
 
         directory.mkdir(parents=True, exist_ok=True)
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project, name=run_name,
-                               config=dict(params), dir=str(directory), reinit="finish_previous")
+                               config=dict(params), dir=str(directory))
 
     def log(self, record: Mapping[str, Any]) -> None:
         values = scalar_values(record)
