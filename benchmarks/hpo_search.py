@@ -20,7 +20,6 @@ the full figures as JSON. All methods run in one process, one after the other, o
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import shutil
 import sys
@@ -37,45 +36,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import write_json  # noqa: E402
 from bilevel import run  # noqa: E402
 from bilevel.presets import find_preset  # noqa: E402
-from bilevel.spec import HyperparameterVariable, load_spec  # noqa: E402
+from bilevel.spec import load_spec  # noqa: E402
+from bilevel.sweeps import draw_hyperparameters as draw_random  # noqa: E402
+from bilevel.sweeps import hyperparameter_space as search_space  # noqa: E402
+from bilevel.sweeps import suggest_hyperparameters as suggest  # noqa: E402
 from problems.common.outputs import markdown_table  # noqa: E402
 from problems.hpo.digits import train_fixed  # noqa: E402
 
 PRESET = "hpo/mlp_stn"
-
-
-def search_space(loaded: Any) -> dict[str, HyperparameterVariable]:
-    """The upper level's hyperparameter variables: what a search samples."""
-    upper = next(level for level in loaded.spec.levels.values() if level.parent is None)
-    return {name: var for name, var in upper.variables.items() if isinstance(var, HyperparameterVariable)}
-
-
-def draw_random(space: dict[str, HyperparameterVariable], rng: random.Random) -> dict[str, Any]:
-    """One point of the declared ranges: uniform (log-uniform with log: true), integers, choices."""
-    point: dict[str, Any] = {}
-    for name, var in space.items():
-        if var.type == "categorical":
-            point[name] = rng.choice(var.choices)
-        elif var.type == "integer":
-            point[name] = rng.randint(int(var.low), int(var.high))
-        elif var.log:
-            point[name] = math.exp(rng.uniform(math.log(var.low), math.log(var.high)))
-        else:
-            point[name] = rng.uniform(var.low, var.high)
-    return point
-
-
-def suggest(trial: Any, space: dict[str, HyperparameterVariable]) -> dict[str, Any]:
-    """The same ranges as an Optuna trial's suggestions."""
-    point: dict[str, Any] = {}
-    for name, var in space.items():
-        if var.type == "categorical":
-            point[name] = trial.suggest_categorical(name, var.choices)
-        elif var.type == "integer":
-            point[name] = trial.suggest_int(name, int(var.low), int(var.high), log=var.log)
-        else:
-            point[name] = trial.suggest_float(name, var.low, var.high, log=var.log)
-    return point
 
 
 def _best(trials: list[dict[str, Any]], until: float | None = None) -> dict[str, Any] | None:

@@ -29,7 +29,9 @@ from bilevel.engines import (
 from bilevel.compile import compile_spec
 from bilevel.planner import Plan, ProblemFacts, make_plan
 from bilevel.problem import Problem, VariableView
+from bilevel.reporting import aggregate_runs, load_metrics, load_runs, write_report
 from bilevel.runtime.loop import DivergenceError, RunResult, hypergrad_at_init, run
+from bilevel.runtime.threads import configure_threads
 from bilevel.spec import BilevelSpec, LoadedSpec, SpecError, load_spec, spec_from_data
 
 __version__ = "0.1.0"
@@ -59,14 +61,19 @@ __all__ = [
     "StnConfig",
     "UnrolledConfig",
     "VariableView",
+    "aggregate_runs",
     "build_engine",
     "compile_spec",
+    "configure_threads",
     "engine_capabilities",
     "engine_kinds",
     "hypergrad_at_init",
+    "load_metrics",
+    "load_runs",
     "load_spec",
     "make_plan",
     "register",
     "run",
     "spec_from_data",
+    "write_report",
 ]

@@ -66,7 +66,7 @@ def test_no_import_cycles_inside_the_package() -> None:
 
 def test_the_import_graph_sees_imports_inside_functions() -> None:
     graph = import_graph()
-    assert graph.has_edge("bilevel.cli", "bilevel.runtime.loop")  # imported inside the commands
+    assert graph.has_edge("bilevel.cli.compute", "bilevel.runtime.loop")  # imported inside the commands
 
 
 def test_no_module_is_over_300_lines_without_a_stated_reason() -> None:

@@ -68,15 +68,20 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     assert alphas.shape == (9, 5) and torch.allclose(alphas.sum(1), torch.ones(9), atol=1e-5)
     assert (torch.tensor(written["upper_variables"]["arch"]["normal"]).softmax(1) - alphas).abs().max() < 1e-5
 
-    # retrain the genotype of step 2 with another budget, from the command line
+    # retrain the genotype of step 2 with another budget, from the command line: each retraining
+    # writes a new file, and the search's own retrain.json stays as the search wrote it
+    searched = (out / "retrain.json").read_bytes()
     again = runner.invoke(app, ["retrain", str(out), "--step", "2", "--epochs", "1", "--repeats", "2", "--json"])
     assert again.exit_code == 0, again.output
     payload = json.loads(again.output)
-    assert payload["epochs"] == 1 and len(payload["test_accuracies"]) == 2
+    assert payload["epochs"] == 1 and len(payload["test_accuracies"]) == 2 and payload["step"] == 2
     assert payload["genotype"] == json.loads((out / "genotypes" / "step-000002.json").read_text())["genotype"]
-    assert (out / "retrain-step-2.json").exists()
+    assert payload["file"] == str(out / "retrains" / "retrain-001.json")
+    assert json.loads((out / "retrains" / "retrain-001.json").read_text())["test_accuracies"] == payload["test_accuracies"]
     text = runner.invoke(app, ["retrain", str(out), "--epochs", "1"])
     assert text.exit_code == 0 and "test accuracy:" in text.output and "normal:" in text.output
+    assert f"written: {out / 'retrains' / 'retrain-002.json'}" in text.output
+    assert (out / "retrain.json").read_bytes() == searched
     bad = runner.invoke(app, ["retrain", str(out), "--epochs", "0"])
     assert bad.exit_code == 2 and "retrain.epochs" in bad.output and "Traceback" not in bad.output
     missing = runner.invoke(app, ["retrain", str(out), "--step", "3"])
@@ -95,6 +100,8 @@ def test_digits_search_writes_genotypes_alphas_drawing_and_retrain(tmp_path: Pat
     assert json.loads(hand.output)["genotype"] == cell  # conv_3x3 and max_pool_3x3: not searched, still buildable
     mine.write_text(json.dumps({"genotype": cell}))
     assert runner.invoke(app, ["retrain", str(out), "--genotype", str(mine), "--epochs", "1"]).exit_code == 0
+    assert sorted(p.name for p in (out / "retrains").iterdir()) == [f"retrain-00{i}.json" for i in range(1, 5)]
+    assert (out / "retrain.json").read_bytes() == searched  # --genotype does not replace it either
     for change, path, message in [
         (lambda c: c["normal"][1].__setitem__(0, "sep_conv_9x9"), "genotype.normal.1", "unknown operation 'sep_conv_9x9'"),
         (lambda c: c["normal"].__setitem__(5, ["sep_conv_3x3", 4, 3]), "genotype.normal.5", "[4, 3] is not an edge"),
@@ -196,3 +203,19 @@ def test_random_cells_respect_the_space() -> None:
                 sources = [s for _, s, d in cell if d == node]
                 assert len(sources) == len(set(sources)) == 2 and all(s < node for s in sources)
         assert Genotype.from_json(json.loads(json.dumps(genotype.to_json()))) == genotype
+
+
+def test_cell_drawing_numbers_nodes_as_the_genotype_does() -> None:
+    """Edge [op, 0, 2] of the genotype is drawn from node '0: c_{k-2}' to node '2'."""
+    from types import SimpleNamespace
+
+    from bilevel.nas.draw import cell_drawing_graph, node_label
+    from bilevel.nas.genotype import Genotype
+
+    space = SimpleNamespace(cell=SimpleNamespace(inputs=2, nodes=3))
+    cell = [["sep_conv_3x3", 0, 2], ["skip_connect", 1, 2], ["avg_pool_3x3", 2, 3], ["conv_3x3", 1, 4], ["max_pool_3x3", 3, 4]]
+    graph = cell_drawing_graph(Genotype.from_json({"normal": cell}), space, "normal")
+    assert [node_label(i, 2) for i in range(5)] == ["0: c_{k-2}", "1: c_{k-1}", "2", "3", "4"]
+    drawn = {(u, v): d["op"] for u, v, d in graph.edges(data=True) if d["op"] != "concat"}
+    assert drawn == {(node_label(s, 2), node_label(d, 2)): op for op, s, d in cell}
+    assert {u for u, v, d in graph.edges(data=True) if d["op"] == "concat"} == {"2", "3", "4"}

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from bilevel.cli import app
 from bilevel.spec import SpecError
-from bilevel.sweeps import default_space, prepare_sweep, run_sweep
+from bilevel.sweeps import default_space, prepare_sweep, run_sweep, trial_states
 from problems.toy import ridge_spec
 
 runner = CliRunner()
@@ -68,6 +68,21 @@ def test_sweep_runs_trials_in_their_own_directories_and_resumes(tmp_path: Path) 
     report = runner.invoke(app, ["report", *(str(tmp_path / "trials" / f"trial-{i:04d}") for i in range(4)),
                                  "--out", str(tmp_path / "cmp")])
     assert report.exit_code == 0 and "## Sweep parameters" in (tmp_path / "cmp" / "report.md").read_text()
+    # the trials' directory stands for the trials; the sampled parameters are columns
+    table = runner.invoke(app, ["report", str(tmp_path / "trials"), "--out", str(tmp_path / "cmp2"), "--csv"])
+    assert table.exit_code == 0, table.output
+    import csv
+
+    with (tmp_path / "cmp2" / "runs.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["trial"] for r in rows] == ["0", "1", "2", "3"]
+    for row, trial in zip(rows, study.trials):
+        assert row["param.engine"] == trial.params["engine"] and int(row["param.inner_steps"]) == trial.params["inner_steps"]
+        assert float(row["param.outer_lr"]) == pytest.approx(trial.params["outer_lr"])
+    assert not any(k.startswith("spec.levels.lower.solver.steps") for k in rows[0])  # shown as param.inner_steps
+    with (tmp_path / "cmp2" / "aggregate.csv").open() as handle:
+        groups = list(csv.DictReader(handle))
+    assert len(groups) == 4 and {"param.engine", "param.outer_lr", "param.inner_steps"} <= set(groups[0])
 
 
 def test_pruned_trials_stop_their_runs_early(tmp_path: Path) -> None:
@@ -131,3 +146,43 @@ def test_the_example_sweep_runs(tmp_path: Path) -> None:
     (trial,) = result.study.trials
     assert trial.state == optuna.trial.TrialState.COMPLETE
     assert (tmp_path / "trials" / "trial-0000" / "result.json").exists()
+
+
+def test_ctrl_c_records_the_running_trial_as_interrupted(tmp_path: Path) -> None:
+    """SIGINT while a trial runs: one line saying what happened, exit code 130, no traceback; the
+    trial is interrupted (not failed) in the study, its trial.json and the report."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = _files(tmp_path, pruner={"kind": "none"}, trials=4, set=["run.steps=100000"])
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.Popen([sys.executable, "-m", "bilevel", "sweep", str(sweep)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    started = tmp_path / "trials" / "trial-0000" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (started.exists() and started.stat().st_size) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, (out, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert lines == [f"interrupted: trial 0 ({tmp_path / 'trials' / 'trial-0000'}) recorded as"
+                     " interrupted; the study holds 0 finished trial(s); run the sweep again to add trials"], err
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.load_study(study_name="ridge", storage=storage)
+    assert trial_states(study) == {0: "interrupted"}
+    assert study.trials[0].user_attrs["status"] == "interrupted"
+    assert json.loads((started.parent / "trial.json").read_text())["status"] == "interrupted"
+    report = runner.invoke(app, ["report", str(tmp_path / "trials"), "--out", str(tmp_path / "cmp")])
+    assert report.exit_code == 0, report.output
+    row = next(line for line in (tmp_path / "cmp" / "report.md").read_text().splitlines() if line.startswith("| trial-0000"))
+    assert "| interrupted |" in row
+    again = runner.invoke(app, ["sweep", str(sweep), "--trials", "1", "--set", "run.steps=3"])  # the study goes on
+    assert again.exit_code == 0, again.output
+    assert "2 trials (1 interrupted, 1 complete)" in again.output

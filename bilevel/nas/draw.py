@@ -14,20 +14,29 @@ from matplotlib.figure import Figure
 
 from bilevel.nas.genotype import Genotype
 
-__all__ = ["cell_drawing_graph", "draw_genotype", "plot_alpha_history"]
+__all__ = ["cell_drawing_graph", "draw_genotype", "node_label", "plot_alpha_history"]
 
 
 def _input_label(index: int, inputs: int) -> str:
-    return "c_{k-1}" if index == inputs - 1 else "c_{k-2}"
+    return f"{index}: " + ("c_{k-1}" if index == inputs - 1 else "c_{k-2}")
+
+
+def node_label(index: int, inputs: int) -> str:
+    """The drawing's label of cell node ``index``, numbered as the genotype numbers it (its
+    edges are [operation, source, destination] over these indices): the inputs ``0: c_{k-2}``,
+    ``1: c_{k-1}``, then the intermediate nodes ``2``, ``3``, ..."""
+    return _input_label(index, inputs) if index < inputs else str(index)
 
 
 def cell_drawing_graph(genotype: Genotype, space: Any, cell_type: str) -> nx.DiGraph:
-    """The derived cell as a labelled DiGraph: input nodes c_{k-2}, c_{k-1}, intermediate nodes
-    0..n-1, the output c_{k}; edges carry their operation in the ``op`` attribute (the output's
-    incoming edges: ``concat``). Node attribute ``layer``: depth from the inputs (for layout)."""
+    """The derived cell as a labelled DiGraph, its nodes numbered as in the genotype
+    (``node_label``): inputs ``0: c_{k-2}``, ``1: c_{k-1}``, intermediate nodes ``inputs`` ..
+    ``inputs + nodes - 1``, the output ``c_{k}``; edges carry their operation in the ``op``
+    attribute (the output's incoming edges: ``concat``), so that ``sep_conv_3x3 0->2`` in the
+    genotype is the edge from ``0: c_{k-2}`` to ``2``. Node attribute ``layer``: depth from the
+    inputs (for layout)."""
     inputs, nodes = space.cell.inputs, space.cell.nodes
-    label = {i: _input_label(i, inputs) for i in range(inputs)}
-    label.update({inputs + j: str(j) for j in range(nodes)})
+    label = {i: node_label(i, inputs) for i in range(inputs + nodes)}
     graph = nx.DiGraph()
     for i in range(inputs + nodes):
         graph.add_node(label[i])
@@ -39,7 +48,7 @@ def cell_drawing_graph(genotype: Genotype, space: Any, cell_type: str) -> nx.DiG
             depth[name] = 1 + max((depth[p] for p in graph.predecessors(name)), default=0)
     graph.add_node("c_{k}")
     for j in range(nodes):
-        graph.add_edge(str(j), "c_{k}", op="concat")
+        graph.add_edge(label[inputs + j], "c_{k}", op="concat")
     depth["c_{k}"] = 1 + max(depth.values())
     nx.set_node_attributes(graph, depth, "layer")
     return graph
@@ -53,7 +62,7 @@ def _positions(graph: nx.DiGraph, space: Any) -> dict[str, tuple[float, float]]:
     for i in range(inputs):
         pos[_input_label(i, inputs)] = (0.0, 1.0 - 2.0 * i if inputs == 2 else 0.0)
     for j in range(nodes):
-        pos[str(j)] = (1.0 + j, 0.55 if j % 2 == 0 else -0.55)
+        pos[node_label(inputs + j, inputs)] = (1.0 + j, 0.55 if j % 2 == 0 else -0.55)
     pos["c_{k}"] = (nodes + 1.0, 0.0)
     return pos
 
@@ -68,17 +77,19 @@ def draw_genotype(genotype: Genotype, space: Any, path: str | Path, title: str |
         ax = figure.add_subplot(1, len(types), index + 1)
         graph = cell_drawing_graph(genotype, space, cell_type)
         pos = _positions(graph, space)
-        colors = ["#d9e8f5" if n.startswith("c_") else "#fde5c8" for n in graph.nodes]
-        nx.draw_networkx_nodes(graph, pos, ax=ax, node_color=colors, node_size=900, edgecolors="#444444")
-        nx.draw_networkx_labels(graph, pos, ax=ax, font_size=8)
+        colors = ["#d9e8f5" if "c_" in n else "#fde5c8" for n in graph.nodes]
+        nx.draw_networkx_nodes(graph, pos, ax=ax, node_color=colors, node_size=1100, edgecolors="#444444")
+        shown = {n: n.replace(": ", "\n") for n in graph.nodes}  # "0\nc_{k-2}": the index above the name
+        nx.draw_networkx_labels(graph, pos, labels=shown, ax=ax, font_size=8)
         ops = [(u, v) for u, v, d in graph.edges(data=True) if d["op"] != "concat"]
         concat = [(u, v) for u, v, d in graph.edges(data=True) if d["op"] == "concat"]
-        nx.draw_networkx_edges(graph, pos, edgelist=ops, ax=ax, arrows=True, node_size=900, connectionstyle="arc3,rad=0.1")
-        nx.draw_networkx_edges(graph, pos, edgelist=concat, ax=ax, arrows=True, style="dashed", edge_color="#999999", node_size=900)
+        nx.draw_networkx_edges(graph, pos, edgelist=ops, ax=ax, arrows=True, node_size=1100, connectionstyle="arc3,rad=0.1")
+        nx.draw_networkx_edges(graph, pos, edgelist=concat, ax=ax, arrows=True, style="dashed", edge_color="#999999", node_size=1100)
         labels = {(u, v): d["op"] for u, v, d in graph.edges(data=True) if d["op"] != "concat"}
         nx.draw_networkx_edge_labels(graph, pos, edge_labels=labels, ax=ax, font_size=7, connectionstyle="arc3,rad=0.1")
         skips = genotype.skip_count(cell_type)
-        ax.set_title(f"{cell_type} cell ({skips} skip connection{'s' if skips != 1 else ''})", fontsize=10)
+        ax.set_title(f"{cell_type} cell ({skips} skip connection{'s' if skips != 1 else ''});"
+                     " nodes numbered as in the genotype", fontsize=10)
         ax.axis("off")
     if title:
         figure.suptitle(title, fontsize=11)

@@ -27,7 +27,10 @@ from bilevel.refs import RefError, resolve_ref
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.search_space import ArchitectureVariable, RetrainSpec
 
-__all__ = ["DerivedNetwork", "FixedOp", "load_genotype_file", "retrain", "retrain_run"]
+__all__ = ["RETRAINS_DIR", "DerivedNetwork", "FixedOp", "load_genotype_file", "retrain", "retrain_run"]
+
+RETRAINS_DIR = "retrains"
+"""The folder of a run directory where `bilevel retrain` writes retrain-001.json, retrain-002.json, ..."""
 
 
 class FixedOp(nn.Module):
@@ -218,8 +221,12 @@ def retrain_run(
 ) -> dict[str, Any]:
     """Retrain the genotype of a search run (the last one, the one of ``step``, or the one in
     ``genotype_file``, which may be hand-written: see ``load_genotype_file``) with the
-    architecture's retrain settings updated by ``overrides``; writes retrain[-step-N].json into the
-    run directory and returns its contents (what `bilevel retrain` does)."""
+    architecture's retrain settings updated by ``overrides`` (what `bilevel retrain` does).
+
+    Each call writes a new file, ``RUN_DIR/retrains/retrain-NNN.json`` (the first free number),
+    and never replaces one: not the search's own ``retrain.json``, nor an earlier retraining.
+    Returns the file's contents (the genotype file, the step, the settings, the accuracies) with
+    its path under ``"file"``."""
     run_dir = Path(run_dir)
     if genotype_file is not None:
         path = Path(genotype_file)
@@ -246,9 +253,8 @@ def retrain_run(
         result = retrain(genotype, spec, settings, base_dir, resolve_device(device or "auto"))
     except RefError as exc:
         raise SpecError.single(str(path), "architecture.retrain.data", str(exc)) from None
-    result = {"genotype_file": str(path), "genotype": genotype.to_json(), **result}
-    suffix = "" if step is None else f"-step-{step}"
-    from bilevel.runtime.atomic import atomic_write_json
+    result = {"genotype_file": str(path), "step": step, "genotype": genotype.to_json(), **result}
+    from bilevel.runtime.atomic import write_new_json
 
-    atomic_write_json(run_dir / f"retrain{suffix}.json", result)
-    return result
+    written = write_new_json(run_dir / RETRAINS_DIR, "retrain", result)
+    return {**result, "file": str(written)}

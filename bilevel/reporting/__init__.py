@@ -1,24 +1,49 @@
-"""`bilevel report`: plots and a markdown summary comparing run directories.
+"""`bilevel report` and the Python tables of runs.
 
-For the runs given, writes into the output directory: one PNG per metric overlaying the runs
-(upper loss, hypergradient norm, inner residual, linear-solve residual when an engine reports
-one), one PNG per tracked upper variable (hyperparameter trajectories, metrics.jsonl "upper") and
-per monitor value ("monitor"), ``report.md`` (a table of the runs: engine, status, steps, final
-upper loss, wall time, the problem's report values, sweep parameters; then the plots) and
-``report.json`` (the table's rows)."""
+For the runs given (run directories, directories of run directories such as a sweep's, glob
+patterns), ``write_report`` writes into the output directory: ``metrics.png``,
+``hyperparameters.png`` and ``monitor.png`` (bilevel.reporting.plots), ``report.md`` (the runs,
+their report values, the spec fields and sweep parameters that differ, mean +- std and 95%
+confidence intervals across seeds, instances and trials, the figures), ``report.json`` (the same
+rows) and, with ``csv=True``, ``runs.csv``, ``instances.csv`` (for batches of instances),
+``metrics.csv`` and ``aggregate.csv``. ``load_runs``, ``load_metrics`` and ``aggregate_runs``
+give the same tables as pandas DataFrames (the ``pandas`` extra)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from bilevel.reporting.plots import SERIES, plot_nested, plot_series, safe_name
-from bilevel.reporting.runs import ReportError, RunRecord, load_run, load_runs
-from bilevel.reporting.summary import summary_markdown, summary_rows
+from bilevel.reporting.aggregate import aggregate_rows
+from bilevel.reporting.frames import aggregate_runs, load_metrics, load_runs
+from bilevel.reporting.numbers import format_number
+from bilevel.reporting.optimum import known_optimum, optimum_line
+from bilevel.reporting.plots import draw_figures
+from bilevel.reporting.runs import ReportError, RunRecord, expand_run_paths, read_run, read_runs
+from bilevel.reporting.summary import summary_markdown
+from bilevel.reporting.table import metric_rows, run_rows
 
-__all__ = ["ReportError", "ReportFiles", "RunRecord", "default_report_dir", "load_run", "load_runs", "write_report"]
+__all__ = [
+    "ReportError",
+    "ReportFiles",
+    "RunRecord",
+    "aggregate_runs",
+    "default_report_dir",
+    "expand_run_paths",
+    "format_number",
+    "known_optimum",
+    "load_metrics",
+    "load_runs",
+    "optimum_line",
+    "read_run",
+    "read_runs",
+    "write_csv",
+    "write_report",
+]
 
 
 @dataclass(frozen=True)
@@ -28,6 +53,7 @@ class ReportFiles:
     directory: Path
     summary: Path
     plots: tuple[Path, ...]
+    tables: tuple[Path, ...] = ()
 
 
 def default_report_dir(paths: Sequence[str | Path]) -> Path:
@@ -48,24 +74,47 @@ def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
     return tuple(out) or ("/",)
 
 
-def write_report(paths: Sequence[str | Path], out: str | Path | None = None) -> ReportFiles:
-    """Plots and summary for the run directories ``paths``, written into ``out``."""
-    runs = load_runs(paths)
-    directory = Path(out) if out is not None else default_report_dir(paths)
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``rows`` as a CSV file: a header of every column in first-seen order, empty cells for
+    missing values, floats at full precision."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: _csv_value(row.get(key)) for key in columns})
+    return path
+
+
+def write_report(paths: str | Path | Sequence[str | Path], out: str | Path | None = None, csv: bool = False) -> ReportFiles:
+    """Figures, report.md, report.json (and with ``csv`` the CSV tables) for the runs ``paths``
+    names, written into ``out`` (default: default_report_dir of the run directories)."""
+    runs = read_runs(paths)
+    directory = Path(out) if out is not None else default_report_dir([run.path for run in runs])
     directory.mkdir(parents=True, exist_ok=True)
-    plots: list[tuple[str, str]] = []
-    for key, (title, log) in SERIES.items():
-        name = f"{key}.png"
-        if plot_series(runs, key, directory / name, title, log):
-            plots.append((title, name))
-    for group, prefix in (("upper", "upper"), ("monitor", "monitor")):
-        names = list(dict.fromkeys(n for run in runs for n in run.nested_names(group)))
-        for variable in names:
-            name = f"{prefix}_{safe_name(variable)}.png"
-            if plot_nested(runs, group, variable, directory / name):
-                plots.append((f"{'upper variable' if group == 'upper' else 'monitor'}: {variable}", name))
-    rows = summary_rows(runs)
+    figures = draw_figures(runs, directory)
+    rows = run_rows(runs)
+    instance_rows = run_rows(runs, instances=True) if any((run.result or {}).get("instances") for run in runs) else []
+    aggregates = aggregate_rows(instance_rows or rows)
     summary = directory / "report.md"
-    summary.write_text(summary_markdown(rows, plots))
-    (directory / "report.json").write_text(json.dumps({"runs": rows, "plots": [n for _, n in plots]}, indent=2) + "\n")
-    return ReportFiles(directory, summary, tuple(directory / n for _, n in plots))
+    summary.write_text(summary_markdown(rows, aggregates, figures, instance_rows))
+    report_json = {"runs": rows, "aggregate": aggregates, "figures": [f.name for f in figures]}
+    if instance_rows:
+        report_json["instances"] = instance_rows
+    (directory / "report.json").write_text(json.dumps(report_json, indent=2) + "\n")
+    tables: list[Path] = []
+    if csv:
+        tables.append(write_csv(rows, directory / "runs.csv"))
+        if instance_rows:
+            tables.append(write_csv(instance_rows, directory / "instances.csv"))
+        tables.append(write_csv(metric_rows(runs), directory / "metrics.csv"))
+        tables.append(write_csv(aggregates, directory / "aggregate.csv"))
+    return ReportFiles(directory, summary, tuple(directory / f.name for f in figures), tuple(tables))

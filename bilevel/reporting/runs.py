@@ -1,4 +1,7 @@
-"""Reading run directories back: result.json, metrics.jsonl and, for sweep trials, trial.json."""
+"""Reading run directories back: result.json, metrics.jsonl and, for sweep trials, trial.json.
+
+``expand_run_paths`` turns what a person passes (run directories, a directory of run
+directories such as a sweep's, glob patterns) into run directories; ``read_runs`` reads them."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 
 from bilevel.plain import flat_numbers
 
-__all__ = ["ReportError", "RunRecord", "load_run", "load_runs"]
+__all__ = ["ReportError", "RunRecord", "expand_run_paths", "is_run_dir", "read_run", "read_runs"]
 
 
 class ReportError(ValueError):
@@ -60,10 +63,13 @@ class RunRecord:
 
     @property
     def status(self) -> str:
+        """completed, stopped_early or diverged (result.json); for a run without result.json,
+        interrupted when its sweep trial says so, else incomplete (killed, or still running)."""
         if self.result is None:
+            if self.trial is not None and self.trial.get("status") == "interrupted":
+                return "interrupted"
             return "incomplete"
         return str(self.result.get("status", "completed"))
-
 
 
 def _read_json(path: Path) -> Any:
@@ -73,14 +79,41 @@ def _read_json(path: Path) -> Any:
         raise ReportError(f"{path}: cannot read it ({exc})") from None
 
 
-def load_run(path: str | Path, label: str | None = None) -> RunRecord:
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory (holds result.json or metrics.jsonl)."""
+    return path.is_dir() and ((path / "result.json").exists() or (path / "metrics.jsonl").exists())
+
+
+def expand_run_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Run directories from what a person names: a run directory stands for itself; a directory
+    that is not one but holds run directories (a sweep's trials, runs/) for those, in name
+    order; a string with ``*``, ``?`` or ``[`` that names no existing path for the paths it
+    matches (in name order). Anything else is kept as it is, for ``read_run`` to say what is wrong."""
+    import glob as globbing
+
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if not path.exists() and any(ch in str(item) for ch in "*?["):
+            out += [Path(p) for p in sorted(globbing.glob(str(item)))]
+        elif path.is_dir() and not is_run_dir(path):
+            inner = sorted(p for p in path.iterdir() if is_run_dir(p))
+            out += inner or [path]
+        else:
+            out.append(path)
+    return out
+
+
+def read_run(path: str | Path, label: str | None = None) -> RunRecord:
     """A run directory: at least one of result.json and metrics.jsonl must be there."""
     path = Path(path)
     if not path.is_dir():
         raise ReportError(f"{path}: not a directory")
     result_file, metrics_file, trial_file = path / "result.json", path / "metrics.jsonl", path / "trial.json"
     if not result_file.exists() and not metrics_file.exists():
-        raise ReportError(f"{path}: no result.json or metrics.jsonl here; expected the output directory of `bilevel run`")
+        raise ReportError(f"{path}: no result.json or metrics.jsonl here, nor run directories inside;"
+                          " expected the output directory of `bilevel run`")
     result = _read_json(result_file) if result_file.exists() else None
     records = []
     if metrics_file.exists():
@@ -95,13 +128,14 @@ def load_run(path: str | Path, label: str | None = None) -> RunRecord:
     return RunRecord(path, label or path.name, result, records, trial)
 
 
-def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
-    """Runs labelled by their directory names (parent/name where names repeat)."""
-    if not paths:
-        raise ReportError("no run directories given")
-    resolved = [Path(p) for p in paths]
+def read_runs(paths: str | Path | Sequence[str | Path]) -> list[RunRecord]:
+    """The runs ``paths`` name (``expand_run_paths``), labelled by their directory names
+    (parent/name where names repeat)."""
+    resolved = expand_run_paths(paths)
+    if not resolved:
+        raise ReportError(f"no run directories in {paths if isinstance(paths, (str, Path)) else ', '.join(map(str, paths)) or 'the arguments'}")
     names = [p.name for p in resolved]
     labels = [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in resolved]
     if len(set(labels)) < len(labels):
         labels = [str(p) for p in resolved]
-    return [load_run(p, label) for p, label in zip(resolved, labels)]
+    return [read_run(p, label) for p, label in zip(resolved, labels)]

@@ -4,7 +4,12 @@ Loaded with ``torch.load(weights_only=True)``: a checkpoint cannot execute code.
 
 A temporary file is named ``.NAME.PID.RANDOM.tmp`` after its target NAME and its writer's process
 id. A writer that is killed (SIGKILL, out of memory) leaves it behind; the next write of the same
-target, and ``load_checkpoint`` on resume, remove those whose writer is no longer running."""
+target, and ``load_checkpoint`` on resume, remove those whose writer is no longer running.
+
+Files get the permissions of any file the process creates (0666 less the umask: readable by the
+group and others under the usual umask 022), not the 0600 of a temporary file. ``write_new_json``
+writes a file that must not replace another one (``bilevel retrain``'s results): it takes the
+next free numbered name, atomically and without ever replacing an existing file."""
 
 from __future__ import annotations
 
@@ -12,15 +17,33 @@ import glob
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_json", "atomic_write_bytes", "load_checkpoint", "remove_stale_temporaries", "save_checkpoint"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "file_mode",
+    "load_checkpoint",
+    "remove_stale_temporaries",
+    "save_checkpoint",
+    "write_new_json",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _writing: set[str] = set()  # temporary files this process is writing now (never stale)
+_umask_lock = threading.Lock()
+
+
+def file_mode() -> int:
+    """The mode a new regular file gets in this process: 0o666 less the current umask."""
+    with _umask_lock:  # reading the umask means setting it: no other thread may see the 0
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _running(pid: int) -> bool:
@@ -61,6 +84,7 @@ def _atomic_replace(path: Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), file_mode())  # mkstemp's 0600 would make run files private
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -72,11 +96,44 @@ def _atomic_replace(path: Path, write: Any) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, replacing the previous file."""
     _atomic_replace(path, lambda handle: handle.write(data))
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    """Write ``obj`` as indented JSON to ``path`` atomically, replacing the previous file."""
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def write_new_json(directory: Path, stem: str, obj: Any, digits: int = 3) -> Path:
+    """Write ``obj`` to the first free ``directory/STEM-NNN.json`` (NNN from 001) and return its
+    path. Never replaces a file: the complete file is written under a temporary name, then
+    hard-linked to its name, which fails when another writer took the name first (the next
+    number is tried then); the file appears complete or not at all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=".tmp", dir=directory)
+    _writing.add(tmp)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_json_bytes(obj))
+            handle.flush()
+            os.fchmod(handle.fileno(), file_mode())
+            os.fsync(handle.fileno())
+        number = 1
+        while True:
+            path = directory / f"{stem}-{number:0{digits}d}.json"
+            try:
+                os.link(tmp, path)
+                return path
+            except FileExistsError:
+                number += 1
+    finally:
+        os.unlink(tmp)
+        _writing.discard(tmp)
 
 
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:

@@ -118,7 +118,7 @@ class _Loop:
     def __init__(self, problem: Problem, plan: Plan, engine: Engine, settings: RunSpec, out_dir: Path, loaded: LoadedSpec,
                  log: Any):
         self.problem, self.plan, self.engine, self.settings = problem, plan, engine, settings
-        self.out_dir, self.loaded, self.file = out_dir, loaded, loaded.file
+        self.out_dir, self.loaded = out_dir, loaded
         self.main = current_world().is_main
         self.say = (log or (lambda message: None)) if self.main else (lambda message: None)
 
@@ -194,7 +194,7 @@ class _Loop:
         if checkpoint is not None:
             message += f" The last good checkpoint is {checkpoint} (resume with --resume)."
         if self.main:
-            base = result_base(self.problem, self.plan, self.file, session.x, step, began)
+            base = result_base(self.problem, self.plan, self.loaded, session.x, step, began)
             write_result(self.out_dir, base | {"status": "diverged", "message": message})
         raise DivergenceError(message, step + 1, checkpoint)
 
@@ -203,7 +203,7 @@ class _Loop:
         problem = self.problem
         wall = time.perf_counter() - began
         y, final_loss, instance_losses = final_evaluation(problem, self.engine, session.x, session.state)
-        result = result_base(problem, self.plan, self.file, session.x, final_step, began) | {
+        result = result_base(problem, self.plan, self.loaded, session.x, final_step, began) | {
             "status": "completed" if stop_reason is None else "stopped_early",
             "final_upper_loss": final_loss,
             "last_stats": last_stats,

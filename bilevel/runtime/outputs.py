@@ -19,6 +19,7 @@ from bilevel.plain import plain
 from bilevel.planner import Plan
 from bilevel.problem import Params, Problem
 from bilevel.runtime.atomic import atomic_write_json
+from bilevel.spec.load import LoadedSpec
 
 __all__ = ["DivergenceError", "RunResult", "final_evaluation", "result_base", "write_result"]
 
@@ -58,11 +59,11 @@ def final_evaluation(problem: Problem, engine: Engine, x: Params, state: Any) ->
     return y, float(losses.sum()), losses.tolist() if problem.instance_batch else None
 
 
-def result_base(problem: Problem, plan: Plan, file: str, x: Params, steps: int, began: float) -> dict[str, Any]:
+def result_base(problem: Problem, plan: Plan, loaded: LoadedSpec, x: Params, steps: int, began: float) -> dict[str, Any]:
     """The fields of result.json every run has, finished or not."""
     return {
         "name": problem.name,
-        "spec": file,
+        "spec": loaded.file,
         "engine": plan.engine.kind,
         "engine_config": plan.engine.model_dump(mode="json"),
         "plan_reasons": plan.reasons,
@@ -72,8 +73,10 @@ def result_base(problem: Problem, plan: Plan, file: str, x: Params, steps: int, 
         "world_size": current_world().size,
         "dtype": str(problem.dtype).removeprefix("torch."),
         "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
         "wall_time_s": time.perf_counter() - began,
         "upper_variables": plain(problem.upper.values(x)),  # hyperparameters in their declared units
+        "resolved_spec": loaded.spec.model_dump(mode="json"),  # after --set: what reports compare runs by
     }
 
 

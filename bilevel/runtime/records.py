@@ -1,6 +1,7 @@
 """What a run records each logged step: the metrics record (upper loss, hypergradient norm, the
 engine's stats, small upper variables, monitor values), written to metrics.jsonl, TensorBoard
-and the progress bar."""
+and the progress display; the record's numbers by name for the loggers that take scalars
+(``bilevel.runtime.record_numbers``, re-exported here)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,19 @@ from bilevel.hyperparameters import Categorical
 from bilevel.plain import plain
 from bilevel.problem import Params, Problem
 from bilevel.runtime.callbacks import MetricsWriter, Progress
+from bilevel.runtime.record_numbers import MAX_SCALARS, flat_numbers, flat_params, record_values, scalar_values
 
-__all__ = ["TRACKED_UPPER_NUMEL", "Recorder", "TrackedUpper", "monitor_values"]
+__all__ = [
+    "MAX_SCALARS",
+    "TRACKED_UPPER_NUMEL",
+    "Recorder",
+    "TrackedUpper",
+    "flat_numbers",
+    "flat_params",
+    "monitor_values",
+    "record_values",
+    "scalar_values",
+]
 
 TRACKED_UPPER_NUMEL = 16
 """Upper tensor variables with at most this many entries are logged in every metrics record

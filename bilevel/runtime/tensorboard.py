@@ -13,14 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from bilevel.plain import flat_numbers
+from bilevel.runtime.record_numbers import MAX_SCALARS, record_values
 
 __all__ = ["MAX_SCALARS", "TensorBoardLogger"]
-
-MAX_SCALARS = 16
-"""Vectors up to this length are logged entry by entry; longer ones as a histogram."""
-
-_SKIPPED = {"step"}
 
 
 class TensorBoardLogger:
@@ -39,32 +34,14 @@ class TensorBoardLogger:
 
     def write(self, record: Mapping[str, Any]) -> None:
         step = int(record["step"])
-        for name, value in record.items():
-            if name in _SKIPPED:
-                continue
-            if name in ("upper", "monitor") and isinstance(value, Mapping):
-                for key, item in value.items():
-                    self._value(f"{name}/{key}", item, step)
+        for tag, value in record_values(record, MAX_SCALARS):
+            if isinstance(value, float):
+                self._writer.add_scalar(tag, value, step)
             else:
-                self._value(name, value, step)
+                import numpy as np
+
+                self._writer.add_histogram(tag, np.asarray(value), step)
         self._writer.flush()
-
-    def _value(self, tag: str, value: Any, step: int) -> None:
-        if isinstance(value, bool) or value is None:
-            return
-        if isinstance(value, (int, float)):
-            self._writer.add_scalar(tag, value, step)
-            return
-        flat = flat_numbers(value)
-        if flat is None:
-            return
-        if len(flat) <= MAX_SCALARS:
-            for index, item in enumerate(flat):
-                self._writer.add_scalar(f"{tag}/{index}", item, step)
-        else:
-            import numpy as np
-
-            self._writer.add_histogram(tag, np.asarray(flat), step)
 
     def close(self) -> None:
         self._writer.close()

@@ -2,7 +2,8 @@
 
 ``prepare_sweep`` reads the sweep (a ``sweep:`` section in its own YAML file, or the defaults),
 loads the bilevel spec it names and checks the search space against it; ``run_sweep`` runs the
-trials (bilevel.sweeps.study)."""
+trials (bilevel.sweeps.study). ``hyperparameter_space`` and ``suggest_hyperparameters`` give a
+spec's declared hyperparameters to a search of your own (bilevel.sweeps.hyperparameters)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,27 @@ from pydantic import ValidationError
 
 from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec, load_spec, read_spec_file, validation_issues
+from bilevel.sweeps.hyperparameters import draw_hyperparameters, hyperparameter_space, suggest_hyperparameters
 from bilevel.sweeps.space import Dimension, default_space, resolve_space, trial_data
 from bilevel.sweeps.spec import PARAM_KINDS, SweepSpec
-from bilevel.sweeps.study import SweepResult, run_sweep, storage_url
+from bilevel.sweeps.study import SweepInterrupted, SweepResult, run_sweep, storage_url, trial_states
 
 __all__ = [
     "Dimension",
+    "SweepInterrupted",
     "SweepPlan",
     "SweepResult",
     "SweepSpec",
     "default_space",
+    "draw_hyperparameters",
+    "hyperparameter_space",
     "prepare_sweep",
     "resolve_space",
     "run_sweep",
     "storage_url",
+    "suggest_hyperparameters",
     "trial_data",
+    "trial_states",
 ]
 
 

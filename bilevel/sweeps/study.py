@@ -7,24 +7,31 @@ Pruning: the run loop hands every metrics record to a callback, which reports th
 Optuna (negated when the study maximizes, so that the pruner compares in the study's direction)
 and stops the run when the pruner says so; the run then ends with status "stopped_early" and the
 trial is recorded as pruned. A trial whose run diverges (NaN guard) is recorded as failed and the
-sweep goes on. Trials of a sweep that was killed are marked failed when the study is next opened
-(Optuna's heartbeat)."""
+sweep goes on. Ctrl-C stops the sweep: the running trial is recorded as interrupted (Optuna's
+state FAIL, with the user attribute ``status: interrupted``, and ``status`` in its trial.json) and
+``run_sweep`` raises SweepInterrupted; Optuna's own report of these failures (a traceback each)
+is left out, since the sweep says what happened in one line. Trials of a sweep that was killed
+are marked failed when the study is next opened (Optuna's heartbeat). ``trial_states`` gives
+each trial's state as a person reads it: complete, pruned, diverged, interrupted, failed."""
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import warnings
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+from bilevel.reporting.numbers import format_number
+from bilevel.runtime.atomic import atomic_write_json
 from bilevel.spec.load import LoadedSpec, spec_from_data
 from bilevel.sweeps.space import Dimension, trial_data
 from bilevel.sweeps.spec import CategoricalParam, FloatParam, PrunerSpec, SamplerSpec, SweepSpec
 
-__all__ = ["SweepResult", "run_sweep", "storage_url"]
+__all__ = ["SweepInterrupted", "SweepResult", "run_sweep", "storage_url", "trial_states"]
 
 HEARTBEAT_S = 60
 
@@ -36,6 +43,55 @@ class SweepResult:
     study: Any  # optuna.Study
     out: Path
     storage: str
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: the trial that was running is recorded as interrupted."""
+
+    def __init__(self, trial: int | None, run_dir: Path | None, finished: int):
+        self.trial, self.run_dir, self.finished = trial, run_dir, finished
+        where = f"trial {trial} ({run_dir}) recorded as interrupted; " if trial is not None else ""
+        super().__init__(f"{where}the study holds {finished} finished trial(s); run the sweep again to add trials")
+
+
+def trial_states(study: Any) -> dict[int, str]:
+    """Trial number -> complete, pruned, running, waiting, failed, or for a failed trial the
+    reason this sweep recorded: diverged or interrupted."""
+    states = {}
+    for trial in study.trials:
+        state = trial.state.name.lower()
+        if state == "fail":
+            state = str(trial.user_attrs.get("status", "failed"))
+            state = state if state in ("diverged", "interrupted") else "failed"
+        states[trial.number] = state
+    return states
+
+
+class _OwnFailures(logging.Filter):
+    """Drops Optuna's log record of a trial failure this sweep reports itself (divergence, Ctrl-C)."""
+
+    def __init__(self, reported: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.reported = reported
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, self.reported)
+
+
+@contextmanager
+def _quiet_failures(reported: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """While a study optimizes: no traceback from Optuna for failures in ``reported``."""
+    quiet = _OwnFailures(reported)
+    root = logging.getLogger("optuna")
+    targets = [root, *root.handlers, logging.getLogger("optuna.study._optimize")]
+    for target in targets:
+        target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for target in targets:
+            target.removeFilter(quiet)
 
 
 def storage_url(sweep: SweepSpec, out: Path) -> str:
@@ -135,6 +191,8 @@ def run_sweep(
     base_data = base.spec.model_dump(mode="json")
     sign = -1.0 if sweep.direction == "maximize" else 1.0
 
+    running: dict[str, Any] = {}
+
     def objective(trial: Any) -> float:
         values = {dim.name: _suggest(trial, dim) for dim in dimensions}
         run_dir = out / f"trial-{trial.number:04d}"
@@ -142,8 +200,10 @@ def run_sweep(
         loaded = spec_from_data(data, base.file, base.base_dir)
         trial.set_user_attr("run_dir", str(run_dir))
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = {"study": sweep.study, "number": trial.number, "params": values, "storage": url}
-        (run_dir / "trial.json").write_text(json.dumps(info, indent=2) + "\n")
+        info = {"study": sweep.study, "number": trial.number, "params": values,
+                "paths": {dim.name: ".".join(dim.path) for dim in dimensions}, "storage": url}
+        atomic_write_json(run_dir / "trial.json", info)
+        running.update(trial=trial.number, run_dir=run_dir)
 
         def prune(record: dict[str, Any]) -> str | None:
             loss = record.get("upper_loss")
@@ -156,16 +216,33 @@ def run_sweep(
             outcome = run(loaded, out=run_dir, progress=False, on_record=prune)
         except DivergenceError as exc:
             trial.set_user_attr("status", "diverged")
-            say(f"trial {trial.number}: diverged ({exc.step} steps) {values}")
+            running.clear()
+            atomic_write_json(run_dir / "trial.json", {**info, "status": "diverged"})
+            say(f"trial {trial.number}: diverged ({exc.step} steps)  {_params_text(values)}")
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("status", "interrupted")
+            atomic_write_json(run_dir / "trial.json", {**info, "status": "interrupted"})
             raise
         result = outcome.result
         trial.set_user_attr("status", result["status"])
+        running.clear()
         if result["status"] == "stopped_early" and str(result.get("stop_reason", "")).startswith("pruned"):
-            say(f"trial {trial.number}: pruned at step {result['steps']}  {values}")
+            say(f"trial {trial.number}: pruned at step {result['steps']}  {_params_text(values)}")
             raise optuna.TrialPruned()
         value = _objective_value(result, sweep.objective)
-        say(f"trial {trial.number}: {sweep.objective} = {value:.6g}  {values}")
+        say(f"trial {trial.number}: {sweep.objective} = {format_number(value)}  {_params_text(values)}")
         return value
 
-    study.optimize(objective, n_trials=sweep.trials, catch=(DivergenceError,))
+    try:
+        with _quiet_failures((DivergenceError, KeyboardInterrupt)):
+            study.optimize(objective, n_trials=sweep.trials, catch=(DivergenceError,))
+    except KeyboardInterrupt:
+        finished = sum(1 for state in trial_states(study).values() if state in ("complete", "pruned"))
+        raise SweepInterrupted(running.get("trial"), running.get("run_dir"), finished) from None
     return SweepResult(study, out, url)
+
+
+def _params_text(values: dict[str, Any]) -> str:
+    """``engine=implicit  outer_lr=0.0316228``: a trial's parameters as a person reads them."""
+    return "  ".join(f"{name}={format_number(value)}" for name, value in values.items())

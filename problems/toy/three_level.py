@@ -34,10 +34,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel.reporting.optimum import KNOWN_OPTIMUM, known_optimum
 from bilevel.spec import BilevelSpec
 
 __all__ = [
+    "OPTIMUM_TOLERANCE",
     "bottom_objective",
+    "report",
     "middle_objective",
     "three_level_closed_form",
     "three_level_data",
@@ -121,6 +124,19 @@ def three_level_closed_form(
     hessian = rho * torch.eye(p, dtype=a.dtype) + R.T @ N.T @ N @ R + S.T @ L.T @ L @ S
     a_star = torch.linalg.solve(hessian, R.T @ N.T @ (top["u"] - N @ r) + S.T @ L.T @ (top["t"] - L @ P @ r))
     return {"b": b, "c": c, "hypergrad": grad, "a_star": a_star}
+
+
+OPTIMUM_TOLERANCE = 1e-6
+"""Relative distance ||a - a*|| / ||a*|| that counts as having reached a* (the tests' bound)."""
+
+
+def report(upper: Any, lower: Any, rho: float = 0.1) -> dict[str, Any]:
+    """The final a against the closed-form a*: relative distance and the known-optimum verdict."""
+    a = upper["a"].detach()
+    a_star = three_level_closed_form(a, rho=rho)["a_star"]
+    distance = float((a - a_star).norm() / a_star.norm())
+    return {"a_relative_distance": distance,
+            KNOWN_OPTIMUM: known_optimum("a* (closed form)", distance, OPTIMUM_TOLERANCE, "relative distance ||a - a*|| / ||a*||")}
 
 
 def three_level_spec(
