@@ -50,7 +50,13 @@ def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SpecError.single("--device", "run.device", f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
 
 
 def spec_fingerprint(spec: BilevelSpec) -> str:
