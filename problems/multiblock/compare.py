@@ -24,20 +24,30 @@ import yaml
 HERE = Path(__file__).parent
 FAMILIES = {
     "hyperrep": {"preset": "hyperrep_bsvrb.yaml", "metric": "upper_exact", "label": "F(W) at the exact heads (validation MSE)",
-                 "lower_lr": {"bsvrb": 0.03, "plain": 0.3, "implicit": 0.3}},
+                 "lower_lr": {"bsvrb": 0.03, "plain": 0.3, "implicit": 0.3}, "monitor_n": ("n_train", "n_val")},
     "l2": {"preset": "l2_bsvrb.yaml", "metric": "val_loss", "label": "mean validation loss over the tasks",
-           "lower_lr": {"bsvrb": 0.3, "plain": 1.0, "implicit": 1.0}},
+           "lower_lr": {"bsvrb": 0.3, "plain": 1.0, "implicit": 1.0}, "monitor_n": ("n",)},
 }
 METHODS = ("bsvrb", "plain", "implicit")
 
 
 def method_spec(family: str, method: str, seed: int, budget: int, points: int, lower_lr: float | None = None,
-                upper_lr: float | None = None) -> tuple[dict[str, Any], int]:
-    """The spec data of one method's run within ``budget`` block-solves, and its block-solves per step."""
+                upper_lr: float | None = None, batch_size: int | None = None, examples: int | None = None
+                ) -> tuple[dict[str, Any], int]:
+    """The spec data of one method's run within ``budget`` block-solves, and its block-solves per
+    step. ``examples``: training and validation examples per task; ``batch_size``: minibatches of
+    each task's data for the stochastic methods (the implicit engine always takes full batches)."""
     info = FAMILIES[family]
     data = yaml.safe_load((HERE / info["preset"]).read_text())
     lower = next(level for level in data["levels"].values() if "blocks" in level)
     blocks = lower["blocks"]
+    if examples is not None:
+        data["monitor_kwargs"].update({name: examples for name in info["monitor_n"]})
+    for level in data["levels"].values():
+        if examples is not None:
+            level["data"]["kwargs"]["n"] = examples
+        if batch_size is not None and method != "implicit":
+            level["data"]["batch_size"] = batch_size
     if method == "implicit":
         blocks.pop("sample", None)
         data["engine"] = {"kind": "implicit", "linear_solver": {"method": "cg", "maxiter": 20}}
@@ -126,11 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points", type=int, default=20, help="monitor evaluations per run")
     parser.add_argument("--out", type=Path, default=Path("runs/multiblock-compare"))
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="minibatches inside each task (stochastic methods)")
+    parser.add_argument("--examples", type=int, default=None, help="training and validation examples per task")
     args = parser.parse_args(argv)
     rows = []
     for method in args.methods:
         for seed in args.seeds:
-            rows.append(run_method(args.family, method, seed, args.budget, args.points, args.out))
+            rows.append(run_method(args.family, method, seed, args.budget, args.points, args.out,
+                                   batch_size=args.batch_size, examples=args.examples))
             print(f"done {args.family} {method} seed {seed}: {rows[-1]['final']:.4g} ({rows[-1]['wall_s']:.0f} s)", flush=True)
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"{args.family}.json").write_text(json.dumps(rows))
