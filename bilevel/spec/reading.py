@@ -11,6 +11,7 @@ come from the same YAML composition when the text also reads as YAML."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from bilevel.spec.errors import SpecError, SpecIssue
 __all__ = ["MAX_EXPANDED_VALUES", "non_finite_issues", "read_data"]
 
 MAX_EXPANDED_VALUES = 1_000_000
+_MAX_REPORTED = 100  # non-finite numbers reported at most (their paths through aliases can be many)
 """Values a spec may expand to through aliases (a spec has hundreds; an alias bomb billions)."""
 _BINARY_MAGIC = {b"PK\x03\x04": "a zip archive (a torch checkpoint such as checkpoint.pt?)", b"\x80\x02": "a pickle",
                  b"\x89PNG": "a PNG image", b"\x7fELF": "an executable"}
@@ -184,20 +186,24 @@ def read_data(path: Path) -> tuple[dict[str, Any], Lines]:
     return data, lines
 
 
-def _walk(data: Any, path: tuple[str, ...], seen: set[int]) -> Iterator[tuple[tuple[str, ...], float]]:
+def _walk(data: Any, path: tuple[str, ...], ancestors: set[int]) -> Iterator[tuple[tuple[str, ...], float]]:
+    """Every non-finite number with its path; a mapping reused through an alias is walked at each of
+    its paths (each place reports at its own dotted path), a cycle (Python data) only once."""
     if isinstance(data, float):
         if not math.isfinite(data):
             yield path, data
     elif isinstance(data, (dict, list)):
-        if id(data) in seen:
+        if id(data) in ancestors:
             return
-        seen.add(id(data))
+        ancestors.add(id(data))
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
-            yield from _walk(value, (*path, str(key)), seen)
+            yield from _walk(value, (*path, str(key)), ancestors)
+        ancestors.discard(id(data))
 
 
 def non_finite_issues(data: Any, file: str, lines: Lines) -> list[SpecIssue]:
     """An issue at every non-finite number (.inf, -.inf, .nan) in spec data: no field takes one."""
+    found = itertools.islice(_walk(data, (), set()), _MAX_REPORTED)
     return [SpecIssue(file, ".".join(path), f"{value} is not a finite number; expected a finite number", lines.get(path))
-            for path, value in _walk(data, (), set())]
+            for path, value in found]
