@@ -62,7 +62,9 @@ def _err(message: str) -> None:
 
 
 def _guard(fn: Callable[[], Any]) -> Any:
+    from bilevel.runtime.failures import UserCodeFailure
     from bilevel.runtime.loop import DivergenceError
+    from bilevel.runtime.signals import RunInterrupted
 
     try:
         return fn()
@@ -77,6 +79,14 @@ def _guard(fn: Callable[[], Any]) -> Any:
         if _debug["on"]:
             raise
         raise typer.Exit(3) from None
+    except RunInterrupted as exc:
+        _err(f"interrupted: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except UserCodeFailure as exc:
+        _err(f"failed: {exc}")
+        if _debug["on"]:
+            raise
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _err("interrupted")
         raise typer.Exit(130) from None
@@ -124,8 +134,9 @@ def run(
     spec: Optional[str] = SpecArg,
     engine: Optional[str] = EngineOpt,
     device: Optional[str] = DeviceOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default: the spec's run.out)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Output directory (default: the spec's run.out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in the output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run of a different spec that the output directory holds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard",
                                                help="Also write TensorBoard events to OUT/tensorboard (default: run.tensorboard)."),
@@ -139,7 +150,7 @@ def run(
     def go() -> None:
         loaded = _load(spec, overrides)
         result = run_loop(loaded, _engine(engine, loaded), device, out, resume, progress=not quiet, log=_err,
-                          tensorboard=tensorboard)
+                          tensorboard=tensorboard, overwrite=overwrite)
         r = result.result
         processes = f"  processes: {r['world_size']}" if r.get("world_size", 1) > 1 else ""
         _echo(f"engine: {r['engine']}  steps: {r['steps']}  final upper loss: {r['final_upper_loss']:.6g}"
