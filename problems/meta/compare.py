@@ -51,7 +51,7 @@ def run_method(preset: str, seed: int, steps: int, out: Path, tasks: int, sets: 
     then meta-test it on ``tasks`` tasks."""
     started = time.perf_counter()
     loaded = load_spec(find_preset(preset), overrides=sets)
-    run(loaded, out=out, progress=False)
+    run(loaded, out=out, overwrite=True, progress=False)
     wall = time.perf_counter() - started
     return {"preset": preset, "seed": seed, "outer_steps": steps, "wall_time_s": wall, **meta_test_run(out, tasks=tasks)}
 

@@ -24,9 +24,10 @@ import yaml
 HERE = Path(__file__).parent
 FAMILIES = {
     "hyperrep": {"preset": "hyperrep_bsvrb.yaml", "metric": "upper_exact", "label": "F(W) at the exact heads (validation MSE)",
-                 "lower_lr": {"bsvrb": 0.03, "plain": 0.3, "implicit": 0.3}, "monitor_n": ("n_train", "n_val")},
+                 "lower_lr": {"bsvrb": 0.003, "plain": 0.03, "implicit": 0.1}, "upper_lr": 0.4,
+                 "monitor_n": ("n_train", "n_val")},
     "l2": {"preset": "l2_bsvrb.yaml", "metric": "val_loss", "label": "mean validation loss over the tasks",
-           "lower_lr": {"bsvrb": 0.3, "plain": 1.0, "implicit": 1.0}, "monitor_n": ("n",)},
+           "lower_lr": {"bsvrb": 0.1, "plain": 1.0, "implicit": 0.5}, "upper_lr": 3.0, "monitor_n": ("n",)},
 }
 METHODS = ("bsvrb", "plain", "implicit")
 
@@ -56,8 +57,8 @@ def method_spec(family: str, method: str, seed: int, budget: int, points: int, l
         data["engine"] = {"kind": "bsvrb", "variance_reduction": method == "bsvrb"}
         per_step = blocks["sample"]
     lower["solver"]["lr"] = lower_lr if lower_lr is not None else info["lower_lr"][method]
-    if upper_lr is not None:
-        next(level for level in data["levels"].values() if "parent" not in level)["solver"]["lr"] = upper_lr
+    upper = next(level for level in data["levels"].values() if "parent" not in level)
+    upper["solver"]["lr"] = upper_lr if upper_lr is not None else info["upper_lr"]
     steps = max(budget // per_step, 1)
     data["run"].update(seed=seed, steps=steps, monitor_every=max(steps // points, 1), log_every=max(steps // points, 1),
                        checkpoint_every=None)
@@ -71,7 +72,7 @@ def run_method(family: str, method: str, seed: int, budget: int, points: int, ou
 
     data, per_step = method_spec(family, method, seed, budget, points, **lrs)
     began = time.perf_counter()
-    result = run(spec_from_data(data), out=out / f"{family}_{method}_seed{seed}", progress=False)
+    result = run(spec_from_data(data), out=out / f"{family}_{method}_seed{seed}", overwrite=True, progress=False)
     wall = time.perf_counter() - began
     metric = FAMILIES[family]["metric"]
     records = [json.loads(line) for line in (result.out / "metrics.jsonl").read_text().splitlines()]
