@@ -10,10 +10,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from bilevel.refs import RefError, import_module_ref
+from bilevel.refs import RefError, allowed_imports, check_allowed, import_module_ref
 from bilevel.spec.errors import SpecError, SpecIssue, SpecSource
 from bilevel.spec.problem import BilevelSpec
 from bilevel.spec.reading import non_finite_issues, read_data
+from bilevel.spec.references import spec_references
 
 __all__ = ["LoadedSpec", "apply_overrides", "describe_error", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
 
@@ -104,12 +105,27 @@ def spec_from_data(
     non_finite = non_finite_issues(data, file, lines)
     if non_finite:
         raise SpecError(non_finite)
+    _check_allowed_imports(data, file, base_dir, lines)
     _import_plugins(data, file, base_dir, lines)
     try:
         spec = BilevelSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(validation_issues(exc, data, file, lines)) from None
     return LoadedSpec(spec, file, base_dir or Path.cwd(), lines)
+
+
+def _check_allowed_imports(data: Any, file: str, base_dir: Path | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Under an allow list (``bilevel.refs``), every reference it excludes, before any is imported."""
+    if allowed_imports() is None:
+        return
+    issues = []
+    for path, ref in spec_references(data):
+        try:
+            check_allowed(ref.partition(":")[0], base_dir)
+        except RefError as exc:
+            issues.append(SpecIssue(file, path, str(exc), lines.get(tuple(path.split(".")))))
+    if issues:
+        raise SpecError(issues)
 
 
 def _import_plugins(data: Any, file: str, base_dir: Path | None, lines: dict[tuple[str, ...], int]) -> None:
