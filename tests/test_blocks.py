@@ -8,6 +8,8 @@ the planner and bad input."""
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,18 @@ def test_bad_blocks_input_names_the_field(case: str) -> None:
     with pytest.raises(SpecError) as info:
         make_plan(compile_spec(spec_from_data(data)))
     assert any(issue.path == path and message in issue.message for issue in info.value.issues), str(info.value)
+
+
+@pytest.mark.parametrize("family", ["hyperrep", "l2"])
+@pytest.mark.parametrize("method", ["bsvrb", "plain", pytest.param("implicit", marks=pytest.mark.slow)])
+def test_the_multiblock_comparison_runs_each_method_and_the_upper_loss_falls(family: str, method: str, tmp_path: Path) -> None:
+    """problems.multiblock.compare at a small budget: the method runs at its tuned rates, the
+    curve is in block-solves, and the monitored upper loss falls below its first value."""
+    from problems.multiblock.compare import run_method, table
+
+    row = run_method(family, method, 0, 300, 3, tmp_path, examples=10)
+    steps = [point[0] for point in row["curve"]]
+    values = [point[1] for point in row["curve"]]
+    assert steps[-1] == 300 and steps == sorted(steps) and len(steps) >= 2
+    assert all(math.isfinite(v) for v in values) and min(values[1:]) < values[0], row
+    assert table([row]).count("\n") == 2
