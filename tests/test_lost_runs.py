@@ -188,3 +188,19 @@ def test_user_code_failing_mid_run_is_named_with_its_step_and_keeps_the_checkpoi
     assert f"outer step {saved['step'] + 1}:" in cli.stderr and str(out / "checkpoint.pt") in cli.stderr
     if mode == "raise":
         assert "failing_objectives.py:" in cli.stderr  # the user's own line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_start_up_ends_without_a_traceback(signum: int) -> None:
+    """While the package and torch import (before any command runs) and during the command."""
+    codes = []
+    for delay in (0.3, 0.8, 1.5):
+        proc = subprocess.Popen([sys.executable, "-m", "bilevel", "validate", str(HERE / "specs" / "good.yaml")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+        assert "Traceback" not in stderr, stderr
+        codes.append(proc.returncode)
+    expected = 130 if signum == signal.SIGINT else 143
+    assert set(codes) <= {0, expected, -int(signum)} and expected in codes, codes
