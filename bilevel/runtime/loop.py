@@ -115,7 +115,8 @@ def run(
     with _world(loaded, device) as (_, rank_device):
         problem, plan, eng = _prepare(loaded, engine, rank_device)
         settings = loaded.spec.run
-        out_dir = check_out_path(out if out is not None else settings.out, "run.out" if out is None else "out")
+        out_dir = check_out_path(out if out is not None else settings.out.replace("{name}", problem.name),
+                                 "run.out" if out is None else "out")
         loop = _Loop(problem, plan, eng, settings, out_dir, loaded, log)
         with _claimed(out_dir, problem, loaded.file, resume, overwrite):
             return loop.run(resume, progress, on_step, settings.tensorboard if tensorboard is None else tensorboard,
