@@ -55,7 +55,7 @@ def main() -> None:
                                                                               "run.checkpoint_every=null"])
             began = time.perf_counter()
             try:
-                result = run(loaded, out=out, progress=False)
+                result = run(loaded, out=out, overwrite=True, progress=False)
                 report = result.result["report"] | {"final_val_loss": result.result["final_upper_loss"]}
             except Exception as exc:  # a diverged baseline is a result, not a crash
                 report = {"final_val_loss": float("nan"), "test_loss": float("nan"), "test_accuracy": float("nan"), "error": str(exc)[:80]}

@@ -56,7 +56,7 @@ def run_stn(steps: int | None, seed: int) -> dict[str, Any]:
     loaded = load_spec(find_preset(PRESET), overrides=overrides)
     out_dir = tempfile.mkdtemp(prefix="stn-")
     began = time.perf_counter()
-    result = run(loaded, device="cpu", out=out_dir, progress=False)
+    result = run(loaded, device="cpu", out=out_dir, overwrite=True, progress=False)
     wall = time.perf_counter() - began
     spec = loaded.spec
     lower = next(level for level in spec.levels.values() if level.parent is not None)

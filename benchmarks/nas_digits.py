@@ -52,7 +52,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def search(name: str, config: Any, seed: int, overrides: list[str], out: Path) -> dict[str, Any]:
     loaded = load_spec(find_preset("nas/digits"), overrides=[f"run.seed={seed}", *overrides])
     began = time.perf_counter()
-    result = bilevel.run(loaded, engine=config, device="cpu", out=out, progress=False)
+    result = bilevel.run(loaded, engine=config, device="cpu", out=out, overwrite=True, progress=False)
     total = time.perf_counter() - began
     report = result.result["report"]
     genotype = Genotype.load(out / "genotype.json")

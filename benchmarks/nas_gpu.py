@@ -65,7 +65,7 @@ def measure(name: str, config: Any, overrides: list[str], steps: int, warmup: in
                 peak["mib"] = torch.cuda.max_memory_allocated() / 2**20
 
     with tempfile.TemporaryDirectory() as out:
-        result = bilevel.run(loaded, engine=config, device=device, out=out, progress=False, on_step=on_step)
+        result = bilevel.run(loaded, engine=config, device=device, out=out, overwrite=True, progress=False, on_step=on_step)
     per_step = (stamps[warmup + steps] - stamps[warmup]) / steps
     batch = loaded.spec.levels["lower"].data.batch_size
     per_epoch_steps = math.ceil(25000 / batch)

@@ -201,7 +201,7 @@ def run_case(name: str) -> dict[str, Any]:
     file = getattr(spec, "file", "<python>")
     loaded = spec_from_data(data, file, base)
     with tempfile.TemporaryDirectory() as out:
-        result = run(loaded, engine=config, out=out, progress=False)
+        result = run(loaded, engine=config, out=out, overwrite=True, progress=False)
     return {"x": _flat(result.x), "y": _flat(result.y), "final_upper_loss": result.result["final_upper_loss"]}
 
 

@@ -380,7 +380,7 @@ def run_e2e(args: argparse.Namespace, device: torch.device) -> list[dict[str, An
             continue
         preset = load_spec(preset_path, [f"run.device={device.type}", "report_kwargs.baselines=false"])
         with tempfile.TemporaryDirectory() as out:
-            result = run(preset, engine=config, out=out, progress=False)
+            result = run(preset, engine=config, out=out, overwrite=True, progress=False)
             trace = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         record(name, [r["upper_loss"] for r in trace], [r["elapsed_s"] for r in trace], result.result["report"]["test_accuracy"],
                result.result.get("fast_path"))

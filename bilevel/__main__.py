@@ -1,5 +1,5 @@
 """python -m bilevel: the command line."""
 
-from bilevel.cli import main
+from bilevel.entry import main
 
 main()

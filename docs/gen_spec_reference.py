@@ -61,6 +61,7 @@ ORDER = [
     "ZeroOrderConfig",
     "PenaltyConfig",
     "BORepConfig",
+    "BSVRBConfig",
     "LVHBAConfig",
     "DartsConfig",
     "RartsConfig",
@@ -74,6 +75,7 @@ ORDER = [
     "RunSpec",
     "BudgetSpec",
     "InstancesSpec",
+    "BlocksSpec",
     "TasksSpec",
 ]
 

@@ -18,7 +18,11 @@ its declared capabilities (``bilevel.engines.Capabilities``):
 * the fast path on CPU (``graph_safe``): the hypergradient checks again with every call replayed
   from a captured graph (the replay backend keeps a CUDA graph's contract); slow: compiled;
 * proximal terms (``handles_prox_operators``): the lasso and elastic-net hypergradients equal their closed
-  forms on the active set (problems/sparse_hpo) to 1e-8; the others are refused on such a level.
+  forms on the active set (problems/sparse_hpo) to 1e-8; the others are refused on such a level;
+* a level of blocks (problems/toy/blocks.py): with every block drawn, the hypergradient engines that
+  handle instances match the closed form to 1e-10; engines that sample blocks (``samples_blocks``)
+  reach the full-batch solution x* (their documented tolerance); the others are refused on
+  sampled blocks.
 
 A newly registered engine fails ``test_every_engine_has_settings_for_what_it_declares`` until it
 is given settings here for each check its capabilities call for."""
@@ -38,6 +42,7 @@ from bilevel import run
 from bilevel.compile import compile_spec
 from bilevel.engines import (
     BORepConfig,
+    BSVRBConfig,
     DartsConfig,
     ForwardConfig,
     ImplicitConfig,
@@ -112,6 +117,9 @@ class Settings:
     """A config for the batch-of-instances check."""
     prox: list[Any] = field(default_factory=list)
     """Configs matched against the lasso / elastic-net closed forms (a lower level with a prox)."""
+    blocks: tuple[Any, int, float, float, float] | None = None
+    """(config, outer steps, upper lr, lower lr, relative tolerance on x*) for a run on the
+    quadratic blocks with every block drawn (engines that sample blocks)."""
 
 
 SETTINGS: dict[str, Settings] = {
@@ -154,6 +162,7 @@ SETTINGS: dict[str, Settings] = {
     ),
     # orthogonal antithetic directions, N a multiple of d: exact on the quadratic (F(x, y_T(x)) is
     # quadratic in x), O(sigma^2) on ridge; the run takes 100 outer steps (its cost: 7 lower solves each)
+    "bsvrb": Settings(blocks=(BSVRBConfig(), 500, 0.1, 0.3, 1e-8)),
     "zero_order": Settings(
         hypergradient=[ZeroOrderConfig(distribution="orthogonal", samples=30, sigma=1e-4)],
         solution=(ZeroOrderConfig(distribution="orthogonal", samples=3, sigma=1e-3), {"name": "sgd", "lr": 0.2}, 100, 2e-3),
@@ -172,6 +181,8 @@ def _required(kind: str) -> list[str]:
         needed.append("fixed_point")
     elif caps.needs_best_response:
         needed.append("best_response")
+    elif caps.samples_blocks:
+        needed.append("blocks")
     else:
         needed.append("solution")
     if caps.solves_depth(3):
@@ -406,6 +417,43 @@ def test_engines_without_prox_are_refused_on_a_prox_level(kind: str) -> None:
         make_plan(compile_spec(spec_from_data(data)))
     assert any(issue.path == "levels.lower.variables.w.prox" and "does not differentiate proximal terms" in issue.message
                for issue in info.value.issues), info.value.issues
+
+
+# --- a level of blocks ------------------------------------------------------------------------------
+@pytest.mark.parametrize("config, mode", [c for c in _cases("hypergradient") if engine_capabilities()[c.values[0].kind].handles_instances])
+def test_every_block_drawn_matches_the_blocks_closed_form(config: Any, mode: str) -> None:
+    from problems.toy.blocks import blocks_closed_form, blocks_spec
+
+    problem = compile_spec(spec_from_data(blocks_spec(count=4, inner_steps=200)))
+    try:
+        make_plan(problem, config)
+    except SpecError as error:  # a configuration refused on a batch (the direct solve)
+        assert "batch of instances" in str(error)
+        pytest.skip("refused on a batch")
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    result = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+    assert rel_error(result.grad[0], blocks_closed_form(x[0], 4)["hypergrad"]) < 1e-10
+
+
+@pytest.mark.parametrize("kind", [k for k in engine_kinds() if SETTINGS.get(k, Settings()).blocks])
+def test_block_sampling_engine_reaches_the_full_batch_solution(kind: str, tmp_path: Any) -> None:
+    from problems.toy.blocks import blocks_closed_form, blocks_spec
+
+    config, steps, lr, lower_lr, tolerance = SETTINGS[kind].blocks
+    data = blocks_spec(count=6, engine=config.model_dump(mode="json"), steps=steps, lr=lr, lower_lr=lower_lr)
+    result = run(spec_from_data(data), out=tmp_path, progress=False)
+    assert rel_error(result.x[0], blocks_closed_form(result.x[0], 6)["x_star"]) < tolerance
+
+
+@pytest.mark.parametrize("kind", _with_capability(lambda c: not c.samples_blocks))
+def test_engines_that_do_not_sample_blocks_are_refused_on_sampled_blocks(kind: str) -> None:
+    from problems.toy.blocks import blocks_spec
+
+    data = blocks_spec(count=6, sample=2, engine={"kind": kind})
+    with pytest.raises(SpecError) as info:
+        make_plan(compile_spec(spec_from_data(data)))
+    assert any(issue.path == "levels.block.blocks.sample" for issue in info.value.issues), info.value.issues
 
 
 # --- the fast path, compiled (slow) ----------------------------------------------------------------------

@@ -35,6 +35,8 @@ __all__ = [
     "guard",
     "import_plugins",
     "load_spec_arg",
+    "references_of",
+    "spec_path",
     "rank",
     "silence_stdout",
 ]
@@ -145,7 +147,9 @@ class UsageProblem(Exception):
 def guard(fn: Callable[[], Any], debug: bool = False, threads: Optional[int] = None, compute: bool = True) -> Any:
     """Run a command's body: apply --debug and the thread setting (``compute``), and turn errors
     into messages and exit codes (bilevel.cli's docstring)."""
+    from bilevel.runtime.failures import UserCodeFailure
     from bilevel.runtime.loop import DivergenceError
+    from bilevel.runtime.signals import RunInterrupted
 
     _debug["on"] = _debug["on"] or debug
     try:
@@ -173,6 +177,14 @@ def guard(fn: Callable[[], Any], debug: bool = False, threads: Optional[int] = N
         if _debug["on"]:
             raise
         raise typer.Exit(3) from None
+    except RunInterrupted as exc:
+        err(f"interrupted: {exc}")
+        raise typer.Exit(exc.exit_code) from None
+    except UserCodeFailure as exc:
+        err(f"failed: {exc}")
+        if _debug["on"]:
+            raise
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err("interrupted")
         raise typer.Exit(130) from None
@@ -189,11 +201,8 @@ def guard(fn: Callable[[], Any], debug: bool = False, threads: Optional[int] = N
         raise typer.Exit(1) from None
 
 
-def load_spec_arg(spec: Optional[str], overrides: Optional[list[str]]) -> Any:
-    """The LoadedSpec of a SPEC argument (a file, or a preset's name; the default preset when
-    none is given) with the --set overrides applied."""
-    from bilevel.spec.load import load_spec
-
+def spec_path(spec: Optional[str]) -> Path:
+    """The file a SPEC argument names: a file, or a preset's name (the default preset when none)."""
     name = spec or DEFAULT_PRESET
     path = Path(name)
     if not path.exists():
@@ -201,7 +210,34 @@ def load_spec_arg(spec: Optional[str], overrides: Optional[list[str]]) -> Any:
         if preset is None:
             raise SpecError.single(name, "", f"no such file, and no preset of that name (presets: {', '.join(list_presets())})")
         path = preset
-    return load_spec(path, overrides or [])
+    return path
+
+
+def references_of(spec: Optional[str]) -> list[tuple[str, str]]:
+    """(dotted path, reference) for every reference to code in a SPEC argument's file."""
+    from bilevel.spec.reading import read_data
+    from bilevel.spec.references import spec_references
+
+    return spec_references(read_data(spec_path(spec))[0])
+
+
+def load_spec_arg(spec: Optional[str], overrides: Optional[list[str]], engine: Optional[str] = None) -> Any:
+    """The LoadedSpec of a SPEC argument (a file, or a preset's name; the default preset when
+    none is given) with the --set overrides applied. ``engine`` (--engine KIND) is applied
+    first, as ``engine: {kind: KIND}`` unless the spec's engine is already of that kind, so that
+    ``--set engine.*`` refines it."""
+    from bilevel.spec.load import load_spec
+
+    path = spec_path(spec)
+    overrides = list(overrides or [])
+    if engine is not None:
+        engine_override(engine)  # an unknown kind: the error names --engine
+        from bilevel.spec.reading import read_data
+
+        declared = read_data(path)[0].get("engine")
+        if not (isinstance(declared, dict) and declared.get("kind") == engine):
+            overrides.insert(0, f"engine={{kind: {engine}}}")
+    return load_spec(path, overrides)
 
 
 def engine_override(kind: Optional[str]) -> Any:
@@ -227,8 +263,18 @@ def import_plugins(plugins: Optional[list[str]]) -> None:
             raise SpecError.single("--plugin", ref, str(exc)) from None
 
 
+AllowImportsOpt = typer.Option(
+    None, "--allow-imports", metavar="PACKAGES",
+    help="Import only these packages (comma-separated) and files in the spec's folder from a spec's references;"
+         " sets BILEVEL_ALLOW_IMPORTS (docs/getting-started.md#trust).")
+
+
 @app.callback()
-def _root(debug: bool = DebugOpt, threads: Optional[int] = ThreadsOpt) -> None:
+def _root(debug: bool = DebugOpt, threads: Optional[int] = ThreadsOpt, allow_imports: Optional[str] = AllowImportsOpt) -> None:
     """Declarative bilevel optimization: declare the levels, the planner picks the hypergradient engine."""
     _debug["on"] = debug
     _root_threads["threads"] = threads
+    if allow_imports is not None:
+        from bilevel.refs import ALLOW_IMPORTS_ENV
+
+        os.environ[ALLOW_IMPORTS_ENV] = allow_imports

@@ -19,10 +19,10 @@ from bilevel.cli.common import (
     UsageProblem,
     command,
     echo,
-    engine_override,
     err,
     guard,
     load_spec_arg,
+    references_of,
     rank,
 )
 from bilevel.reporting.numbers import format_mapping, format_number
@@ -72,8 +72,10 @@ def run(
     spec: Optional[str] = SpecArg,
     engine: Optional[str] = EngineOpt,
     device: Optional[str] = DeviceOpt,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR", help="Output directory (default: the spec's run.out)."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", metavar="DIR", help="Output directory (default: the spec's run.out)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint in the output directory."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the run of a different spec that the output directory holds."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
     tensorboard: Optional[bool] = typer.Option(None, "--tensorboard/--no-tensorboard", show_default=False,
                                                help="Also write TensorBoard events to OUT/tensorboard (default: run.tensorboard)."),
@@ -90,15 +92,15 @@ def run(
     from bilevel.runtime.trackers import TrackerUnavailable, open_trackers
 
     def go() -> None:
-        loaded = load_spec_arg(spec, overrides)
-        out_dir = out if out is not None else Path(loaded.spec.run.out)
+        loaded = load_spec_arg(spec, overrides, engine)
+        out_dir = Path(out) if out is not None else Path(loaded.spec.run.out.replace("{name}", loaded.spec.name))
         try:
             trackers = open_trackers(loaded, out_dir, mlflow=mlflow, wandb=wandb) if rank() == 0 else None
         except TrackerUnavailable as exc:
             raise UsageProblem(str(exc)) from None
         try:
-            result = run_loop(loaded, engine_override(engine), device, out, resume, progress=not quiet, log=err,
-                              tensorboard=tensorboard, on_record=trackers.on_record if trackers else None)
+            result = run_loop(loaded, None, device, out, resume, progress=not quiet, log=err, tensorboard=tensorboard,
+                              on_record=trackers.on_record if trackers else None, overwrite=overwrite)
         except BaseException as exc:
             if trackers:
                 trackers.finish(None, interrupted=isinstance(exc, KeyboardInterrupt))
@@ -138,8 +140,8 @@ def plan(
     from bilevel.planner import make_plan
 
     def go() -> None:
-        loaded = load_spec_arg(spec, overrides)
-        the_plan = make_plan(compile_spec(loaded, device), engine_override(engine))
+        loaded = load_spec_arg(spec, overrides, engine)
+        the_plan = make_plan(compile_spec(loaded, device))
         if as_json:
             typer.echo(json.dumps(the_plan.to_json(), indent=2))
             return
@@ -163,11 +165,16 @@ def validate(
     debug: bool = DebugOpt,
 ) -> None:
     """Check a spec: schema, references to user code, a dry run of every objective, and the plan.
-    Exits 0 when valid, 2 otherwise."""
+    Exits 0 when valid, 2 otherwise. Under --allow-imports, first lists every reference the spec
+    would import (and refuses those the list excludes before importing any)."""
     from bilevel.compile import compile_spec
     from bilevel.planner import make_plan
+    from bilevel.refs import allowed_imports
 
     def go() -> None:
+        if allowed_imports() is not None:  # under an allow list: what the spec would import, before anything is
+            for path, ref in references_of(spec):
+                err(f"imports: {path}: {ref}")
         loaded = load_spec_arg(spec, overrides)
         make_plan(compile_spec(loaded, device))
         typer.echo(f"{loaded.file}: valid")
@@ -228,8 +235,8 @@ def hypergrad(
     from bilevel.runtime.loop import hypergrad_at_init
 
     def go() -> None:
-        loaded = load_spec_arg(spec, overrides)
-        out = hypergrad_at_init(loaded, engine_override(engine), device)
+        loaded = load_spec_arg(spec, overrides, engine)
+        out = hypergrad_at_init(loaded, None, device)
         if as_json:
             echo(json.dumps(out))
             return

@@ -117,6 +117,8 @@ def report(
         except ReportError as exc:
             err(f"error: {exc}")
             raise typer.Exit(2) from None
+        for note in files.warnings:
+            err(f"warning: {note}")
         echo(f"summary: {files.summary}")
         for path in files.plots:
             echo(f"figure: {path}")

@@ -3,14 +3,15 @@ device, and check by a dry run that every objective can be called and returns a 
 
 One path for every spec:
 
-    spec --(instances: one spec per instance)--> compile each: levels -> checks -> dry run
-         --(instances: bilevel.problem.stack)--> Problem
+    spec --(instances / blocks: one spec per instance / block)--> compile each: levels -> checks -> dry run
+         --(instances: bilevel.problem.stack; blocks: bilevel.problem.blocks)--> Problem
 
 * :mod:`~bilevel.compile.issues`: the issues found, and references to user code;
 * :mod:`~bilevel.compile.levels`: one level's variables, objective, data, constraints;
 * :mod:`~bilevel.compile.checks`: the chain, solvers and tuned hyperparameters;
 * :mod:`~bilevel.compile.dry_run`: every objective at the initial variables;
-* :mod:`~bilevel.compile.instances`: the specs of a batch of instances."""
+* :mod:`~bilevel.compile.instances`: the specs of a batch of instances;
+* :mod:`~bilevel.compile.blocks`: a lower level of blocks."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from bilevel.compile.blocks import blocks_of, compile_blocks
 from bilevel.compile.checks import structure_issues, task_issues
 from bilevel.compile.couplings import couple_levels
 from bilevel.compile.data_order import wire_data_order
@@ -48,7 +50,13 @@ def resolve_device(name: str) -> torch.device:
     """"auto" -> cuda when available, else cpu."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SpecError.single("--device", "run.device", f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return device
 
 
 def spec_fingerprint(spec: BilevelSpec) -> str:
@@ -69,6 +77,8 @@ def compile_spec(loaded: LoadedSpec | BilevelSpec, device: str | torch.device | 
     if isinstance(loaded, BilevelSpec):
         loaded = LoadedSpec(loaded)
     fingerprint = spec_fingerprint(loaded.spec)
+    if blocks_of(loaded) is not None:
+        return compile_blocks(loaded, lambda one: _compile_one(one, device, fingerprint))
     if loaded.spec.instances is None:
         return _compile_one(loaded, device, fingerprint)
     check_no_prox_with_instances(loaded)

@@ -1,5 +1,5 @@
 """The dry run of a compiled problem: every level's objective at the initial variables, with the
-views it will get, returns a floating-point scalar; constraints return floating-point tensors of
+views it will get, returns a finite floating-point scalar; constraints return floating-point tensors of
 their declared shapes and hold at the start; a closed-form solution returns every tensor
 variable of its level at the declared shape."""
 
@@ -50,6 +50,12 @@ def dry_run(log: IssueLog, problem: Problem, specs: Mapping[str, LevelSpec]) -> 
             log.fail(path, f"the objective returned {got}, expected a scalar Tensor")
         elif not value.is_floating_point():
             log.fail(path, f"the objective returned a {value.dtype} tensor, expected a floating-point scalar")
+        elif not bool(torch.isfinite(value.detach()).all()):
+            bad = [f"{name} ({int((~torch.isfinite(p)).sum())} entries)" for name, p in zip(level.param_names, level.init)
+                   if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+            cause = (f"; the initial values of {', '.join(bad)} are not finite" if bad
+                     else "; check the data and the initial values for NaN/inf, and the objective for log(0) or 0/0")
+            log.fail(path, f"the objective is {float(value)} at the initial variables, expected a finite number{cause}")
     if problem.depth == 2:
         _check_constraints(log, problem, specs[problem.lower.name])
         _check_solution(log, problem)

@@ -8,10 +8,10 @@ from typing import Any
 
 from bilevel.spec.load import LoadedSpec, spec_from_data
 
-__all__ = ["instance_specs"]
+__all__ = ["check_path", "instance_specs", "set_path"]
 
 
-def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
+def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     keys = path.split(".")
     node = data
     for key in keys[:-1]:
@@ -19,9 +19,10 @@ def _set_path(data: dict[str, Any], path: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _check_path(loaded: LoadedSpec, path: str) -> None:
-    """The level, data source or variable a varying path names must exist in the spec."""
-    spec, where = loaded.spec, f"instances.vary.{path}"
+def check_path(loaded: LoadedSpec, path: str, field: str = "instances.vary") -> None:
+    """The level, data source or variable a varying path names must exist in the spec (issues at
+    ``field``.path)."""
+    spec, where = loaded.spec, f"{field}.{path}"
     parts = path.split(".")
     if parts[0] != "levels":
         return
@@ -44,7 +45,7 @@ def instance_specs(loaded: LoadedSpec) -> list[LoadedSpec]:
     spec = loaded.spec
     assert spec.instances is not None
     for path in spec.instances.vary:
-        _check_path(loaded, path)
+        check_path(loaded, path)
     base = spec.model_dump(mode="json")
     base.pop("instances")
     out = []
@@ -52,6 +53,6 @@ def instance_specs(loaded: LoadedSpec) -> list[LoadedSpec]:
         data = copy.deepcopy(base)
         data["run"]["seed"] = spec.run.seed + index
         for path, values in spec.instances.vary.items():
-            _set_path(data, path, values[index])
+            set_path(data, path, values[index])
         out.append(spec_from_data(data, loaded.file, loaded.base_dir, loaded.lines))
     return out

@@ -3,6 +3,8 @@ architecture supernets), its objective, data, constraints and closed-form soluti
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +23,19 @@ from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.level import LevelSpec, ModuleVariable, OptimizerSpec, TensorVariable
 from bilevel.spec.problem import BilevelSpec
 
-__all__ = ["LevelBuilder"]
+__all__ = ["LevelBuilder", "device_memory_bytes"]
+
+
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The device's total memory: a GPU's, or the machine's physical memory (None when unknown)."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.mem_get_info(device)[1])
+        if device.type == "cpu":
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, RuntimeError, AttributeError):
+        return None
+    return None
 
 
 class LevelBuilder:
@@ -37,6 +51,12 @@ class LevelBuilder:
     def tensor(self, var: TensorVariable, path: str) -> Tensor | None:
         shape = tuple(var.shape)
         kw = {"device": self.device, "dtype": self.dtype}
+        size = math.prod(shape) * torch.empty((), dtype=self.dtype).element_size()
+        memory = device_memory_bytes(self.device)
+        if memory is not None and size > memory:
+            self.log.fail(f"{path}.shape", f"shape {list(shape)} takes {size / 2**30:.3g} GiB in {str(self.dtype).removeprefix('torch.')},"
+                                           f" more than the {self.device.type} memory of this machine ({memory / 2**30:.3g} GiB)")
+            return None
         init = var.init
         if isinstance(init, (int, float)):
             return torch.full(shape, float(init), **kw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bilevel.engines.base import EAGER, Capabilities, Engine, EngineBase, EngineState, Execution, Hypergrad, Proposal, Stats
 from bilevel.engines.bo_rep import BORepConfig, BORepEngine, BORepState
+from bilevel.engines.bsvrb import BSVRBConfig, BSVRBEngine, BSVRBState
 from bilevel.engines.darts import DartsConfig, DartsEngine, DartsState
 from bilevel.engines.forward import ForwardConfig, ForwardEngine, ForwardState
 from bilevel.engines.implicit import ImplicitConfig, ImplicitEngine, ImplicitState
@@ -39,6 +40,9 @@ __all__ = [
     "BORepConfig",
     "BORepEngine",
     "BORepState",
+    "BSVRBConfig",
+    "BSVRBEngine",
+    "BSVRBState",
     "Capabilities",
     "DartsConfig",
     "DartsEngine",

@@ -65,6 +65,10 @@ class Capabilities:
     MAML's initialization): through the unrolled steps back to their start, or through a proximal
     term anchoring the lower level (iMAML). Engines without it would drop that path, and are
     refused on such a level."""
+    samples_blocks: bool = False
+    """Takes a lower level of blocks of which only some are drawn per outer step (``blocks.sample``
+    below ``blocks.count``), keeping every block's state between its draws. Engines without it
+    solve a level of blocks only with every block drawn (as a batch of instances)."""
     graph_safe: bool = False
     """Its call depends on its inputs only through tensors (the state's step counter is only
     counted, never read), so the fast path may capture one CUDA graph for every call of the same

@@ -107,6 +107,10 @@ class ProblemFacts:
     """Dotted paths of the sets declared on the variables of the levels below the top."""
     prox_operators: tuple[str, ...] = ()
     """Dotted paths of the proximal terms declared on the variables of the levels below the top."""
+    blocks: int | None = None
+    """m: blocks of the lower level (None: not a level of blocks); ``instances`` then counts them."""
+    blocks_sampled: int | None = None
+    """k: blocks drawn per outer step, where fewer than all (None: every block every step)."""
     nested_unrolled_memory_mb: float = 0.0
     """Rough graph memory of nested unrolling: every step stored, each with about four copies
     of its level's variables and activations the size of its batch."""
@@ -160,10 +164,17 @@ class ProblemFacts:
             init_from=(f"levels.{lower.name}.init_from",) if lower.init_from else (),
             prox=lower.prox is not None,
             tasks=problem.instances if problem.resamples_tasks else None,
+            blocks=problem.blocks.count if problem.blocks is not None else None,
+            blocks_sampled=(problem.blocks.sample if problem.blocks is not None and not problem.blocks.every_block
+                            else None),
             nested_unrolled_memory_mb=nested,
             shape=problem.shape,
             **_nonsmooth_facts(chain[1:]),
         )
+
+    @property
+    def blocks_path(self) -> str:
+        return f"levels.{self.lower_level}.blocks"
 
     @property
     def depth(self) -> int:

@@ -157,8 +157,9 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
                                 " it needs gradients of the objectives in the upper variables, and none reaches it; engines"
                                 f" that can: {able} (or leave engine: auto)")
                    for name in facts.gradient_free_hyperparameters]
-    if facts.instances and not caps.handles_instances:
-        what, path = ("tasks", "tasks") if facts.tasks else ("instances", "instances")
+    if facts.instances and not caps.handles_instances and not (facts.blocks and caps.samples_blocks):
+        what, path = (("tasks", "tasks") if facts.tasks else ("blocks", facts.blocks_path) if facts.blocks
+                      else ("instances", "instances"))
         issues.append(source.issue(path, f"the {kind} engine does not support a batch of {what}; engines that do:"
                                          f" {', '.join(_able(lambda c: c.handles_instances))}"))
     if facts.prox_operators and not caps.handles_prox_operators:
@@ -169,6 +170,11 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
         issues.append(source.issue(facts.init_from[0], f"the {kind} engine does not differentiate a lower solve started at"
                                    " upper variables (it would drop the meta-gradient through the start); engines that do:"
                                    f" {', '.join(_able(lambda c: c.differentiates_start))}"))
+    if facts.blocks_sampled and not caps.samples_blocks:
+        issues.append(source.issue(facts.blocks_path + ".sample", f"the {kind} engine solves a level of blocks only with"
+                                   f" every block drawn (sample = count = {facts.blocks}); it keeps no per-block state"
+                                   " between draws. Engines that sample blocks:"
+                                   f" {', '.join(_able(lambda c: c.samples_blocks)) or 'none'}"))
     issues += [source.issue(path, why) for path, why in engine_class(kind).refusals(config, facts)]
     if issues:
         raise SpecError(issues)

@@ -10,6 +10,7 @@ with that error instead of trying the next rule.
 
     priority  situation             applies when                               admits engines that
     90        architecture          upper architecture mixtures                handle architecture mixtures
+    85        sampled_blocks        k of m lower blocks drawn per step         sample blocks
     80        constraints           lower-level constraints                    handle (coupled) constraints
     70        gradient_free         discrete / non-differentiable upper vars   handle discrete variables
     60        closed_form           a closed-form lower solution               are exact when converged
@@ -25,7 +26,8 @@ with that error instead of trying the next rule.
 
 Every rule also requires an engine that solves the problem's depth, for a batch of instances
 keeps the instances apart, for a lower level with proximal terms differentiates them, and for
-a lower level started at upper variables (init_from) differentiates that start."""
+a lower level started at upper variables (init_from) differentiates that start, and for a level
+of blocks drawn k of m per step samples blocks."""
 
 from __future__ import annotations
 
@@ -64,9 +66,11 @@ def _accepts_convexity(caps: Capabilities, facts: ProblemFacts) -> bool:
 
 def admitted(caps: Capabilities, facts: ProblemFacts) -> bool:
     """What every rule requires of an engine: the problem's depth, and a batch of instances kept apart."""
-    return (caps.solves_depth(facts.depth) and (not facts.instances or caps.handles_instances)
+    return (caps.solves_depth(facts.depth)
+            and (not facts.instances or caps.handles_instances or (bool(facts.blocks) and caps.samples_blocks))
             and (not facts.prox_operators or caps.handles_prox_operators)
-            and (not facts.init_from or caps.differentiates_start))
+            and (not facts.init_from or caps.differentiates_start)
+            and (not facts.blocks_sampled or caps.samples_blocks))
 
 
 RULES: tuple[Rule, ...] = tuple(sorted((
@@ -79,6 +83,8 @@ RULES: tuple[Rule, ...] = tuple(sorted((
          lambda c, f: c.handles_discrete and not c.handles_constraints,
          lambda f: (f"levels.{f.upper_level}.variables.{f.gradient_free_hyperparameters[0]}",
                     "no registered engine handles discrete or non-differentiable hyperparameters")),
+    Rule("sampled_blocks", 85, lambda f: bool(f.blocks_sampled), lambda c, f: c.samples_blocks,
+         lambda f: (f.blocks_path + ".sample", "no registered engine samples blocks")),
     Rule("closed_form", 60, lambda f: f.closed_form, lambda c, f: c.exact_when_converged),
     Rule("initialization", 56, lambda f: bool(f.init_from) and not f.prox, lambda c, f: c.through_optimizer),
     Rule("online_tuned_step", 55,

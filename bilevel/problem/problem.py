@@ -122,6 +122,11 @@ class Problem(LevelTree):
         """A meta-batch of tasks drawn anew at every outer step (so no lower warm start across steps)."""
         return self.stacked is not None and self.stacked.kind == "tasks"
 
+    @property
+    def blocks(self) -> Any:
+        """The block draws of a lower level of blocks (``bilevel.problem.blocks.BlockSampler``), or None."""
+        return None if self.stacked is None else self.stacked.blocks
+
     def split(self, y: Sequence[Tensor]) -> list[Params]:
         """``lower``'s flat tuple, one tuple per level below the top."""
         out, start = [], 0

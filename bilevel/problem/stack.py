@@ -76,13 +76,16 @@ class StackedInstances:
     """How the per-instance objectives are evaluated: "vmap" (batched kernels) or "loop" (one
     call per instance on views of the stacked tensors; see ``vectorization``)."""
     kind: str = "instances"
-    """instances: every level stacked; tasks: the top level shared by all (``bilevel.problem.tasks``)."""
+    """instances: every level stacked; tasks, blocks: the top level shared by all
+    (``bilevel.problem.tasks``, ``bilevel.problem.blocks``)."""
     count_: int = 0
     """The number of copies (instances: the members)."""
     top_reduce: str = "sum"
     """How the copies' top objectives make one: sum (instances), or a task batch's mean or sum."""
     tasks: Any = None
     """A task batch's samplers and meta-test settings (``bilevel.problem.tasks.TaskSetup``)."""
+    blocks: Any = None
+    """The block draws of a level of blocks (``bilevel.problem.blocks.BlockSampler``)."""
 
     @property
     def count(self) -> int:

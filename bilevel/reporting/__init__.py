@@ -54,6 +54,8 @@ class ReportFiles:
     summary: Path
     plots: tuple[Path, ...]
     tables: tuple[Path, ...] = ()
+    warnings: tuple[str, ...] = ()
+    """What the report left out: lines of metrics.jsonl that are not records, per run."""
 
 
 def default_report_dir(paths: Sequence[str | Path]) -> Path:
@@ -117,4 +119,7 @@ def write_report(paths: str | Path | Sequence[str | Path], out: str | Path | Non
             tables.append(write_csv(instance_rows, directory / "instances.csv"))
         tables.append(write_csv(metric_rows(runs), directory / "metrics.csv"))
         tables.append(write_csv(aggregates, directory / "aggregate.csv"))
-    return ReportFiles(directory, summary, tuple(directory / f.name for f in figures), tuple(tables))
+    notes = tuple(f"{run.path / 'metrics.jsonl'}: {len(run.skipped)} line(s) are not metrics records and were skipped"
+                  f" (line {', '.join(map(str, run.skipped[:5]))}{', ...' if len(run.skipped) > 5 else ''})"
+                  for run in runs if run.skipped)
+    return ReportFiles(directory, summary, tuple(directory / f.name for f in figures), tuple(tables), notes)

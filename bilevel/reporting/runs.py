@@ -29,9 +29,11 @@ class RunRecord:
     result: dict[str, Any] | None
     """result.json (None for a run that has not finished: killed, or still running)."""
     records: list[dict[str, Any]] = field(default_factory=list)
-    """metrics.jsonl, one dict per logged step (a torn last line is skipped)."""
+    """metrics.jsonl, one dict per logged step (lines that are not records are skipped)."""
     trial: dict[str, Any] | None = None
     """trial.json of a sweep trial: study, number and sampled parameters."""
+    skipped: list[int] = field(default_factory=list)
+    """Numbers of the metrics.jsonl lines that are not records (skipped; see ``_read_metrics``)."""
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of a top-level numeric metric, skipping records without it."""
@@ -115,17 +117,34 @@ def read_run(path: str | Path, label: str | None = None) -> RunRecord:
         raise ReportError(f"{path}: no result.json or metrics.jsonl here, nor run directories inside;"
                           " expected the output directory of `bilevel run`")
     result = _read_json(result_file) if result_file.exists() else None
-    records = []
-    if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a torn last line from a killed run
-            if isinstance(record, dict) and "step" in record:
-                records.append(record)
+    records, skipped = _read_metrics(metrics_file) if metrics_file.exists() else ([], [])
     trial = _read_json(trial_file) if trial_file.exists() else None
-    return RunRecord(path, label or path.name, result, records, trial)
+    return RunRecord(path, label or path.name, result, records, trial, skipped)
+
+
+def _read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The records of metrics.jsonl and the numbers of the lines that are not records (a torn
+    last line of a killed run, or anything else written into the file: binary garbage, JSON that
+    is not a record, a step that is not a whole number, groups that are not mappings)."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read it ({exc})") from None
+    records, skipped = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or any(
+                not isinstance(record.get(group, {}), dict) for group in ("upper", "monitor")):
+            skipped.append(number)
+            continue
+        records.append(record)
+    return records, skipped
 
 
 def read_runs(paths: str | Path | Sequence[str | Path]) -> list[RunRecord]:

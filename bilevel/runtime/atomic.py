@@ -16,20 +16,26 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from bilevel.spec.errors import SpecError
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "file_mode",
     "load_checkpoint",
+    "not_a_checkpoint",
     "remove_stale_temporaries",
     "save_checkpoint",
+    "unwritable",
     "write_new_json",
 ]
 
@@ -75,7 +81,20 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     return removed
 
 
+def unwritable(path: Path, exc: OSError) -> SpecError:
+    """The error for an output that cannot be written (a full disk, no permission), naming it."""
+    return SpecError.single(str(path), "", f"cannot be written: {exc.strerror or exc}; free space or give another --out"
+                                           " (the previous file, if any, is unchanged)")
+
+
 def _atomic_replace(path: Path, write: Any) -> None:
+    try:
+        _replace(path, write)
+    except OSError as exc:
+        raise unwritable(path, exc) from None
+
+
+def _replace(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
@@ -145,9 +164,35 @@ def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
 
 def load_checkpoint(directory: Path) -> dict[str, Any] | None:
     """The latest checkpoint in ``directory``, or None when there is none. Temporary files that
-    a killed writer left beside it are removed."""
+    a killed writer left beside it are removed. A file that is not a readable checkpoint (empty,
+    truncated, foreign, holding objects other than tensors and containers) is a SpecError naming it."""
     path = directory / CHECKPOINT_NAME
     remove_stale_temporaries(path)  # a missing directory holds none: its glob yields nothing
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle's protocol are not the user's concern
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, empty, foreign or hostile: never unpickled beyond weights_only
+        raise not_a_checkpoint(path, exc) from None
+    if not isinstance(state, dict):
+        raise not_a_checkpoint(path, None)
+    return state
+
+
+def not_a_checkpoint(path: Path, exc: BaseException | None) -> SpecError:
+    """The error for a file that is not a readable bilevel checkpoint. torch's own message is not
+    passed on: for a pickle holding arbitrary objects it advises loading with weights_only=False,
+    which would let the file run code."""
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
+        why = "the file is empty"
+    elif exc is None:
+        why = "it does not hold a bilevel run's state"
+    elif isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc).lower():
+        why = "it holds objects a checkpoint never holds (it was not written by bilevel; it is not loaded)"
+    else:
+        why = f"it cannot be read as a torch file ({size} bytes; truncated or not a checkpoint)"
+    return SpecError.single(str(path), "", f"is not a bilevel checkpoint (or is corrupted): {why}. Move it away to start"
+                                           " over, or give another --out")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bilevel.reporting.numbers import format_number
-from bilevel.runtime.atomic import atomic_write_bytes
+from bilevel.runtime.atomic import atomic_write_bytes, unwritable
 
 __all__ = ["MetricsWriter", "Progress"]
 
@@ -35,8 +35,11 @@ class MetricsWriter:
         self._handle = path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+        except OSError as exc:  # a full disk: name the file
+            raise unwritable(self.path, exc) from None
 
     def close(self) -> None:
         self._handle.close()

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor
 
 from bilevel.distributed import broadcast_from_main, check_replicas, current_world, gather_on_main
-from bilevel.runtime.atomic import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from bilevel.runtime.atomic import CHECKPOINT_NAME, load_checkpoint, not_a_checkpoint, save_checkpoint
 
 __all__ = ["FORMAT", "LOCAL", "WorldSizeMismatch", "load_snapshot", "save_snapshot", "save_state"]
 
@@ -26,6 +26,7 @@ FORMAT = 2
 """Checkpoint layout version: 1 kept engine-specific state under "extra" (still read), 2 holds
 each engine's typed state fields."""
 LOCAL = ("data", "rng")
+_RUN_KEYS = {"step", "fingerprint", "x", "optimizer"}
 """The parts of a run's state that belong to each rank."""
 
 
@@ -62,6 +63,8 @@ def load_snapshot(directory: Path) -> tuple[dict[str, Any], dict[str, Any]] | No
     checkpoint = broadcast_from_main(load_checkpoint(directory) if world.is_main else None)
     if checkpoint is None:
         return None
+    if not _RUN_KEYS <= checkpoint.keys():  # a torch file of someone else's (a model's state_dict, ...)
+        raise not_a_checkpoint(directory / CHECKPOINT_NAME, None)
     written_by = int(checkpoint.get("world_size", 1))
     if written_by != world.size:
         raise WorldSizeMismatch(

@@ -11,8 +11,9 @@ result.json, the problem's report and monitor files)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,14 @@ from bilevel.problem import Params, Problem
 from bilevel.runtime.atomic import CHECKPOINT_NAME
 from bilevel.runtime.callbacks import Progress
 from bilevel.runtime.outputs import DivergenceError, RunResult, final_evaluation, finished_result, result_base, write_result
+from bilevel.runtime.run_dir import RunDirectory, check_out_path
+from bilevel.runtime.failures import user_code_failure
 from bilevel.runtime.records import Recorder, TrackedUpper, monitor_values, monitored
 from bilevel.runtime.session import Session
+from bilevel.runtime.signals import RunInterrupted, StopSignals
 from bilevel.runtime.spec_record import write_spec_record
 from bilevel.runtime.step import outer_step
+from bilevel.spec.errors import SpecError
 from bilevel.spec.load import LoadedSpec
 from bilevel.spec.problem import BilevelSpec
 from bilevel.spec.run import RunSpec
@@ -91,6 +96,7 @@ def run(
     on_step: Callable[[int, Params, Params], None] | None = None,
     tensorboard: bool | None = None,
     on_record: Callable[[dict[str, Any]], str | None] | None = None,
+    overwrite: bool = False,
 ) -> RunResult:
     """Run the outer loop the spec describes; write metrics.jsonl, checkpoints and result.json.
 
@@ -100,6 +106,8 @@ def run(
     ``on_record(record)`` is called with every metrics record (what metrics.jsonl receives);
     returning a string ends the run after that step with the string as its stop reason (status
     "stopped_early"; used for pruning by sweeps). ``tensorboard`` overrides run.tensorboard.
+    The run directory is claimed first (``bilevel.runtime.run_dir``): a SpecError when another run
+    holds it, or when it holds another problem's run and ``overwrite`` is not set.
 
     Launched by torchrun with several processes (or with torch.distributed initialized by the
     caller), the run is data parallel; every rank returns the same RunResult."""
@@ -107,9 +115,32 @@ def run(
     with _world(loaded, device) as (_, rank_device):
         problem, plan, eng = _prepare(loaded, engine, rank_device)
         settings = loaded.spec.run
-        out_dir = Path(out if out is not None else settings.out)
+        out_dir = check_out_path(out if out is not None else settings.out.replace("{name}", problem.name),
+                                 "run.out" if out is None else "out")
         loop = _Loop(problem, plan, eng, settings, out_dir, loaded, log)
-        return loop.run(resume, progress, on_step, settings.tensorboard if tensorboard is None else tensorboard, on_record)
+        with _claimed(out_dir, problem, loaded.file, resume, overwrite):
+            return loop.run(resume, progress, on_step, settings.tensorboard if tensorboard is None else tensorboard,
+                            on_record)
+
+
+@contextlib.contextmanager
+def _claimed(out_dir: Path, problem: Problem, file: str, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Rank 0 holds the run directory (``bilevel.runtime.run_dir``); every rank learns whether it may run."""
+    claim = RunDirectory(out_dir, problem.fingerprint, file, resume=resume, overwrite=overwrite)
+    refused = None
+    if current_world().is_main:
+        try:
+            claim.__enter__()
+        except SpecError as exc:
+            refused = exc.issues
+    refused = broadcast_from_main(refused)
+    if refused:
+        raise SpecError(refused)
+    try:
+        yield
+    finally:
+        if current_world().is_main:
+            claim.__exit__(None, None, None)
 
 
 class _Loop:
@@ -125,8 +156,7 @@ class _Loop:
     def run(self, resume: bool, progress: bool, on_step: Any, tensorboard: bool, on_record: Any) -> RunResult:
         problem, settings, out_dir, say = self.problem, self.settings, self.out_dir, self.say
         if self.main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_spec_record(out_dir, self.loaded)
+            write_spec_record(out_dir, self.loaded, problem.fingerprint)
         for warning in self.plan.warnings:
             say(f"warning: {warning}")
         session = Session.start(problem, self.engine)
@@ -150,41 +180,82 @@ class _Loop:
     def _steps(self, session: Session, recorder: Recorder, began: float, last_checkpoint: Path | None,
                on_step: Any, on_record: Any) -> tuple[int, str | None, dict[str, Any]]:
         """Outer steps from the session's step; returns (final step, stop reason, last stats)."""
-        problem, settings, out_dir = self.problem, self.settings, self.out_dir
+        problem, settings = self.problem, self.settings
         tracked = TrackedUpper(problem)
         has_monitor = monitored(problem)
         last_stats: dict[str, Any] = {}
-        for step in range(session.step, settings.steps):
-            outcome = outer_step(session, tracked, step, settings.steps)
-            if outcome.stop is not None:
-                self.say(f"stopped after {step} steps: {outcome.stop}")
-                return step, outcome.stop, last_stats
-            if outcome.diverged:
-                self._diverged(session, step, outcome.loss, outcome.grad_norm, last_checkpoint, began)
-            last_stats = outcome.result.stats.as_floats()
-            done = step + 1
-            record: dict[str, Any] = {}
-            logged = done % settings.log_every == 0 or done == settings.steps
-            monitor_now = has_monitor and (done % settings.monitor_every == 0 or done == settings.steps)
-            if logged:
-                record = {"step": done, "upper_loss": outcome.loss, "hypergrad_norm": outcome.grad_norm, **last_stats,
-                          "elapsed_s": time.perf_counter() - began}
-                if tracked:
-                    record["upper"] = tracked.unflatten(outcome.upper_values)
-            if self.main and monitor_now:  # the monitor runs on rank 0 only (it may write files)
-                record = {"step": done, **record, "monitor": monitor_values(problem, session.x, session.state.lower, done, out_dir)}
-            recorder.write(record)
-            recorder.progress.update(done, outcome.loss, outcome.grad_norm)
-            if on_step is not None:
-                on_step(done, session.upper, session.state.lower)
-            if settings.checkpoint_every is not None and done % settings.checkpoint_every == 0:
-                last_checkpoint = session.save(out_dir)
-            if (logged or monitor_now) and on_record is not None:
-                stop = broadcast_from_main(on_record(record))  # rank 0 decides for every rank
+        with StopSignals() as stops:
+            for step in range(session.step, settings.steps):
+                try:
+                    done, stop, last_stats, last_checkpoint = self._one_step(
+                        session, recorder, tracked, has_monitor, step, began, last_checkpoint, on_step, on_record, last_stats)
+                except (SpecError, DivergenceError, RunInterrupted):
+                    raise
+                except Exception as exc:
+                    self._failed(exc, session, step, last_checkpoint, began)
+                    raise
                 if stop is not None:
-                    self.say(f"stopped after {done} steps: {stop}")
-                    return done, str(stop), last_stats
+                    return done, stop, last_stats
+                if stops.received is not None:
+                    self._interrupted(session, stops.received, done, began)
         return settings.steps, None, last_stats
+
+    def _one_step(self, session: Session, recorder: Recorder, tracked: TrackedUpper, has_monitor: bool, step: int,
+                  began: float, last_checkpoint: Path | None, on_step: Any, on_record: Any, last_stats: dict[str, Any]
+                  ) -> tuple[int, str | None, dict[str, Any], Path | None]:
+        """Outer step ``step`` with its records, checkpoint and callbacks; returns (steps done, stop
+        reason or None, its stats, the last checkpoint)."""
+        problem, settings, out_dir = self.problem, self.settings, self.out_dir
+        outcome = outer_step(session, tracked, step, settings.steps)
+        if outcome.stop is not None:
+            self.say(f"stopped after {step} steps: {outcome.stop}")
+            return step, outcome.stop, last_stats, last_checkpoint
+        if outcome.diverged:
+            self._diverged(session, step, outcome.loss, outcome.grad_norm, last_checkpoint, began)
+        last_stats = outcome.result.stats.as_floats()
+        done = step + 1
+        record: dict[str, Any] = {}
+        logged = done % settings.log_every == 0 or done == settings.steps
+        monitor_now = has_monitor and (done % settings.monitor_every == 0 or done == settings.steps)
+        if logged:
+            record = {"step": done, "upper_loss": outcome.loss, "hypergrad_norm": outcome.grad_norm, **last_stats,
+                      "elapsed_s": time.perf_counter() - began}
+            if tracked:
+                record["upper"] = tracked.unflatten(outcome.upper_values)
+        if self.main and monitor_now:  # the monitor runs on rank 0 only (it may write files)
+            record = {"step": done, **record, "monitor": monitor_values(problem, session.x, session.state.lower, done, out_dir)}
+        recorder.write(record)
+        recorder.progress.update(done, outcome.loss, outcome.grad_norm)
+        if on_step is not None:
+            on_step(done, session.upper, session.state.lower)
+        if settings.checkpoint_every is not None and done % settings.checkpoint_every == 0:
+            last_checkpoint = session.save(out_dir)
+        if (logged or monitor_now) and on_record is not None:
+            stop = broadcast_from_main(on_record(record))  # rank 0 decides for every rank
+            if stop is not None:
+                self.say(f"stopped after {done} steps: {stop}")
+                return done, str(stop), last_stats, last_checkpoint
+        return done, None, last_stats, last_checkpoint
+
+    def _failed(self, exc: Exception, session: Session, step: int, checkpoint: Path | None, began: float) -> None:
+        """User code raised at outer step ``step``: a UserCodeFailure naming it, result.json saying
+        so and the last good checkpoint kept (``bilevel.runtime.failures``); other errors pass."""
+        failure = user_code_failure(exc, self.problem, session, step + 1, checkpoint)
+        if failure is None:
+            return
+        if self.main:
+            base = result_base(self.problem, self.plan, self.loaded, session.x, step, began)
+            write_result(self.out_dir, base | {"status": "failed", "message": str(failure)})
+        raise failure from exc
+
+    def _interrupted(self, session: Session, signum: int, done: int, began: float) -> None:
+        """A signal arrived during step ``done``: checkpoint, result.json, RunInterrupted."""
+        checkpoint = session.save(self.out_dir)
+        error = RunInterrupted(signum, done, checkpoint)
+        if self.main:
+            base = result_base(self.problem, self.plan, self.loaded, session.x, done, began)
+            write_result(self.out_dir, base | {"status": "interrupted", "message": str(error)})
+        raise error
 
     def _diverged(self, session: Session, step: int, loss: float, grad_norm: float, checkpoint: Path | None, began: float) -> None:
         """Stop with a DivergenceError, result.json saying so and the last good checkpoint kept."""

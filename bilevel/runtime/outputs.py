@@ -92,6 +92,9 @@ def finished_result(problem: Problem, engine: Engine, base: dict[str, Any], x: P
     execution = engine.execution_report()
     if execution is not None:
         out["fast_path"] = execution
+    if problem.blocks is not None:  # a level of blocks: F is the blocks' mean
+        sampler = problem.blocks
+        out["blocks"] = {"count": sampler.count, "sample": sampler.sample, "order": sampler.order}
     if problem.resamples_tasks:  # meta-learning: the learned algorithm on fresh tasks
         out["meta_test"] = meta_test(problem, x)
     return out

@@ -15,8 +15,9 @@ __all__ = ["SPEC_RECORD", "load_spec_record", "write_spec_record"]
 SPEC_RECORD = "spec.json"
 
 
-def write_spec_record(out_dir: Path, loaded: LoadedSpec) -> None:
-    atomic_write_json(out_dir / SPEC_RECORD, {"file": loaded.file, "base_dir": str(loaded.base_dir),
+def write_spec_record(out_dir: Path, loaded: LoadedSpec, fingerprint: str) -> None:
+    """spec.json: the spec, where it was read from, and its fingerprint (which problem this is)."""
+    atomic_write_json(out_dir / SPEC_RECORD, {"file": loaded.file, "base_dir": str(loaded.base_dir), "fingerprint": fingerprint,
                                               "spec": loaded.spec.model_dump(mode="json")})
 
 

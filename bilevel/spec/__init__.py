@@ -10,6 +10,7 @@ from bilevel.spec.engine import AutoEngine, EngineConfig, LinearSolverSpec
 from bilevel.spec.errors import SpecError, SpecIssue, SpecSource, VariableError
 from bilevel.spec.fastpath import FastPathMode, PrecisionSpec
 from bilevel.spec.hyperparameter import HyperparameterVariable
+from bilevel.spec.blocks import BlocksSpec
 from bilevel.spec.instances import InstancesSpec
 from bilevel.spec.level import (
     Assumptions,
@@ -40,6 +41,7 @@ __all__ = [
     "Assumptions",
     "AutoEngine",
     "BilevelSpec",
+    "BlocksSpec",
     "BoxSet",
     "BudgetSpec",
     "CellSpec",

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, ValidationInfo, field_validator, model_validator
 
 from bilevel.spec._base import CallableRef, SpecModel
+from bilevel.spec.blocks import BlocksSpec
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
 from bilevel.spec.prox import ProxOperator
@@ -240,6 +241,10 @@ class LevelSpec(SpecModel):
     The start then depends on the upper variables: unrolling differentiates through it."""
     prox: ProxSpec | None = None
     """A proximal term lam/2 ||y - anchor||^2 added to this lower level's objective (iMAML)."""
+    blocks: BlocksSpec | None = None
+    """Declare this lower level as m blocks under the shared upper variables, each with its own
+    variables, data and warm-started solution, k of them drawn per outer step (multi-block
+    bilevel optimization; docs/howto/trees-and-blocks.md). None: one lower problem."""
 
     @field_validator("variables")
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from bilevel.refs import RefError, import_module_ref
+from bilevel.refs import RefError, allowed_imports, check_allowed, import_module_ref
 from bilevel.spec.errors import SpecError, SpecIssue, SpecSource
 from bilevel.spec.problem import BilevelSpec
+from bilevel.spec.reading import non_finite_issues, read_data
+from bilevel.spec.references import spec_references
 
 __all__ = ["LoadedSpec", "apply_overrides", "describe_error", "load_spec", "read_spec_file", "spec_from_data", "validation_issues"]
 
@@ -41,41 +42,8 @@ class LoadedSpec:
         return SpecError([self.issue(path, message)])
 
 
-def _yaml_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
-    out[prefix] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            _yaml_lines(value, (*prefix, str(key.value)), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, value in enumerate(node.value):
-            _yaml_lines(value, (*prefix, str(index)), out)
-
-
 def _read(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
-    file = str(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError.single(file, "", f"cannot read the spec file: {exc.strerror or exc}") from None
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-            if node is not None:
-                _yaml_lines(node, (), lines)
-    except json.JSONDecodeError as exc:
-        raise SpecError([SpecIssue(file, "", f"invalid JSON: {exc.msg}", exc.lineno)]) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([SpecIssue(file, "", f"invalid YAML: {problem}", line)]) from None
-    if not isinstance(data, dict):
-        raise SpecError.single(file, "", f"expected a mapping at the top level, got {type(data).__name__}")
-    return data, lines
+    return read_data(path)
 
 
 # union members chosen when "kind" is omitted
@@ -134,12 +102,30 @@ def spec_from_data(
 ) -> LoadedSpec:
     """Validate plain data (as parsed from YAML/JSON) into a LoadedSpec, or raise SpecError."""
     lines = lines or {}
+    non_finite = non_finite_issues(data, file, lines)
+    if non_finite:
+        raise SpecError(non_finite)
+    _check_allowed_imports(data, file, base_dir, lines)
     _import_plugins(data, file, base_dir, lines)
     try:
         spec = BilevelSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(validation_issues(exc, data, file, lines)) from None
     return LoadedSpec(spec, file, base_dir or Path.cwd(), lines)
+
+
+def _check_allowed_imports(data: Any, file: str, base_dir: Path | None, lines: dict[tuple[str, ...], int]) -> None:
+    """Under an allow list (``bilevel.refs``), every reference it excludes, before any is imported."""
+    if allowed_imports() is None:
+        return
+    issues = []
+    for path, ref in spec_references(data):
+        try:
+            check_allowed(ref.partition(":")[0], base_dir)
+        except RefError as exc:
+            issues.append(SpecIssue(file, path, str(exc), lines.get(tuple(path.split(".")))))
+    if issues:
+        raise SpecError(issues)
 
 
 def _import_plugins(data: Any, file: str, base_dir: Path | None, lines: dict[tuple[str, ...], int]) -> None:
@@ -201,6 +187,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<ov
             raise SpecError.single(file, override, "expected an override of the form dotted.path=value")
         path, raw = override.split("=", 1)
         keys = path.strip().split(".")
+        if not path.strip() or any(not key for key in keys):
+            raise SpecError.single(file, override, "expected an override of the form dotted.path=value, with a"
+                                                   f" non-empty dotted path (got {path.strip()!r})")
         node = data
         for key in keys[:-1]:
             if not isinstance(node, dict):
@@ -208,7 +197,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], file: str = "<ov
             node = node.setdefault(key, {})
         if not isinstance(node, dict):
             raise SpecError.single(file, path, "cannot set a field on a value that is not a mapping")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SpecError.single(file, path.strip(), f"cannot read the value {raw!r} of --set {override!r} as YAML:"
+                                                       f" {problem}") from None
     return data
 
 

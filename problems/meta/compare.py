@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -51,7 +52,7 @@ def run_method(preset: str, seed: int, steps: int, out: Path, tasks: int, sets: 
     then meta-test it on ``tasks`` tasks."""
     started = time.perf_counter()
     loaded = load_spec(find_preset(preset), overrides=sets)
-    run(loaded, out=out, progress=False)
+    run(loaded, out=out, overwrite=True, progress=False)
     wall = time.perf_counter() - started
     return {"preset": preset, "seed": seed, "outer_steps": steps, "wall_time_s": wall, **meta_test_run(out, tasks=tasks)}
 
@@ -70,6 +71,9 @@ def table(results: list[dict[str, Any]], score: str) -> str:
                 cells.append("")
                 continue
             means = [s["mean"] for s in per_seed]
+            if not all(math.isfinite(m) for m in means):  # e.g. Meta-SGD's learned rates past its horizon
+                cells.append("not finite")
+                continue
             ci = statistics.mean(s["ci95"] for s in per_seed)
             spread = f", seeds sd {statistics.stdev(means):.3f}" if len(means) > 1 else ""
             cells.append(f"{statistics.mean(means):.3f} ± {ci:.3f}{spread}")

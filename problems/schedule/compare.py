@@ -26,7 +26,7 @@ METHODS = {
 
 def _bilevel(engine: dict[str, Any], seed: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as out:
-        result = run(schedule_spec(engine=engine, seed=seed), out=Path(out), progress=False).result
+        result = run(schedule_spec(engine=engine, seed=seed), out=Path(out), overwrite=True, progress=False).result
     report = result["report"]
     return {"test_accuracy": report["test_accuracy"], "val_accuracy": report["val_accuracy"],
             "wall_time_s": result["wall_time_s"], "lr": report["lr"], "momentum": report["momentum"]}
