@@ -26,6 +26,11 @@ grad^2_alpha L_val(w, alpha) is estimated by power iteration on Hessian-vector p
 mean(window k estimates ago) / mean(current window) < ratio, ending with the architecture of k
 estimates ago. The skip-connection limit of the derived cell is the search space's ``max_skip``.
 
+Weight schedule (sharpDARTS, Hundt et al. 2019, cosine power annealing; or any schedule of the
+lower solver): weight step t of the whole search (warm-up included) runs at the solver's
+scheduled rate lr_t over ``schedule_steps``, and the virtual step's default xi follows it (the
+DARTS code uses the current weight learning rate); logged as ``weight_lr``.
+
 Analytic check (tests): L_train = (w - alpha)^2, L_val = alpha w - 2 alpha + 1 has the bilevel
 optimum (1, 1); first order converges to (2, 2), second order to alpha = 2 / (1 + 2 xi)."""
 
@@ -46,10 +51,11 @@ from bilevel.linalg.hvp import Linearization, grad_and_value, joint_grad
 from bilevel.linalg.tree import tree_axpy, tree_norm, tree_scale, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
+from bilevel.schedules import scheduled_value
 from bilevel.spec.engine import DartsConfig
 from bilevel.spec.level import OptimizerSpec
 
-__all__ = ["DartsEngine", "grad_x", "lower_steps", "virtual_step", "warmup_steps"]
+__all__ = ["DartsEngine", "grad_x", "lower_steps", "solver_at", "virtual_step", "warmup_steps", "weight_steps_before"]
 
 
 def grad_x(fn: Callable[[Params], Tensor], x: Sequence[Tensor]) -> tuple[Params, Tensor]:
@@ -60,18 +66,37 @@ def grad_x(fn: Callable[[Params], Tensor], x: Sequence[Tensor]) -> tuple[Params,
     return tuple(g.detach() for g in grads), value.detach()
 
 
+def solver_at(spec: OptimizerSpec, step: int) -> OptimizerSpec:
+    """The lower solver at weight step ``step`` (0-based, counted over the whole search): its lr
+    replaced by the scheduled rate over ``schedule_steps`` (the spec itself when it has no schedule)."""
+    if spec.schedule == "constant" and spec.schedule_warmup == 0:
+        return spec
+    horizon = spec.schedule_steps or 1  # the spec requires schedule_steps for a scheduled lower solver
+    rate = scheduled_value(spec.lr, step, horizon, spec.schedule, spec.final_lr_ratio, spec.power_base, spec.schedule_warmup)
+    return spec.model_copy(update={"lr": rate})
+
+
+def weight_steps_before(call: int, steps: int, warmup: int) -> int:
+    """Weight steps taken before hypergradient call ``call`` (0-based) of an engine that takes
+    ``warmup`` extra steps in its first call and ``steps`` in every call."""
+    return 0 if call == 0 else warmup + call * steps
+
+
 def lower_steps(
-    problem: Problem, optimizer: InnerOptimizer, x: Params, w: Params, state: Params, steps: int
+    problem: Problem, optimizer: InnerOptimizer, x: Params, w: Params, state: Params, steps: int, first: int = 0
 ) -> tuple[Params, Params, Params | None, Any]:
     """``steps`` steps of the lower solver (the shared inner step, warm-started): (w, optimizer
-    state, grad_w G before the last step, the last batch)."""
+    state, grad_w G before the last step, the last batch). ``first``: the index of the first of
+    them among the search's weight steps, which a scheduled solver's rate depends on."""
     x = tuple(p.detach() for p in x)
     grads, batch = None, None
+    scheduled = optimizer.spec.schedule != "constant" or optimizer.spec.schedule_warmup > 0
     with torch.enable_grad():
-        for _ in range(steps):
+        for index in range(steps):
             batch = problem.lower.batch()
             leaves = tuple(p.detach().requires_grad_(True) for p in w)
-            w, state, grads = inner_step(problem, optimizer, x, leaves, state, batch, create_graph=False)
+            step_optimizer = InnerOptimizer(solver_at(optimizer.spec, first + index)) if scheduled else optimizer
+            w, state, grads = inner_step(problem, step_optimizer, x, leaves, state, batch, create_graph=False)
             w, state = tuple(p.detach() for p in w), tuple(s.detach() for s in state)
     return w, state, grads, batch
 
@@ -96,9 +121,10 @@ def warmup_steps(configured: int | None, problem: Problem) -> int:
     the upper level's architecture variables (0 when there is none)."""
     if configured is not None:
         return configured
-    from bilevel.nas.supernet import Architecture
+    from bilevel.spec.search_space import ArchitectureVariable
 
-    return max((b.module.spec.warmup_steps for b in problem.upper.modules.values() if isinstance(b.module, Architecture)), default=0)
+    specs = [getattr(b.module, "spec", None) for b in problem.upper.modules.values()]
+    return max((s.warmup_steps for s in specs if isinstance(s, ArchitectureVariable)), default=0)
 
 
 def _flat(x: Sequence[Tensor]) -> Tensor:
@@ -128,22 +154,26 @@ class DartsEngine(EngineBase):
         returns_hypergradient=False,
     )
 
-    def xi(self, problem: Problem, x: Params) -> float:
-        """The virtual step size: the config's xi, else the lower solver's (current) learning rate."""
+    def xi(self, problem: Problem, x: Params, weight_step: int = 0) -> float:
+        """The virtual step size: the config's xi, else the lower solver's learning rate at weight
+        step ``weight_step`` (its current value: tuned, or scheduled)."""
         if self.config.xi is not None:
             return self.config.xi
         spec = problem.lower.solver
         if "lr" in spec.tuned:
             return float(problem.tuned_hyperparameters(x, {"lr": spec.tuned["lr"]})["lr"])
-        return spec.lr
+        return solver_at(spec, weight_step).lr
 
     def hypergrad(self, problem: Problem, x: Params, state: EngineState, batch: Any) -> Hypergrad:
         start = time.perf_counter()
         config = self.config
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)
-        steps = lower.solver.steps + (warmup_steps(config.warmup_steps, problem) if state.step == 0 else 0)
-        w, opt_state, step_grads, train_batch = lower_steps(problem, optimizer, x, state.lower, state.inner_state, steps)
+        warmup = warmup_steps(config.warmup_steps, problem)
+        steps = lower.solver.steps + (warmup if state.step == 0 else 0)
+        first = weight_steps_before(state.step, lower.solver.steps, warmup)
+        w, opt_state, step_grads, train_batch = lower_steps(problem, optimizer, x, state.lower, state.inner_state, steps, first)
+        last_step = first + max(steps - 1, 0)
         if train_batch is None:
             train_batch = lower.batch()
         hvps = 0
@@ -151,7 +181,7 @@ class DartsEngine(EngineBase):
             grad, upper_loss = grad_x(lambda xx: problem.upper_objective(xx, w, batch), x)
             residual_grads = step_grads
         else:
-            xi = self.xi(problem, x)
+            xi = self.xi(problem, x, last_step)
             moved, residual_grads = virtual_step(problem, x, w, opt_state, train_batch, xi)
             f_x, f_w, upper_loss = joint_grad(lambda xx, ww: problem.upper_objective(xx, ww, batch), x, moved)
             mixed = self._mixed_product(problem, x, w, f_w, train_batch)
@@ -160,6 +190,8 @@ class DartsEngine(EngineBase):
 
         extra: dict[str, Params] = {k: v for k, v in state.extra.items()}
         stats_extra: dict[str, Tensor | float] = {}
+        if lower.solver.schedule != "constant" or lower.solver.schedule_warmup > 0:
+            stats_extra["weight_lr"] = solver_at(lower.solver, last_step).lr
         stop, restore = None, None
         if config.eigen_every is not None and (state.step + 1) % config.eigen_every == 0:
             stop, restore = self._curvature(problem, x, w, batch, extra, stats_extra)

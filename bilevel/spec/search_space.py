@@ -27,6 +27,7 @@ __all__ = [
     "ConvSearchSpace",
     "MLPOp",
     "MLPSearchSpace",
+    "MacroSearchSpace",
     "RetrainSpec",
     "SearchSpace",
     "SupernetVariable",
@@ -45,8 +46,13 @@ ConvOp = Literal[
     "dil_conv_5x5",
     "conv_1x1",
     "conv_3x3",
+    "sharp_sep_conv_3x3",
+    "sharp_sep_conv_5x5",
+    "sharp_dil_conv_3x3",
+    "sharp_dil_conv_5x5",
 ]
-"""Candidate operations of convolutional cells (DARTS's eight, plus plain ReLU-conv-BN 1x1 / 3x3)."""
+"""Candidate operations of convolutional cells (DARTS's eight, plain ReLU-conv-BN 1x1 / 3x3, and
+sharpDARTS's SharpSepConv, undilated or dilated by 2)."""
 
 MLPOp = Literal["none", "skip_connect", "linear", "linear_relu", "linear_tanh", "linear_sigmoid", "relu", "tanh"]
 """Candidate operations of MLP cells on feature vectors (tabular data)."""
@@ -102,6 +108,30 @@ def _check_max_skip(value: int | None, info: ValidationInfo) -> int | None:
     return value
 
 
+MixedOpKind = Literal["separate", "entangled"]
+"""separate: every candidate has its own weights (DARTS); entangled: candidates that differ only in
+kernel size share one superposed weight (Sukthanker et al. 2024, TangleNAS)."""
+
+OpWeighting = Literal["softmax", "max_w"]
+"""softmax: candidates weighted by softmax(alpha) (DARTS); max_w: by 1 - max softmax(alpha) +
+softmax(alpha) (sharpDARTS's MaxW, Hundt et al. 2019)."""
+
+
+def _check_entangled(value: str, info: ValidationInfo) -> str:
+    ops = info.data.get("ops")
+    if value == "entangled" and ops is not None:
+        from bilevel.nas.entangled import ENTANGLED_FAMILIES, entangled_groups
+
+        if not entangled_groups(ops):
+            families: dict[str, list[str]] = {}
+            for name, (family, _) in ENTANGLED_FAMILIES.items():
+                families.setdefault(family, []).append(name)
+            listed = "; ".join(" / ".join(m) for m in families.values())
+            raise ValueError(f"mixed_op entangled shares one weight between candidates of one family that differ only in kernel"
+                             f" size ({listed}); ops has no two candidates of one family, so nothing would be shared")
+    return value
+
+
 def _check_partial(value: int, info: ValidationInfo, width_field: str) -> int:
     width = info.data.get(width_field)
     if width is not None and width % value:
@@ -144,6 +174,16 @@ class ConvSearchSpace(SpecModel):
     """At most this many skip connections in the derived normal cell (P-DARTS, Chen et al. 2019):
     the weakest extra skips are replaced by their edge's best other operation, so a limit below
     the cell's kept edges needs an operation other than none and skip_connect. None: no limit."""
+    mixed_op: MixedOpKind = "separate"
+    """separate: one weight per candidate (DARTS); entangled: candidates of one family that differ
+    only in kernel size (sep_conv_3x3 / sep_conv_5x5, dil_conv_3x3 / 5x5, conv_1x1 / conv_3x3 and
+    the sharp_ ones) are one operation at the largest kernel whose smaller kernels are its centre
+    (Sukthanker et al. 2024, "Weight-Entanglement Meets Gradient-Based Neural Architecture
+    Search"): fewer parameters and activations; the derived cell is the same kind of cell."""
+    op_weighting: OpWeighting = "softmax"
+    """softmax: candidates weighted by softmax(alpha); max_w: by 1 - max softmax(alpha) +
+    softmax(alpha), so the strongest candidate has weight 1 (sharpDARTS's MaxW DARTS, Hundt et
+    al. 2019). The genotype is derived from softmax(alpha) either way."""
 
     @field_validator("ops")
     @classmethod
@@ -154,6 +194,11 @@ class ConvSearchSpace(SpecModel):
     @classmethod
     def _max_skip(cls, value: int | None, info: ValidationInfo) -> int | None:
         return _check_max_skip(value, info)
+
+    @field_validator("mixed_op")
+    @classmethod
+    def _entangled(cls, value: str, info: ValidationInfo) -> str:
+        return _check_entangled(value, info)
 
     @field_validator("reductions")
     @classmethod
@@ -206,6 +251,8 @@ class MLPSearchSpace(SpecModel):
     """As for conv spaces: softmax(beta) weights over each node's incoming edges."""
     max_skip: Annotated[int, Field(ge=0)] | None = None
     """At most this many skip connections in the derived cell (as for conv spaces). None: no limit."""
+    op_weighting: OpWeighting = "softmax"
+    """As for conv spaces: softmax(alpha), or sharpDARTS's MaxW weights."""
 
     @field_validator("ops")
     @classmethod
@@ -229,14 +276,100 @@ class MLPSearchSpace(SpecModel):
     def cell_types(self) -> tuple[str, ...]:
         return ("normal",)
 
+    @property
+    def mixed_op(self) -> str:
+        """Feature-vector operations have no kernel sizes to entangle: always separate."""
+        return "separate"
 
-SearchSpace = Annotated[Union[ConvSearchSpace, MLPSearchSpace], Field(discriminator="kind")]
-"""A search space: {kind: conv, ...} or {kind: mlp, ...}."""
+
+class MacroSearchSpace(SpecModel):
+    """A chain of convolutional layers, each choosing its kernel size and its width (the macro
+    spaces of TangleNAS, Sukthanker et al. 2024): layer l is conv(k_l x k_l, w_l channels) ->
+    BatchNorm -> ReLU (2x2 max pooling after the layers in ``pool_after``), then global average
+    pooling and a linear classifier. The architecture has one row of logits over ``kernels`` and
+    one over ``widths`` per layer; candidate (k, w) of a layer has weight softmax_k * softmax_w."""
+
+    kind: Literal["macro"] = "macro"
+    """Discriminator: a macro space of kernel sizes and widths."""
+    layers: Annotated[int, Field(ge=1)] = 4
+    """Convolutional layers."""
+    kernels: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [3, 5, 7])
+    """Kernel sizes every layer chooses among; odd (a smaller kernel is the centre of the largest
+    in the entangled supernet, and only odd sizes have a centre) and distinct."""
+    widths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [8, 16, 32])
+    """Output channels every layer chooses among; distinct. A narrower layer is the first w channels
+    of the widest in the entangled supernet."""
+    pool_after: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 2])
+    """Indices of the layers followed by 2x2 max pooling (8x8 digits: 8 -> 4 -> 2)."""
+    in_channels: Annotated[int, Field(ge=1)] = 1
+    """Channels of the input images."""
+    classes: Annotated[int, Field(ge=2)] = 10
+    """Output classes."""
+    mixed_op: MixedOpKind = "entangled"
+    """entangled: each layer holds one weight of the largest kernel and width, the candidates being
+    its centred k x k kernels and its first w channels, superposed (Sukthanker et al. 2024);
+    separate: one convolution per (kernel, width) candidate, mixed as DARTS mixes operations (the
+    one-weight-per-candidate supernet the entangled one is compared with)."""
+    op_weighting: OpWeighting = "softmax"
+    """As for cell spaces: softmax weights, or sharpDARTS's MaxW weights (per row)."""
+
+    @field_validator("kernels")
+    @classmethod
+    def _kernels(cls, kernels: list[int]) -> list[int]:
+        if not kernels:
+            raise ValueError("at least one kernel size is needed")
+        even = [k for k in kernels if k % 2 == 0]
+        if even:
+            raise ValueError(f"kernel sizes {even} are even: an entangled layer holds every kernel as the centre of the"
+                             f" largest ({max(kernels)}x{max(kernels)}), and an even kernel has no centre in an odd one nor"
+                             " keeps the image size; use odd sizes such as 3, 5, 7")
+        if len(set(kernels)) != len(kernels):
+            raise ValueError(f"kernel sizes listed more than once: {sorted({k for k in kernels if kernels.count(k) > 1})}")
+        return kernels
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, widths: list[int], info: ValidationInfo) -> list[int]:
+        if not widths:
+            raise ValueError("at least one width is needed")
+        if len(set(widths)) != len(widths):
+            raise ValueError(f"widths listed more than once: {sorted({w for w in widths if widths.count(w) > 1})}")
+        kernels = info.data.get("kernels")
+        if kernels is not None and len(kernels) * len(widths) < 2:
+            raise ValueError("one kernel size and one width leave nothing to search: give at least two of either")
+        return widths
+
+    @field_validator("pool_after")
+    @classmethod
+    def _pools(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        layers = info.data.get("layers")
+        if layers is not None:
+            bad = [i for i in value if i >= layers]
+            if bad:
+                raise ValueError(f"pool_after indices {bad} are out of range; layers are 0..{layers - 1}")
+        if len(set(value)) != len(value):
+            raise ValueError("pool_after lists a layer more than once")
+        return value
+
+    @property
+    def choices(self) -> dict[str, list[int]]:
+        """The architecture's rows: "kernel" -> kernel sizes, "width" -> widths."""
+        return {"kernel": list(self.kernels), "width": list(self.widths)}
+
+    @property
+    def cell_types(self) -> tuple[str, ...]:
+        """A macro space has no cells; its architecture has the rows of :attr:`choices`."""
+        return ()
+
+
+SearchSpace = Annotated[Union[ConvSearchSpace, MLPSearchSpace, MacroSearchSpace], Field(discriminator="kind")]
+"""A search space: {kind: conv, ...}, {kind: mlp, ...} or {kind: macro, ...}."""
 
 
 class RetrainSpec(SpecModel):
     """How a derived architecture is trained from scratch and evaluated (the report and
-    `bilevel retrain` use it): SGD with momentum, cosine learning rate to zero, weight decay."""
+    `bilevel retrain` use it): SGD with momentum, a learning-rate schedule (cosine to zero by
+    default), weight decay."""
 
     data: _Ref
     """Callable returning {"train": {"x": X, "y": Y}, "test": {"x": X, "y": Y}}."""
@@ -247,7 +380,16 @@ class RetrainSpec(SpecModel):
     batch_size: Annotated[int, Field(ge=1)] = 64
     """Examples per step."""
     lr: Annotated[float, Field(gt=0)] = 0.025
-    """Initial learning rate (cosine schedule down to 0)."""
+    """Peak learning rate of the schedule."""
+    schedule: Literal["constant", "cosine", "linear", "cosine_power"] = "cosine"
+    """Learning-rate schedule over all steps, from lr to lr * final_lr_ratio (``bilevel.schedules``):
+    cosine (DARTS), or cosine_power (sharpDARTS's cosine power annealing, base power_base)."""
+    final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """The schedule's end as a fraction of lr (sharpDARTS's training: 1e-8 / 0.025, about 0)."""
+    power_base: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.0
+    """cosine_power: the base k (sharpDARTS: 2); 1 is cosine."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    """Epochs of linear warm-up to lr before the decay (sharpDARTS: 5)."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """Heavy-ball momentum."""
     weight_decay: Annotated[float, Field(ge=0)] = 3e-4
@@ -282,6 +424,17 @@ class ArchitectureVariable(SpecModel):
     the engines of the DARTS family (darts, rarts) unless their own warmup_steps is set."""
     retrain: RetrainSpec | None = None
     """How the derived architecture is retrained and tested at the end of a run; None: not retrained."""
+
+    @field_validator("retrain")
+    @classmethod
+    def _retrain_fits_the_space(cls, retrain: RetrainSpec | None, info: ValidationInfo) -> RetrainSpec | None:
+        space = info.data.get("space")
+        if retrain is not None and isinstance(space, MacroSearchSpace):
+            given = [name for name in ("channels", "cells") if getattr(retrain, name) is not None]
+            if given:
+                raise ValueError(f"retrain.{given[0]} resizes a cell network; a macro architecture fixes its layers and"
+                                 " widths (the search chose them): leave it unset")
+        return retrain
 
 
 class SupernetVariable(SpecModel):
