@@ -24,7 +24,7 @@ def test_digits_comparison_script(tmp_path: Path) -> None:
     payload = _script("nas_digits").main(["--methods", "DARTS 1st order", "RARTS", "--seeds", "1", "--random", "2", "--steps", "3",
                     "--out", str(tmp_path), "--figure", str(tmp_path / "cell.png")])
     assert [row["method"] for row in payload["summary"]] == ["DARTS 1st order", "RARTS"]
-    assert len(payload["random"]["cells"]) == 2 and (tmp_path / "cell.png").stat().st_size > 0
+    assert len(payload["random"]["nas/digits"]["cells"]) == 2 and (tmp_path / "cell.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["runs"][0]["genotype"]["normal"]
 
 
@@ -40,5 +40,5 @@ def test_digits_script_without_random_cells_compares_nothing(tmp_path: Path, cap
     payload = _script("nas_digits").main(["--methods", "DARTS 1st order", "--seeds", "1", "--random", "0", "--steps", "2",
                                           "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert payload["summary"][0]["beats_random_mean"] is None and payload["random"]["mean"] is None
+    assert payload["summary"][0]["beats_random_mean"] is None and payload["random"]["nas/digits"]["mean"] is None
     assert "nan" not in printed and "beats the random mean" not in printed and "no random cells drawn" in printed

@@ -253,6 +253,17 @@ class MLPSearchSpace(SpecModel):
     """At most this many skip connections in the derived cell (as for conv spaces). None: no limit."""
     op_weighting: OpWeighting = "softmax"
     """As for conv spaces: softmax(alpha), or sharpDARTS's MaxW weights."""
+    mixed_op: Literal["separate"] = "separate"
+    """Always separate: entangled candidates share the kernel of a convolution, and feature-vector
+    operations have none."""
+
+    @field_validator("mixed_op", mode="before")
+    @classmethod
+    def _no_entangled(cls, value: Any) -> Any:
+        if value == "entangled":
+            raise ValueError("entangled candidates share one convolution kernel (a 3x3 as the centre of a 5x5); MLP"
+                             " cells have no kernel sizes to entangle: use a conv or macro space, or mixed_op separate")
+        return value
 
     @field_validator("ops")
     @classmethod
@@ -276,10 +287,6 @@ class MLPSearchSpace(SpecModel):
     def cell_types(self) -> tuple[str, ...]:
         return ("normal",)
 
-    @property
-    def mixed_op(self) -> str:
-        """Feature-vector operations have no kernel sizes to entangle: always separate."""
-        return "separate"
 
 
 class MacroSearchSpace(SpecModel):
