@@ -42,3 +42,24 @@ def test_digits_script_without_random_cells_compares_nothing(tmp_path: Path, cap
     printed = capsys.readouterr().out
     assert payload["summary"][0]["beats_random_mean"] is None and payload["random"]["nas/digits"]["mean"] is None
     assert "nan" not in printed and "beats the random mean" not in printed and "no random cells drawn" in printed
+
+
+@pytest.mark.slow
+def test_digits_script_compares_the_new_searches_within_their_spaces(tmp_path: Path) -> None:
+    payload = _script("nas_digits").main(["--methods", "macro, entangled", "sharpDARTS, MaxW", "--seeds", "1", "--random", "1",
+                                          "--steps", "2", "--retrain-as", "nas/digits", "--out", str(tmp_path)])
+    assert [(row["method"], row["preset"]) for row in payload["summary"]] == [("macro, entangled", "nas/digits_macro"),
+                                                                               ("sharpDARTS, MaxW", "nas/digits_sharpdarts")]
+    assert set(payload["random"]) == {"nas/digits_macro", "nas/digits_sharpdarts"}
+    for row in payload["runs"]:
+        assert set(row["test_accuracy_by_protocol"]) == {row["preset"], "nas/digits"}
+    assert "layers" in payload["runs"][0]["genotype"] and "normal" in payload["runs"][1]["genotype"]
+
+
+@pytest.mark.slow
+def test_digits_script_measures_the_entangled_supernets(tmp_path: Path) -> None:
+    rows = _script("nas_digits").main(["--memory", "--out", str(tmp_path)])["memory"]
+    by = {(r["preset"], r["mixed_op"]): r for r in rows}
+    for preset in ("nas/digits_macro", "nas/digits_entangled"):
+        entangled, separate = by[preset, "entangled"], by[preset, "separate"]
+        assert entangled["parameters"] < separate["parameters"] and entangled["peak_step_bytes"] < separate["peak_step_bytes"]

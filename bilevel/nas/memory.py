@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.nas.entangled import EntangledConvLayer, EntangledConvOp
 from bilevel.nas.macro import MacroSupernet
 from bilevel.nas.supernet import MixedOp, Supernet
 
@@ -28,6 +29,11 @@ def activation_elements_per_example(net: Supernet | MacroSupernet, example: torc
         if isinstance(output, torch.Tensor):
             if isinstance(module, MixedOp):
                 counted[0] += output.numel() * module.terms
+            elif isinstance(module, EntangledConvOp):  # its superposed convolutions run functionally, unhooked
+                counted[0] += output.numel() * sum(isinstance(m, nn.Conv2d) and m.kernel_size == (module.largest,) * 2
+                                                   for m in module.op.modules())
+            elif isinstance(module, EntangledConvLayer):
+                counted[0] += 2 * output.numel()  # the superposed convolution's output and the ReLU's
             elif not list(module.children()):
                 counted[0] += output.numel()
 

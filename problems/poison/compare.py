@@ -61,20 +61,24 @@ def seed_overrides(preset: str, seed: int) -> list[str]:
     return [f"levels.lower.data.kwargs.seed={seed}", f"run.seed={seed}", f"report_kwargs.noise_seed={seed}"]
 
 
-def attack_overrides(preset: str, seed: int, steps: int, models: int, device: str, victim_steps: int | None = None) -> list[str]:
+def attack_overrides(preset: str, seed: int, steps: int, models: int, device: str, victim_steps: int | None = None,
+                     epsilon: float | None = None) -> list[str]:
     """All the ``--set`` overrides of one run of the comparison (``victim_steps``: the SimCLR
-    steps of the contrastive report's victims)."""
+    steps of the contrastive report's victims; ``epsilon``: the budget's epsilon instead of the
+    preset's, set inside the data arguments' anchor, so in every copy)."""
     extra = [] if victim_steps is None or "contrastive" not in preset else [f"report_kwargs.steps={victim_steps}"]
+    if epsilon is not None:
+        extra.append(f"levels.lower.data.kwargs.budget.epsilon={epsilon}")
     return [*seed_overrides(preset, seed), f"run.steps={steps}", f"report_kwargs.models={models}", f"run.device={device}",
             "run.checkpoint_every=null", *extra]
 
 
 def run_attack(preset: str, seed: int, steps: int, models: int, device: str, engine: str | None,
-               victim_steps: int | None = None, with_trigger: bool = False) -> Any:
+               victim_steps: int | None = None, with_trigger: bool = False, epsilon: float | None = None) -> Any:
     """The report of ``bilevel run PRESET --set ...`` (the overrides of :func:`attack_overrides`);
     with ``with_trigger``, (report, the run's final trigger)."""
     config = None if engine is None else TypeAdapter(EngineSpec).validate_python({"kind": engine})
-    loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device, victim_steps))
+    loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device, victim_steps, epsilon))
     result = run(loaded, engine=config, out=tempfile.mkdtemp(), progress=False).result
     report = result["report"]
     if not report["budget_respected"]:
@@ -84,15 +88,17 @@ def run_attack(preset: str, seed: int, steps: int, models: int, device: str, eng
     return report
 
 
-def contrastive_run(seed: int, steps: int, models: int, device: str, engine: str | None, victim_steps: int | None) -> dict[str, Any]:
+def contrastive_run(seed: int, steps: int, models: int, device: str, engine: str | None, victim_steps: int | None,
+                    epsilon: float | None = None) -> dict[str, Any]:
     """The contrastive preset's report for ``seed``, with the supervised victim's trigger (the
-    ``poison/digits_backdoor`` run of the same seed) evaluated on the same SimCLR victims' setting:
-    ``supervised_trigger_*`` (on the contrastive victims) and ``supervised_victim_*`` (the
-    supervised run's own linear victim)."""
+    ``poison/digits_backdoor`` run of the same seed and epsilon) evaluated on the same SimCLR
+    victims' setting: ``supervised_trigger_*`` (on the contrastive victims) and
+    ``supervised_victim_*`` (the supervised run's own linear victim)."""
     preset = "poison/digits_contrastive_backdoor"
-    report = run_attack(preset, seed, steps, models, device, engine, victim_steps)
-    supervised, trigger = run_attack("poison/digits_backdoor", seed, STEPS["backdoor"], 0, device, None, with_trigger=True)
-    loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device, victim_steps))
+    report = run_attack(preset, seed, steps, models, device, engine, victim_steps, epsilon=epsilon)
+    supervised, trigger = run_attack("poison/digits_backdoor", seed, STEPS["backdoor"], 0, device, None, with_trigger=True,
+                                     epsilon=epsilon)
+    loaded = load_spec(find_preset(preset), overrides=attack_overrides(preset, seed, steps, models, device, victim_steps, epsilon))
     settings = PoisonData.model_validate(loaded.spec.report_kwargs["data"])
     kwargs = loaded.spec.report_kwargs
     scores = contrastive_attack(settings, trigger.clamp(-1, 1), models=models, steps=kwargs.get("steps", 800), mu=kwargs.get("mu", 1e-2))
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="MLP victims per training set (default 3), SimCLR victims per trigger for the contrastive attack (default 2)")
     parser.add_argument("--victim-steps", type=int, default=None, help="SimCLR steps of each contrastive victim (default: the preset's 800)")
     parser.add_argument("--attacks", nargs="+", default=["availability", "backdoor"], choices=list(ATTACKS))
+    parser.add_argument("--epsilon", type=float, default=None, help="the budget's epsilon in every run (default: each preset's)")
     parser.add_argument("--engine", default=None, help="engine kind (default: the planner's choice, implicit)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--commands", action="store_true", help="print the bilevel run command of every run, run nothing")
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.models if args.models is not None else (2 if attack == "contrastive_backdoor" else 3)
 
     commands = {attack: [run_command(f"poison/digits_{attack}", attack_overrides(f"poison/digits_{attack}", seed, steps(attack), models(attack),
-                                                                                   args.device, args.victim_steps), args.engine,
+                                                                                   args.device, args.victim_steps, args.epsilon), args.engine,
                                      f"runs/poison-{attack}-seed{seed}")
                          for seed in args.seeds] for attack in args.attacks}
     if args.commands:
@@ -185,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         reports = []
         for seed in args.seeds:
             if attack == "contrastive_backdoor":
-                reports.append(contrastive_run(seed, steps(attack), models(attack), args.device, args.engine, args.victim_steps))
+                reports.append(contrastive_run(seed, steps(attack), models(attack), args.device, args.engine, args.victim_steps,
+                                               args.epsilon))
             else:
-                reports.append(run_attack(preset, seed, steps(attack), models(attack), args.device, args.engine))
+                reports.append(run_attack(preset, seed, steps(attack), models(attack), args.device, args.engine,
+                                          epsilon=args.epsilon))
             print(f"{attack} seed {seed}: done", file=sys.stderr)
         results[attack] = reports
         budget = f"fraction {reports[0]['budget_fraction']:g}, epsilon {reports[0]['budget_epsilon']:g}"
