@@ -99,7 +99,8 @@ def test_a_contrastive_run_keeps_its_budget_and_raises_the_similarity(tmp_path: 
     data loaded here), the report has every trigger's row, and at the surrogate victim it ends
     with the optimized trigger has a lower upper loss (minus the cosine similarity of triggered
     images to the target class) than no trigger and the fixed triggers."""
-    overrides = ["run.steps=30", "run.device=cpu", "run.checkpoint_every=null", "report_kwargs.models=1", "report_kwargs.steps=10"]
+    overrides = ["run.steps=30", "run.device=cpu", "run.checkpoint_every=null", "report_kwargs.models=1", "report_kwargs.steps=5",
+                 "levels.lower.solver.steps=3"]
     result = bilevel.run(load_spec(find_preset(PRESET), overrides=overrides), out=tmp_path, progress=False)
     report = result.result["report"]
     assert report["budget_respected"] and report["poisoned_examples"] == 30

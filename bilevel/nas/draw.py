@@ -1,5 +1,5 @@
-"""Figures of a search: the derived cells (networkx drawing) and the history of the softmaxed
-architecture weights (from the monitor's records in metrics.jsonl). Written with matplotlib's
+"""Figures of a search: the derived cells (networkx drawing) or the layers of a macro architecture,
+and the history of the softmaxed architecture weights (from the monitor's records in metrics.jsonl). Written with matplotlib's
 Agg canvas, so no display and no global backend change are needed."""
 
 from __future__ import annotations
