@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return payload
     if args.step_times:
         medians = step_times(args.methods, args.step_times)
-        base = medians.get("DARTS 1st order", next(iter(medians.values())))
-        print(markdown_table(["method", "ms per outer step (median of 3 rounds)", "relative to DARTS 1st order"],
+        reference = "DARTS 1st order" if "DARTS 1st order" in medians else next(iter(medians))
+        base = medians[reference]
+        print(markdown_table(["method", "ms per outer step (median of 3 rounds)", f"relative to {reference}"],
                              ([name, f"{value:.0f}", f"{value / base:.2f}"] for name, value in medians.items())))
         return {"step_times_ms": medians}
     overrides = [] if args.steps is None else [f"run.steps={args.steps}"]
