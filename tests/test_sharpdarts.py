@@ -262,9 +262,9 @@ def test_bad_sharpdarts_settings_are_clear_errors(case: str, tmp_path: Path) -> 
     assert any(str(spec) in line and path in line and message in line for line in lines), result.output
 
 
-def test_the_outer_optimizer_may_schedule_without_a_length() -> None:
+def test_the_outer_optimizer_may_schedule_without_a_length(tmp_path: Path) -> None:
     """Only a lower solver needs schedule_steps; the outer optimizer's schedule spans run.steps."""
     data = toy_spec(steps=5).model_dump(mode="json")
     data["levels"]["upper"]["solver"].update(schedule="cosine_power")
-    result = bilevel.run(BilevelSpec.model_validate(data), out=None, progress=False)
+    result = bilevel.run(BilevelSpec.model_validate(data), out=tmp_path, progress=False)
     assert result.result["steps"] == 5
