@@ -69,6 +69,7 @@ ORDER = [
     "SupernetVariable",
     "ConvSearchSpace",
     "MLPSearchSpace",
+    "MacroSearchSpace",
     "CellSpec",
     "RetrainSpec",
     "StnConfig",

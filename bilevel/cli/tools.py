@@ -214,7 +214,7 @@ def retrain(
     step: Optional[int] = typer.Option(None, "--step", metavar="N", help="Retrain the genotype the monitor wrote at this outer step."),
     genotype: Optional[Path] = typer.Option(None, "--genotype", metavar="FILE", help="Retrain this genotype file instead."),
     epochs: Optional[int] = typer.Option(None, "--epochs", metavar="N", help="Training epochs (default: the spec's retrain.epochs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", help="Initial learning rate (cosine to 0)."),
+    lr: Optional[float] = typer.Option(None, "--lr", metavar="LR", help="Peak learning rate of the spec's retrain.schedule (cosine to 0 by default)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", metavar="N", help="Examples per step."),
     channels: Optional[int] = typer.Option(None, "--channels", metavar="C", help="Channels (conv) or width (mlp) of the network."),
     cells: Optional[int] = typer.Option(None, "--cells", metavar="N", help="Cells of the network."),
@@ -242,6 +242,9 @@ def retrain(
         spread = f" +- {format_number(result['test_accuracy_std'])} over {runs} runs" if runs > 1 else ""
         typer.echo(f"genotype: {result['genotype_file']}")
         for cell_type, edges in result["genotype"].items():
+            if cell_type == "layers":  # a macro architecture: (kernel, width) per layer
+                typer.echo("  layers: " + ", ".join(f"{k}x{k} conv {w} channels" for k, w in edges))
+                continue
             typer.echo(f"  {cell_type}: " + ", ".join(f"{op} {s}->{d}" for op, s, d in edges))
         typer.echo(f"test accuracy: {format_number(result['test_accuracy'])}{spread}  params: {result['params']}"
                    f"  epochs: {result['epochs']}  time: {result['time_s']:.1f}s")

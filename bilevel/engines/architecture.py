@@ -1,5 +1,6 @@
 """What the architecture engines (DARTS, RARTS) share: gradients at fresh leaves, warm-started
-weight steps, the warm-up before the first architecture step, and the planning pieces (memory
+weight steps at the lower solver's scheduled rate (``bilevel.schedules``, counted over the whole
+search), the warm-up before the first architecture step, and the planning pieces (memory
 estimates of one outer step, the first reason of an architecture plan)."""
 
 from __future__ import annotations
@@ -12,14 +13,27 @@ from torch import Tensor
 
 from bilevel.engines.inner import inner_step
 from bilevel.linalg.hvp import grad_and_value
-from bilevel.nas.supernet import Architecture
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
+from bilevel.schedules import scheduled_value
+from bilevel.spec.level import OptimizerSpec
+from bilevel.spec.search_space import ArchitectureVariable
 
 if TYPE_CHECKING:
     from bilevel.planner.facts import ProblemFacts
 
-__all__ = ["architecture_memory_mb", "architecture_reason", "grad_x", "lower_steps", "memory_estimate", "warmup_steps"]
+__all__ = [
+    "architecture_memory_mb",
+    "architecture_reason",
+    "grad_x",
+    "is_scheduled",
+    "lower_steps",
+    "memory_estimate",
+    "solver_at",
+    "warmup_steps",
+    "weight_steps",
+    "weight_steps_before",
+]
 
 
 def grad_x(fn: Callable[[Params], Tensor], x: Sequence[Tensor]) -> tuple[Params, Tensor]:
@@ -30,28 +44,61 @@ def grad_x(fn: Callable[[Params], Tensor], x: Sequence[Tensor]) -> tuple[Params,
     return tuple(g.detach() for g in grads), value.detach()
 
 
+def is_scheduled(spec: OptimizerSpec) -> bool:
+    """Whether a lower solver's learning rate changes over the search (a schedule or a warm-up)."""
+    return spec.schedule != "constant" or spec.schedule_warmup > 0
+
+
+def solver_at(spec: OptimizerSpec, step: int) -> OptimizerSpec:
+    """The lower solver at weight step ``step`` (0-based, counted over the whole search): its lr
+    replaced by the scheduled rate over ``schedule_steps`` (the spec itself when it has no schedule)."""
+    if not is_scheduled(spec):
+        return spec
+    horizon = spec.schedule_steps or 1  # the spec requires schedule_steps for a scheduled lower solver
+    rate = scheduled_value(spec.lr, step, horizon, spec.schedule, spec.final_lr_ratio, spec.power_base, spec.schedule_warmup)
+    return spec.model_copy(update={"lr": rate})
+
+
+def weight_steps_before(call: int, steps: int, warmup: int) -> int:
+    """Weight steps taken before hypergradient call ``call`` (0-based) of an engine that takes
+    ``warmup`` extra steps in its first call and ``steps`` in every call."""
+    return 0 if call == 0 else warmup + call * steps
+
+
 def lower_steps(
-    problem: Problem, optimizer: InnerOptimizer, x: Params, w: Params, state: Params, steps: int
+    problem: Problem, optimizer: InnerOptimizer, x: Params, w: Params, state: Params, steps: int, first: int = 0
 ) -> tuple[Params, Params, Params | None, Any]:
     """``steps`` steps of the lower solver (the shared inner step, warm-started): (w, optimizer
-    state, grad_w G before the last step, the last batch)."""
+    state, grad_w G before the last step, the last batch). ``first``: the index of the first of
+    them among the search's weight steps, which a scheduled solver's rate depends on."""
     x = tuple(p.detach() for p in x)
     grads, batch = None, None
+    scheduled = is_scheduled(optimizer.spec)
     with torch.enable_grad():
-        for _ in range(steps):
+        for index in range(steps):
             batch = problem.lower.batch()
             leaves = tuple(p.detach().requires_grad_(True) for p in w)
-            w, state, grads = inner_step(problem, optimizer, x, leaves, state, batch, create_graph=False)
+            step_optimizer = InnerOptimizer(solver_at(optimizer.spec, first + index)) if scheduled else optimizer
+            w, state, grads = inner_step(problem, step_optimizer, x, leaves, state, batch, create_graph=False)
             w, state = tuple(p.detach() for p in w), tuple(s.detach() for s in state)
     return w, state, grads, batch
 
 
 def warmup_steps(configured: int | None, problem: Problem) -> int:
     """The warm-up of an architecture engine: its own setting, else the largest warmup_steps of
-    the upper level's architecture variables (0 when there is none)."""
+    the upper level's architecture variables, recognised by their spec (a cell, macro or
+    weight-entangled architecture alike; 0 when there is none)."""
     if configured is not None:
         return configured
-    return max((b.module.spec.warmup_steps for b in problem.upper.modules.values() if isinstance(b.module, Architecture)), default=0)
+    specs = [getattr(b.module, "spec", None) for b in problem.upper.modules.values()]
+    return max((s.warmup_steps for s in specs if isinstance(s, ArchitectureVariable)), default=0)
+
+
+def weight_steps(configured: int | None, problem: Problem, call: int) -> tuple[int, int]:
+    """(weight steps of hypergradient call ``call``, the index of the first of them among the
+    search's weight steps): the lower solver's ``steps``, plus the warm-up in the first call."""
+    warmup, steps = warmup_steps(configured, problem), problem.lower.solver.steps
+    return steps + (warmup if call == 0 else 0), weight_steps_before(call, steps, warmup)
 
 
 def architecture_memory_mb(facts: ProblemFacts) -> dict[str, float]:

@@ -26,6 +26,10 @@ grad^2_alpha L_val(w, alpha) is estimated by power iteration on Hessian-vector p
 mean(window k estimates ago) / mean(current window) < ratio, ending with the architecture of k
 estimates ago. The skip-connection limit of the derived cell is the search space's ``max_skip``.
 
+Weight schedule (sharpDARTS, Hundt et al. 2019, cosine power annealing; or any schedule of the
+lower solver): weight step t of the whole search (warm-up included) runs at the scheduled rate
+lr_t over ``schedule_steps``, logged as ``weight_lr``; the default xi follows it (as the DARTS code).
+
 Analytic check (tests): L_train = (w - alpha)^2, L_val = alpha w - 2 alpha + 1 has the bilevel
 optimum (1, 1); first order converges to (2, 2), second order to alpha = 2 / (1 + 2 xi)."""
 
@@ -40,7 +44,8 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, lower_steps, memory_estimate, warmup_steps
+from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, is_scheduled, lower_steps, memory_estimate
+from bilevel.engines.architecture import solver_at, weight_steps
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
@@ -129,10 +134,6 @@ def virtual_step(problem: Problem, x: Params, w: Params, state: Params, batch: A
     return tuple(p.detach() for p in moved), grads
 
 
-def _flat(x: Sequence[Tensor]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in x])
-
-
 def _unflat(flat: Tensor, like: Sequence[Tensor]) -> Params:
     out, start = [], 0
     for p in like:
@@ -158,21 +159,23 @@ class DartsEngine(EngineBase):
         returns_hypergradient=False,
     )
 
-    def xi(self, problem: Problem, x: Params) -> float:
-        """The virtual step size: the config's xi, else the lower solver's (current) learning rate."""
+    def xi(self, problem: Problem, x: Params, weight_step: int = 0) -> float:
+        """The virtual step size: the config's xi, else the lower solver's learning rate at weight
+        step ``weight_step`` (its current value: tuned, or scheduled)."""
         if self.config.xi is not None:
             return self.config.xi
         spec = problem.lower.solver
         if "lr" in spec.tuned:
             return float(problem.tuned_hyperparameters(x, {"lr": spec.tuned["lr"]})["lr"])
-        return spec.lr
+        return solver_at(spec, weight_step).lr
 
     def compute(self, problem: Problem, x: Params, state: DartsState, batch: Any) -> Hypergrad:
         config = self.config
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)
-        steps = lower.solver.steps + (warmup_steps(config.warmup_steps, problem) if state.step == 0 else 0)
-        w, opt_state, step_grads, train_batch = lower_steps(problem, optimizer, x, state.lower, state.inner_state, steps)
+        steps, first = weight_steps(config.warmup_steps, problem, state.step)
+        w, opt_state, step_grads, train_batch = lower_steps(problem, optimizer, x, state.lower, state.inner_state, steps, first)
+        last_step = first + max(steps - 1, 0)
         if train_batch is None:
             train_batch = lower.batch()
         hvps = 0
@@ -180,7 +183,7 @@ class DartsEngine(EngineBase):
             grad, upper_loss = grad_x(lambda xx: problem.upper_objective(xx, w, batch), x)
             residual_grads = step_grads
         else:
-            xi = self.xi(problem, x)
+            xi = self.xi(problem, x, last_step)
             moved, residual_grads = virtual_step(problem, x, w, opt_state, train_batch, xi)
             f_x, f_w, upper_loss = joint_grad(lambda xx, ww: problem.upper_objective(xx, ww, batch), x, moved)
             mixed = self._mixed_product(problem, x, w, f_w, train_batch)
@@ -189,6 +192,8 @@ class DartsEngine(EngineBase):
 
         new_state = DartsState(w, opt_state, state.step + 1, state.eigvec, state.eigenvalues, state.eigen_snapshots)
         stats_extra: dict[str, Tensor | float] = {}
+        if is_scheduled(lower.solver):
+            stats_extra["weight_lr"] = solver_at(lower.solver, last_step).lr
         stop, restore = None, None
         if config.eigen_every is not None and (state.step + 1) % config.eigen_every == 0:
             stop, restore = self._curvature(problem, x, w, batch, new_state, stats_extra)
@@ -229,7 +234,7 @@ class DartsEngine(EngineBase):
         eigenvalue = eigenvalue.detach()
         state.eigvec = tuple(v.detach() for v in vector)
         history = eigenvalue.reshape(1) if state.eigenvalues is None else torch.cat([state.eigenvalues[0], eigenvalue.reshape(1)])
-        snapshots = _flat(x).unsqueeze(0)
+        snapshots = torch.cat([p.detach().reshape(-1) for p in x]).unsqueeze(0)
         if state.eigen_snapshots is not None:
             snapshots = torch.cat([state.eigen_snapshots[0], snapshots])[-(config.eigen_lookback + 1) :]
         state.eigenvalues, state.eigen_snapshots = (history,), (snapshots,)

@@ -14,7 +14,9 @@ and each outer step takes one gradient step on L in each block, in order (Gauss-
     d     =  grad_alpha L_val(y, alpha) + lam grad_alpha L_train(w, alpha)  (returned; w, y updated)
 
 and the outer optimizer moves alpha along d. The architecture thus learns from both data sets;
-the validation signal reaches w only through y.
+the validation signal reaches w only through y. A scheduled lower solver (``schedule`` with
+``schedule_steps``, e.g. sharpDARTS's cosine power annealing) sets eta_w at each weight step, and
+eta_y unless ``y_lr`` is given.
 
 Analytic check (tests): with L_train = (w - alpha)^2 and L_val = alpha y - 2 alpha + 1 the
 fixed point solves grad L = 0:
@@ -33,7 +35,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, lower_steps, memory_estimate, warmup_steps
+from bilevel.engines.architecture import architecture_memory_mb, architecture_reason, grad_x, lower_steps, memory_estimate
+from bilevel.engines.architecture import solver_at, warmup_steps, weight_steps_before
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
@@ -99,9 +102,9 @@ class RartsEngine(EngineBase):
         returns_hypergradient=False,
     )
 
-    def _y_optimizer(self, problem: Problem) -> InnerOptimizer:
+    def _y_optimizer(self, problem: Problem, weight_step: int = 0) -> InnerOptimizer:
         spec = problem.lower.solver
-        lr = self.config.y_lr or spec.lr
+        lr = self.config.y_lr or solver_at(spec, weight_step).lr
         return InnerOptimizer(spec.model_copy(update={"lr": lr, "tuned": {}}))
 
     def init(self, problem: Problem, x: Params) -> RartsState:
@@ -112,13 +115,15 @@ class RartsEngine(EngineBase):
     def compute(self, problem: Problem, x: Params, state: RartsState, batch: Any) -> Hypergrad:
         lam, beta = self.config.lam, self.config.beta
         lower = problem.lower
-        optimizer = InnerOptimizer(lower.solver)
         xd = tuple(p.detach() for p in x)
         w, w_state, y, y_state = state.lower, state.inner_state, state.y, state.y_state
-        warmup = warmup_steps(self.config.warmup_steps, problem) if state.step == 0 else 0
+        configured_warmup = warmup_steps(self.config.warmup_steps, problem)
+        warmup = configured_warmup if state.step == 0 else 0
         if warmup:
-            w, w_state, _, _ = lower_steps(problem, optimizer, x, w, w_state, warmup)
+            w, w_state, _, _ = lower_steps(problem, InnerOptimizer(lower.solver), x, w, w_state, warmup)
             y = problem.fresh(w)
+        weight_step = weight_steps_before(state.step, 1, configured_warmup) + warmup  # this call's w step (a scheduled solver)
+        optimizer = InnerOptimizer(solver_at(lower.solver, weight_step))
         train_batch = lower.batch()
 
         # w: one step on lam L_train(w) + beta/2 ||w - y||^2
@@ -129,7 +134,7 @@ class RartsEngine(EngineBase):
 
         # y: one step on L_val(y) + beta/2 ||y - w||^2, with w updated
         g_val, _ = grad_x(lambda yy: problem.upper_objective(xd, yy, batch), y)
-        y, y_state = self._y_optimizer(problem).step(y, tree_axpy(beta, tree_sub(y, w), g_val), y_state)
+        y, y_state = self._y_optimizer(problem, weight_step).step(y, tree_axpy(beta, tree_sub(y, w), g_val), y_state)
         y = tuple(p.detach() for p in lower.project(y))
 
         # alpha: grad_alpha L_val(y, alpha) + lam grad_alpha L_train(w, alpha), at the new (w, y)

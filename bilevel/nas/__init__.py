@@ -1,6 +1,8 @@
-"""Differentiable architecture search: search spaces as networkx cells, the supernet of mixed
-operations, genotypes derived from the architecture, drawing and retraining them, and the run
-hooks (objective, monitor, report) that NAS specs refer to ("bilevel.nas:supernet_loss", ...).
+"""Differentiable architecture search: search spaces as networkx cells (or macro chains of layers
+choosing kernel sizes and widths), the supernet of mixed operations (weight-entangled or one weight
+per candidate), genotypes derived from the architecture, drawing and retraining them, the measured
+memory of a supernet, and the run hooks (objective, monitor, report) that NAS specs refer to
+("bilevel.nas:supernet_loss", ...).
 
 Submodules are imported on first use, so that the spec can validate cells (search_space needs only
 networkx) without building any network."""
@@ -14,6 +16,9 @@ __all__ = [
     "Architecture",
     "ArchitectureWeights",
     "Genotype",
+    "MacroArchitecture",
+    "MacroGenotype",
+    "MacroSupernet",
     "Supernet",
     "derive_genotype",
     "draw_genotype",
@@ -21,6 +26,7 @@ __all__ = [
     "random_genotype",
     "report",
     "retrain",
+    "supernet_footprint",
     "supernet_loss",
 ]
 
@@ -28,6 +34,10 @@ _WHERE = {
     "Architecture": "bilevel.nas.supernet",
     "ArchitectureWeights": "bilevel.nas.supernet",
     "Supernet": "bilevel.nas.supernet",
+    "MacroArchitecture": "bilevel.nas.macro",
+    "MacroGenotype": "bilevel.nas.macro",
+    "MacroSupernet": "bilevel.nas.macro",
+    "supernet_footprint": "bilevel.nas.footprint",
     "Genotype": "bilevel.nas.genotype",
     "derive_genotype": "bilevel.nas.genotype",
     "random_genotype": "bilevel.nas.genotype",

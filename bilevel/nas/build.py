@@ -1,4 +1,5 @@
-"""Build the modules of architecture and supernet variables from a validated spec (for compile)."""
+"""Build the modules of architecture and supernet variables from a validated spec (for compile):
+cell spaces (``bilevel.nas.supernet``) and macro spaces (``bilevel.nas.macro``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from bilevel.nas.macro import MacroArchitecture, MacroSupernet
 from bilevel.nas.supernet import Architecture, Supernet
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 
@@ -48,7 +50,8 @@ def build_variable_module(spec: Any, level: str, name: str, base_dir: Path) -> n
     """The Architecture or Supernet module of variable ``name`` of ``level``."""
     variable = spec.levels[level].variables[name]
     if isinstance(variable, ArchitectureVariable):
-        return Architecture(variable, base_dir)
+        return MacroArchitecture(variable, base_dir) if variable.space.kind == "macro" else Architecture(variable, base_dir)
     if isinstance(variable, SupernetVariable):
-        return Supernet(find_architecture(spec, level, variable.architecture))
+        architecture = find_architecture(spec, level, variable.architecture)
+        return MacroSupernet(architecture) if architecture.space.kind == "macro" else Supernet(architecture)
     raise SearchSpaceError("", f"variable {name!r} of kind {variable.kind!r} is not built from a search space")

@@ -1,5 +1,5 @@
-"""Figures of a search: the derived cells (networkx drawing) and the history of the softmaxed
-architecture weights (from the monitor's records in metrics.jsonl). Written with matplotlib's
+"""Figures of a search: the derived cells (networkx drawing) or the layers of a macro architecture,
+and the history of the softmaxed architecture weights (from the monitor's records in metrics.jsonl). Written with matplotlib's
 Agg canvas, so no display and no global backend change are needed."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from bilevel.nas.genotype import Genotype
 
-__all__ = ["cell_drawing_graph", "draw_genotype", "node_label", "plot_alpha_history"]
+__all__ = ["cell_drawing_graph", "draw_architecture", "draw_genotype", "draw_macro_genotype", "node_label", "plot_alpha_history"]
 
 
 def _input_label(index: int, inputs: int) -> str:
@@ -99,36 +99,77 @@ def draw_genotype(genotype: Genotype, space: Any, path: str | Path, title: str |
     return path
 
 
+def draw_macro_genotype(genotype: Any, space: Any, path: str | Path, title: str | None = None) -> Path:
+    """A macro architecture as a row of layer boxes (kernel size, width; pooling marked)."""
+    path = Path(path)
+    layers = genotype.layers
+    figure = Figure(figsize=(1.8 * len(layers) + 2.0, 2.4))
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot(1, 1, 1)
+    for index, (kernel, width) in enumerate(layers):
+        pooled = "\n+ max pool 2x2" if index in space.pool_after else ""
+        ax.text(index, 0, f"layer {index}\n{kernel}x{kernel} conv\n{width} channels{pooled}", ha="center", va="center",
+                fontsize=8, bbox={"boxstyle": "round", "facecolor": "#fde5c8", "edgecolor": "#444444"})
+        if index:
+            ax.annotate("", xy=(index - 0.38, 0), xytext=(index - 0.62, 0), arrowprops={"arrowstyle": "->"})
+    ax.set_xlim(-0.7, len(layers) - 0.3)
+    ax.set_ylim(-1, 1)
+    ax.axis("off")
+    ax.set_title(title or f"macro architecture ({len(layers)} layers, then global pooling and a linear classifier)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def draw_architecture(genotype: Any, space: Any, path: str | Path, title: str | None = None) -> Path:
+    """``draw_genotype`` for cell spaces, ``draw_macro_genotype`` for macro spaces."""
+    if space.kind == "macro":
+        return draw_macro_genotype(genotype, space, path, title)
+    return draw_genotype(genotype, space, path, title)
+
+
+def _alpha_panels(space: Any) -> dict[str, tuple[str, list[str]]]:
+    """Monitor key suffix -> (panel title, labels of the row's entries)."""
+    if space.kind == "macro":
+        return {"kernel": ("kernel size (mean over layers)", [f"{k}x{k}" for k in space.kernels]),
+                "width": ("width (mean over layers)", [str(w) for w in space.widths])}
+    return {t: (f"{t} cell", list(space.ops)) for t in space.cell_types}
+
+
 def plot_alpha_history(metrics: str | Path, space: Any, path: str | Path) -> Path | None:
-    """The mean over edges of each operation's softmaxed weight against the step, one panel per
-    cell type, from the ``alpha_<type>`` values the NAS monitor logs. None when nothing was logged."""
+    """The mean over edges (layers, for a macro space) of each candidate's softmaxed weight
+    against the step, one panel per cell type (kernel sizes and widths), from the ``alpha_<type>``
+    values the NAS monitor logs. None when nothing was logged."""
+    panels = _alpha_panels(space)
     records = []
     for line in Path(metrics).read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if "alpha_normal" in record.get("monitor", {}):
+        if any(f"alpha_{key}" in record.get("monitor", {}) for key in panels):
             records.append(record)
     if not records:
         return None
     path = Path(path)
-    types = [t for t in space.cell_types if f"alpha_{t}" in records[0]["monitor"]]
+    types = [t for t in panels if f"alpha_{t}" in records[0]["monitor"]]
     figure = Figure(figsize=(6 * len(types), 4))
     FigureCanvasAgg(figure)
     steps = [r["step"] for r in records]
     for index, cell_type in enumerate(types):
         ax = figure.add_subplot(1, len(types), index + 1)
-        for o, name in enumerate(space.ops):
+        title, labels = panels[cell_type]
+        for o, name in enumerate(labels):
             means = []
             for record in records:
                 rows = record["monitor"][f"alpha_{cell_type}"]
                 means.append(sum(row[o] for row in rows) / len(rows))
             ax.plot(steps, means, label=name, linestyle="--" if name in ("none", "skip_connect") else "-")
-        ax.axhline(1.0 / len(space.ops), color="#bbbbbb", linewidth=0.8)
+        ax.axhline(1.0 / len(labels), color="#bbbbbb", linewidth=0.8)
         ax.set_xlabel("outer step")
-        ax.set_ylabel("softmax weight (mean over edges)")
-        ax.set_title(f"{cell_type} cell")
+        ax.set_ylabel("softmax weight (mean over " + ("layers)" if space.kind == "macro" else "edges)"))
+        ax.set_title(title)
         ax.legend(fontsize=7)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,16 @@ from torch import Tensor
 
 from bilevel.nas.search_space import cell_edges, cell_graph, check_skip_limit, incoming
 
-__all__ = ["Genotype", "check_genotype", "derive_genotype", "random_genotype"]
+__all__ = [
+    "Genotype",
+    "architecture_from_json",
+    "check_architecture",
+    "check_genotype",
+    "derive_architecture",
+    "derive_genotype",
+    "random_architecture",
+    "random_genotype",
+]
 
 SKIP = "skip_connect"
 
@@ -173,3 +182,41 @@ def random_genotype(space: Any, generator: torch.Generator, max_skip: int | None
         if limit is None or genotype.skip_count("normal") <= limit:
             return genotype
     raise ValueError(f"no random cell satisfies max_skip = {limit}")
+
+
+# --- any search space: cells (this module) or macro spaces (bilevel.nas.macro) --------------------
+def derive_architecture(weights: Mapping[str, Tensor], space: Any) -> Any:
+    """The discrete architecture of ``space`` from its mixture weights: a Genotype (cell spaces,
+    ``derive_genotype`` with the space's skip limit) or a MacroGenotype."""
+    if space.kind == "macro":
+        from bilevel.nas.macro import derive_macro_genotype
+
+        return derive_macro_genotype(weights, space)
+    return derive_genotype(weights, space)
+
+
+def random_architecture(space: Any, generator: torch.Generator) -> Any:
+    """An architecture drawn uniformly from the space (``random_genotype`` for cells)."""
+    if space.kind == "macro":
+        from bilevel.nas.macro import random_macro_genotype
+
+        return random_macro_genotype(space, generator)
+    return random_genotype(space, generator)
+
+
+def architecture_from_json(data: Mapping[str, Any], space: Any) -> Any:
+    """A genotype file's architecture, read as the space's kind of genotype."""
+    if space.kind == "macro":
+        from bilevel.nas.macro import MacroGenotype
+
+        return MacroGenotype.from_json(data)
+    return Genotype.from_json(data)
+
+
+def check_architecture(genotype: Any, space: Any) -> tuple[str, str] | None:
+    """``check_genotype`` for cells, ``check_macro_genotype`` for macro spaces."""
+    if space.kind == "macro":
+        from bilevel.nas.macro import check_macro_genotype
+
+        return check_macro_genotype(genotype, space)
+    return check_genotype(genotype, space)

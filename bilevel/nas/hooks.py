@@ -6,8 +6,9 @@
 
 The monitor writes ``genotypes/step-NNNNNN.json`` and ``genotype.json`` (the latest) into the run
 directory and logs the softmaxed architecture weights into metrics.jsonl; the report writes the
-final ``genotype.json``, ``cell.png`` (the derived cells), ``alphas.png`` (their history) and, when
-the architecture declares ``retrain``, ``retrain.json`` (the derived network trained from scratch)."""
+final ``genotype.json``, ``cell.png`` (the derived cells, or the layers of a macro architecture),
+``alphas.png`` (their history) and, when the architecture declares ``retrain``, ``retrain.json``
+(the derived network trained from scratch). Cell and macro spaces alike."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from bilevel.nas.draw import draw_genotype, plot_alpha_history
-from bilevel.nas.genotype import Genotype, derive_genotype
+from bilevel.nas.draw import draw_architecture, plot_alpha_history
+from bilevel.nas.genotype import derive_architecture
 from bilevel.nas.supernet import ArchitectureWeights
 from bilevel.runtime.atomic import atomic_write_json
 
@@ -39,7 +40,7 @@ def _weights(upper: Any, arch: str) -> ArchitectureWeights:
     return weights
 
 
-def genotype_record(genotype: Genotype, weights: ArchitectureWeights, step: int | None) -> dict[str, Any]:
+def genotype_record(genotype: Any, weights: ArchitectureWeights, step: int | None) -> dict[str, Any]:
     """What a genotype file holds: the genotype, the architecture's spec (search space and retrain
     settings, so that `bilevel retrain` needs nothing else) and the spec's directory."""
     return {
@@ -54,11 +55,13 @@ def genotype_record(genotype: Genotype, weights: ArchitectureWeights, step: int 
 def monitor(upper: Any, lower: Any, *, step: int, out_dir: Path, arch: str = "arch") -> dict[str, Any]:
     """Derive the genotype at this step and write it; log the softmaxed architecture weights."""
     weights = _weights(upper, arch)
-    genotype = derive_genotype(weights, weights.space)
+    genotype = derive_architecture(weights, weights.space)
     record = genotype_record(genotype, weights, step)
     atomic_write_json(Path(out_dir) / "genotypes" / f"step-{step:06d}.json", record)
     atomic_write_json(Path(out_dir) / "genotype.json", record)
     values: dict[str, Any] = {}
+    if weights.space.kind == "macro":
+        return {"alpha_kernel": weights["kernel"].detach().cpu(), "alpha_width": weights["width"].detach().cpu()}
     for cell_type in weights.space.cell_types:
         values[f"alpha_{cell_type}"] = weights[cell_type].detach().cpu()
         if f"edge_{cell_type}" in weights:
@@ -72,12 +75,14 @@ def report(upper: Any, lower: Any, *, out_dir: Path | None = None, arch: str = "
     and, when the architecture declares ``retrain`` (and ``retrain`` is true), the derived network
     trained from scratch: test accuracy, parameters, time (retrain.json)."""
     weights = _weights(upper, arch)
-    genotype = derive_genotype(weights, weights.space)
+    genotype = derive_architecture(weights, weights.space)
     out: dict[str, Any] = {f"skip_connections_{t}": genotype.skip_count(t) for t in genotype.cells}
+    if weights.space.kind == "macro":
+        out["architecture"] = genotype.to_json()["layers"]
     if out_dir is not None:
         out_dir = Path(out_dir)
         atomic_write_json(out_dir / "genotype.json", genotype_record(genotype, weights, None))
-        draw_genotype(genotype, weights.space, out_dir / "cell.png")
+        draw_architecture(genotype, weights.space, out_dir / "cell.png")
         if (out_dir / "metrics.jsonl").exists():
             plot_alpha_history(out_dir / "metrics.jsonl", weights.space, out_dir / "alphas.png")
     if retrain and weights.spec.retrain is not None:

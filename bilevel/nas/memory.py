@@ -14,19 +14,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from bilevel.nas.entangled import EntangledConvLayer, EntangledConvOp
+from bilevel.nas.macro import MacroSupernet
 from bilevel.nas.supernet import MixedOp, Supernet
 
 __all__ = ["activation_elements_per_example", "supernet_activation_mb"]
 
 
-def activation_elements_per_example(net: Supernet, example: torch.Tensor, weights: Any) -> int:
+def activation_elements_per_example(net: Supernet | MacroSupernet, example: torch.Tensor, weights: Any) -> int:
     """Output elements of the leaf modules and mixed-operation terms for one example."""
     counted = [0]
 
     def hook(module: nn.Module, inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor):
             if isinstance(module, MixedOp):
-                counted[0] += output.numel() * len(module.active)
+                counted[0] += output.numel() * module.terms
+            elif isinstance(module, EntangledConvOp):  # its superposed convolutions run functionally, unhooked
+                counted[0] += output.numel() * sum(isinstance(m, nn.Conv2d) and m.kernel_size == (module.largest,) * 2
+                                                   for m in module.op.modules())
+            elif isinstance(module, EntangledConvLayer):
+                counted[0] += 2 * output.numel()  # the superposed convolution's output and the ReLU's
             elif not list(module.children()):
                 counted[0] += output.numel()
 
@@ -54,9 +61,12 @@ def supernet_activation_mb(problem: Any) -> float:
     batch = max(sizes) if sizes else 1
     total = 0
     for binding in lower.modules.values():
-        if not isinstance(binding.module, Supernet):
+        if isinstance(binding.module, Supernet):
+            weights = _uniform_weights(binding.module)
+        elif isinstance(binding.module, MacroSupernet):
+            weights = binding.module.uniform_weights()
+        else:
             continue
-        weights = _uniform_weights(binding.module)
         total += activation_elements_per_example(binding.module, example, weights)
     return total * batch * (torch.finfo(problem.dtype).bits // 8) / 2**20
 

@@ -7,6 +7,17 @@ factorized reduction (two offset 1x1 stride-2 convolutions) on stride-2 edges; `
 In the supernet BatchNorm has no affine parameters (``affine=False``) and pooling is followed by
 a BatchNorm, as in DARTS's search network; derived networks use affine BatchNorm.
 
+SharpSepConv (Hundt, Jain & Hager 2019, "sharpDARTS: Faster and More Accurate Differentiable
+Architecture Search", section 3.1; ``ahundt/sharpDARTS``, ``cnn/operations.py``) replaces the two
+stacked separable blocks of DARTS's sep_conv by one block with a nonlinearity in the middle:
+
+    ReLU -> depthwise k x k (stride, dilation) -> pointwise C -> C_mid -> BN -> ReLU
+         -> depthwise k x k (stride 1, not dilated) -> pointwise C_mid -> C -> BN,
+
+C_mid = C (the official default, ``C_mid_mult=1``). ``sharp_sep_conv_KxK`` is undilated,
+``sharp_dil_conv_KxK`` dilates the first depthwise convolution by 2 (the official code maps its
+sep_conv and dil_conv names to these).
+
 MLP operations act on feature vectors of a fixed width: linear maps with or without an
 activation, bare activations, the identity and zero."""
 
@@ -17,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONV_OPS", "MLP_OPS", "FactorizedReduce", "ReLUConvBN", "Zero", "conv_op", "mlp_op"]
+__all__ = ["CONV_OPS", "MLP_OPS", "FactorizedReduce", "ReLUConvBN", "SharpSepConv", "Zero", "conv_op", "mlp_op"]
 
 
 class Zero(nn.Module):
@@ -66,6 +77,25 @@ class SepConv(nn.Sequential):
         )
 
 
+class SharpSepConv(nn.Sequential):
+    """The sharpDARTS separable convolution: one depthwise-separable block, a BN-ReLU, and a second
+    depthwise (stride 1, undilated) and pointwise convolution; ``mid`` channels in between."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, padding: int, dilation: int = 1,
+                 affine: bool = True, mid: int | None = None):
+        mid = mid or c_out
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, kernel, stride, padding, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, mid, 1, bias=False),
+            nn.BatchNorm2d(mid, affine=affine),
+            nn.ReLU(inplace=False),
+            nn.Conv2d(mid, mid, kernel, 1, (kernel - 1) // 2, groups=mid, bias=False),
+            nn.Conv2d(mid, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
 class FactorizedReduce(nn.Module):
     """Halve the resolution with two 1x1 stride-2 convolutions, one offset by a pixel, concatenated."""
 
@@ -102,6 +132,10 @@ CONV_OPS: dict[str, ConvFactory] = {
     "dil_conv_5x5": lambda c, stride, affine, search: DilConv(c, c, 5, stride, 4, 2, affine),
     "conv_1x1": lambda c, stride, affine, search: ReLUConvBN(c, c, 1, stride, 0, affine),
     "conv_3x3": lambda c, stride, affine, search: ReLUConvBN(c, c, 3, stride, 1, affine),
+    "sharp_sep_conv_3x3": lambda c, stride, affine, search: SharpSepConv(c, c, 3, stride, 1, 1, affine),
+    "sharp_sep_conv_5x5": lambda c, stride, affine, search: SharpSepConv(c, c, 5, stride, 2, 1, affine),
+    "sharp_dil_conv_3x3": lambda c, stride, affine, search: SharpSepConv(c, c, 3, stride, 2, 2, affine),
+    "sharp_dil_conv_5x5": lambda c, stride, affine, search: SharpSepConv(c, c, 5, stride, 4, 2, affine),
 }
 """name -> factory(channels, stride, affine, search) of a convolutional operation."""
 

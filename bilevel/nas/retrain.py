@@ -3,8 +3,10 @@
 The derived network has the search network's skeleton (stem, cells, classifier) with each kept
 edge one operation (affine BatchNorm), optionally with other channels / cells than the search
 (DARTS searches with 8 cells of 16 channels and retrains 20 cells of 36). Training: SGD with
-momentum, weight decay, cosine learning rate from ``lr`` to 0 over all steps, shuffled
-minibatches from a seeded generator; test accuracy in eval mode (BatchNorm running statistics)."""
+momentum, weight decay, a learning-rate schedule over all steps (``RetrainSpec.schedule``: cosine
+from ``lr`` to 0 by default, or sharpDARTS's cosine power annealing with a warm-up), shuffled
+minibatches from a seeded generator; test accuracy in eval mode (BatchNorm running statistics).
+A macro architecture (``bilevel.nas.macro``) trains the same way as its chain of layers."""
 
 from __future__ import annotations
 
@@ -20,14 +22,15 @@ import torch.nn.functional as nnf
 from pydantic import ValidationError
 from torch import Tensor, nn
 
-from bilevel.nas.genotype import Genotype, check_genotype
+from bilevel.nas.genotype import Genotype, architecture_from_json, check_architecture
 from bilevel.nas.network import CellNetwork
 from bilevel.nas.ops import conv_op, mlp_op
 from bilevel.refs import RefError, resolve_ref
+from bilevel.schedules import scheduled_value
 from bilevel.spec.errors import SpecError, SpecIssue
 from bilevel.spec.search_space import ArchitectureVariable, RetrainSpec
 
-__all__ = ["RETRAINS_DIR", "DerivedNetwork", "FixedOp", "load_genotype_file", "retrain", "retrain_run"]
+__all__ = ["RETRAINS_DIR", "DerivedNetwork", "FixedOp", "derived_network", "load_genotype_file", "retrain", "retrain_run"]
 
 RETRAINS_DIR = "retrains"
 """The folder of a run directory where `bilevel retrain` writes retrain-001.json, retrain-002.json, ..."""
@@ -62,6 +65,19 @@ class DerivedNetwork(CellNetwork):
         super().__init__(space, edges, make_edge, affine=True, channels=channels, cells=cells)
 
 
+def derived_network(space: Any, genotype: Any, channels: int | None = None, cells: int | None = None) -> nn.Module:
+    """The network of a discrete architecture: a DerivedNetwork of cells, or a MacroNetwork (whose
+    layers and widths the architecture fixes: ``channels`` and ``cells`` must be None)."""
+    if space.kind == "macro":
+        from bilevel.nas.macro import MacroNetwork
+
+        given = [name for name, value in (("channels", channels), ("cells", cells)) if value is not None]
+        if given:
+            raise ValueError(f"retrain.{given[0]} resizes a cell network; a macro architecture fixes its layers and widths")
+        return MacroNetwork(space, genotype)
+    return DerivedNetwork(space, genotype, channels, cells)
+
+
 def _load_data(settings: RetrainSpec, base_dir: Path) -> dict[str, dict[str, Tensor]]:
     source = resolve_ref(settings.data, base_dir)
     data = source(**settings.data_kwargs)
@@ -83,14 +99,14 @@ def _accuracy(net: nn.Module, x: Tensor, y: Tensor, batch: int = 512) -> float:
 
 
 def retrain(
-    genotype: Genotype,
+    genotype: Any,
     spec: ArchitectureVariable,
     settings: RetrainSpec | None = None,
     base_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Train ``genotype`` from scratch with ``settings`` (default: the spec's ``retrain``),
+    """Train ``genotype`` (a cell Genotype or a MacroGenotype) from scratch with ``settings`` (default: the spec's ``retrain``),
     ``settings.repeats`` times, and return the mean test accuracy, its standard deviation, each
     run's accuracy, the parameter count and the time."""
     settings = settings or spec.retrain
@@ -121,7 +137,7 @@ def retrain(
 
 
 def _train_once(
-    genotype: Genotype,
+    genotype: Any,
     spec: ArchitectureVariable,
     settings: RetrainSpec,
     seed: int,
@@ -131,7 +147,7 @@ def _train_once(
 ) -> dict[str, Any]:
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     torch.manual_seed(seed)
-    net = DerivedNetwork(spec.space, genotype, settings.channels, settings.cells).to(device, dtype)
+    net = derived_network(spec.space, genotype, settings.channels, settings.cells).to(device, dtype)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     n = x_train.shape[0]
@@ -147,8 +163,9 @@ def _train_once(
             index = order[start : start + settings.batch_size]
             if index.numel() < 2:  # BatchNorm needs two examples
                 continue
-            for group in optimizer.param_groups:
-                group["lr"] = 0.5 * settings.lr * (1 + math.cos(math.pi * step / total))
+            for group in optimizer.param_groups:  # the decay ends one step after the last: lr > 0 throughout by default
+                group["lr"] = scheduled_value(settings.lr, step, total + 1, settings.schedule, settings.final_lr_ratio,
+                                              settings.power_base, settings.warmup_epochs * per_epoch)
             loss = nnf.cross_entropy(net(x_train[index]), y_train[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -166,7 +183,7 @@ def _train_once(
     }
 
 
-def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tuple[Genotype, ArchitectureVariable, Path]:
+def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tuple[Any, ArchitectureVariable, Path]:
     """A genotype file: the genotype, the architecture variable's spec (its search space and
     retrain settings), and the spec's directory.
 
@@ -194,10 +211,12 @@ def load_genotype_file(path: Path, architecture_from: Path | None = None) -> tup
         first = exc.errors()[0]
         raise SpecError.single(str(source), "architecture." + ".".join(map(str, first["loc"])), first["msg"]) from None
     try:
-        genotype = Genotype.from_json(data)
-    except (AttributeError, TypeError, ValueError):
-        raise SpecError.single(str(path), "genotype", "expected cell type -> list of [operation, source, destination]") from None
-    problem = check_genotype(genotype, spec.space)
+        genotype = architecture_from_json(data, spec.space)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        expected = ('{"layers": [[kernel, width], ...]}' if spec.space.kind == "macro"
+                    else "cell type -> list of [operation, source, destination]")
+        raise SpecError.single(str(path), "genotype", f"expected {expected}") from None
+    problem = check_architecture(genotype, spec.space)
     if problem is not None:
         raise SpecError.single(str(path), ".".join(p for p in ("genotype", problem[0]) if p), problem[1])
     return genotype, spec, Path(run_data.get("base_dir") or source.parent)
@@ -247,6 +266,11 @@ def retrain_run(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SpecError.single("--" + str(first["loc"][0]).replace("_", "-"), "retrain." + ".".join(map(str, first["loc"])), first["msg"]) from None
+    if spec.space.kind == "macro":
+        for name in ("channels", "cells"):
+            if getattr(settings, name) is not None:
+                raise SpecError.single(f"--{name}", f"retrain.{name}", "resizes a cell network; a macro architecture fixes"
+                                       " its layers and widths (the search chose them)")
     try:
         from bilevel.compile import resolve_device
 

@@ -14,6 +14,14 @@ Its edge normalization weighs the edges into node j by softmax over them of extr
 
     x_j = sum_{i -> j} softmax_{i' -> j}(beta_{i',j})_i o_{i,j}(x_i).
 
+MaxW (Hundt et al. 2019, "sharpDARTS", section 3.2; ``weighting_algorithm max_w`` of the official
+code) weighs each candidate by 1 - max_o' w_o' + w_o instead of w_o: the strongest candidate
+enters with weight 1 and the others relative to it, so the mixture is closer to the network the
+derived cell will be. The genotype is still derived from the softmax weights w.
+
+Entangled mixed operations (``mixed_op: entangled``; Sukthanker et al. 2024) let candidates that
+differ only in kernel size share one superposed weight (``bilevel.nas.entangled``).
+
 The ``none`` operation's term is zero and is skipped (same value and gradient)."""
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel.nas.entangled import EntangledConvOp, entangled_groups
 from bilevel.nas.network import CellNetwork
 from bilevel.nas.ops import conv_op, mlp_op
 from bilevel.nas.search_space import cell_edges, cell_graph, incoming
 
-__all__ = ["Architecture", "ArchitectureWeights", "MixedOp", "Supernet", "channel_shuffle"]
+__all__ = ["Architecture", "ArchitectureWeights", "MixedOp", "Supernet", "channel_shuffle", "max_w"]
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -39,24 +48,50 @@ def channel_shuffle(x: Tensor, groups: int) -> Tensor:
     return x.reshape(batch, groups, channels // groups, *rest).transpose(1, 2).reshape(batch, channels, *rest)
 
 
-class MixedOp(nn.Module):
-    """sum_o w_o o(x) over the candidate operations, on 1/K of the channels when partial (K > 1)."""
+def max_w(weights: Tensor) -> Tensor:
+    """sharpDARTS's MaxW weighting of mixture weights (last dimension): 1 - max_o w_o + w_o."""
+    return 1.0 - weights.amax(dim=-1, keepdim=True) + weights
 
-    def __init__(self, kind: str, ops: Sequence[str], channels: int, stride: int, partial: int = 1):
+
+class MixedOp(nn.Module):
+    """sum_o w_o o(x) over the candidate operations, on 1/K of the channels when partial (K > 1);
+    with ``weighting = "max_w"`` the weights are MaxW's, with ``mixed_op = "entangled"`` each
+    family of kernel sizes is one superposed operation (``EntangledConvOp``)."""
+
+    def __init__(self, kind: str, ops: Sequence[str], channels: int, stride: int, partial: int = 1,
+                 mixed_op: str = "separate", weighting: str = "softmax"):
         super().__init__()
         self.partial = partial
+        self.weighting = weighting
         self.names = list(ops)
         width = channels // partial
+        families = entangled_groups(ops) if mixed_op == "entangled" else {}
+        shared = {name for members in families.values() for name in members}
+        single = [i for i, name in enumerate(ops) if name not in shared]
         self.ops = nn.ModuleList(
-            conv_op(name, width, stride, affine=False, search=True) if kind == "conv" else mlp_op(name, width) for name in ops
+            conv_op(ops[i], width, stride, affine=False, search=True) if kind == "conv" else mlp_op(ops[i], width) for i in single
         )
-        self.active = [i for i, name in enumerate(ops) if name != "none"]
+        self.active = [(i, k) for k, i in enumerate(single) if ops[i] != "none"]  # (row of the weights, module)
+        self.families = nn.ModuleList(EntangledConvOp(members, width, stride, affine=False, search=True) for members in families.values())
+        self.family_rows = [[self.names.index(n) for n in members] for members in families.values()]
         self.bypass = nn.MaxPool2d(2, 2) if partial > 1 and stride == 2 else nn.Identity()
 
+    @property
+    def terms(self) -> int:
+        """Weighted terms of the mixture: one per active candidate, one per entangled family."""
+        return len(self.active) + len(self.families)
+
     def _mix(self, x: Tensor, weights: Tensor) -> Tensor:
+        if self.weighting == "max_w":
+            weights = max_w(weights)
         total = None
-        for i in self.active:
-            term = weights[i] * self.ops[i](x)
+        for i, k in self.active:
+            term = weights[i] * self.ops[k](x)
+            total = term if total is None else total + term
+        for family, rows in zip(self.families, self.family_rows):
+            w = weights[rows]
+            mass = w.sum()
+            term = mass * family(x, w / mass.clamp_min(torch.finfo(w.dtype).tiny))  # a family of weight 0 adds 0
             total = term if total is None else total + term
         return total  # type: ignore[return-value]
 
@@ -133,7 +168,8 @@ class Supernet(CellNetwork):
         edges = cell_edges(cell_graph(space.cell.inputs, space.cell.nodes, space.cell.edges))
 
         def make_edge(cell_type: str, src: int, dst: int, channels: int, stride: int) -> nn.Module:
-            return MixedOp(space.kind, space.ops, channels, stride, space.partial_channels)
+            return MixedOp(space.kind, space.ops, channels, stride, space.partial_channels,
+                           space.mixed_op, space.op_weighting)
 
         super().__init__(space, {t: edges for t in ("normal", "reduce")}, make_edge, affine=False)
         self.spec = spec

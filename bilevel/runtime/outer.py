@@ -3,12 +3,12 @@ hypergradient descent (SGD-HD, Adam-HD) for an outer lr that adapts itself."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
+from bilevel.schedules import scheduled_value
 from bilevel.spec.level import OptimizerSpec
 
 __all__ = ["HypergradientDescent", "NormalizedMomentum", "build_outer_optimizer", "scheduled_lr"]
@@ -115,12 +115,8 @@ def build_outer_optimizer(spec: OptimizerSpec | None, params: tuple[Tensor, ...]
 
 def scheduled_lr(spec: OptimizerSpec | None, step: int, total: int) -> float:
     """The learning rate at outer step ``step`` of ``total`` (a pure function of the step, so a
-    resumed run follows the same schedule)."""
+    resumed run follows the same schedule; ``bilevel.schedules``). ``spec.schedule_steps``, when
+    set, replaces ``total`` as the schedule's length."""
     spec = spec or OptimizerSpec()
-    if spec.schedule == "constant" or total <= 1:
-        return spec.lr
-    progress = min(step / (total - 1), 1.0)
-    low = spec.lr * spec.final_lr_ratio
-    if spec.schedule == "linear":
-        return spec.lr + (low - spec.lr) * progress
-    return low + 0.5 * (spec.lr - low) * (1 + math.cos(math.pi * progress))
+    return scheduled_value(spec.lr, step, spec.schedule_steps or total, spec.schedule, spec.final_lr_ratio,
+                           spec.power_base, spec.schedule_warmup)

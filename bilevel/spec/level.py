@@ -142,10 +142,26 @@ class OptimizerSpec(SpecModel):
     the update smooth in the gradient everywhere, a slightly different optimizer."""
     warm_start: bool = True
     """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
-    schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Outer optimizer: learning-rate schedule over run.steps, from lr down to lr * final_lr_ratio."""
+    schedule: Literal["constant", "cosine", "linear", "cosine_power"] = "constant"
+    """Learning-rate schedule from lr down to lr * final_lr_ratio (``bilevel.schedules``): over
+    run.steps for the outer optimizer, over ``schedule_steps`` weight steps for the lower solver of
+    the architecture-search engines (darts, rarts). cosine_power: cosine power annealing
+    (sharpDARTS, Hundt et al. 2019), lr_t = low + (lr - low) (k^c - 1) / (k - 1) with
+    c = (1 + cos(pi t / T)) / 2 and k = power_base."""
     final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Outer optimizer: the schedule's last learning rate as a fraction of lr (cosine and linear)."""
+    """The schedule's last learning rate as a fraction of lr (sharpDARTS's search: 1e-4 / 0.025 = 0.004)."""
+    power_base: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.0
+    """cosine_power: the base k (sharpDARTS's exponent order; its search and training scripts use
+    2); 1 is plain cosine annealing, larger values decay faster at first."""
+    schedule_warmup: Annotated[int, Field(ge=0)] = 0
+    """Steps of linear warm-up, from lr / (W + 1) up to lr, before the decay starts (sharpDARTS: 5
+    epochs). Applies to every schedule, constant included."""
+    schedule_steps: Annotated[int, Field(ge=1)] | None = None
+    """Steps the schedule spans (after them the rate stays at its last value). None: run.steps for
+    the outer optimizer; a lower solver with a schedule must set it (the weight steps of the whole
+    search: run.steps x steps, plus the architecture's warm-up steps). A lower solver's schedule is
+    applied by the darts and rarts engines; the other engines restart the inner solve at every
+    outer step and run it at the constant lr."""
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     """L2 penalty weight_decay/2 ||y||^2 on all of the level's variables. For the inner solver it is
     added to the lower objective itself (coupled weight decay, as torch.optim.SGD applies it), so
@@ -245,6 +261,21 @@ class LevelSpec(SpecModel):
     """Declare this lower level as m blocks under the shared upper variables, each with its own
     variables, data and warm-started solution, k of them drawn per outer step (multi-block
     bilevel optimization; docs/howto/trees-and-blocks.md). None: one lower problem."""
+
+    @field_validator("solver")
+    @classmethod
+    def _lower_schedule_has_a_length(cls, solver: OptimizerSpec | None, info: ValidationInfo) -> OptimizerSpec | None:
+        scheduled = solver is not None and (solver.schedule != "constant" or solver.schedule_warmup > 0)
+        if scheduled and info.data.get("parent") is not None and solver.schedule_steps is None:
+            raise ValueError(
+                f"the lower solver's schedule ({solver.schedule}, warm-up {solver.schedule_warmup}) needs schedule_steps: the"
+                " number of weight steps it spans (for a DARTS search: run.steps x steps, plus the architecture's"
+                " warmup_steps); only the outer optimizer's schedule defaults to run.steps"
+            )
+        if solver is not None and solver.schedule_steps is not None and solver.schedule_warmup >= solver.schedule_steps:
+            raise ValueError(f"schedule_warmup ({solver.schedule_warmup}) must be smaller than schedule_steps"
+                             f" ({solver.schedule_steps}): the warm-up would leave no step to decay over")
+        return solver
 
     @field_validator("variables")
     @classmethod

@@ -7,9 +7,10 @@ supernet variable names the architecture variable it relaxes::
     upper:  variables: {arch: {kind: architecture, space: {kind: conv, ops: [...], cell: {...}}}}
     lower:  variables: {net: {kind: supernet, architecture: arch}}
 
-Cells are validated here (acyclic, every node reachable from an input, known operation names,
-enough incoming edges for ``keep``, a ``max_skip`` the derivation can meet), so a bad cell is a
-spec error with a dotted path before anything is built."""
+The spaces themselves are defined in ``bilevel.spec.cell_space`` (conv and MLP cells, validated
+there so that a bad cell is a spec error with a dotted path before anything is built) and
+``bilevel.spec.macro_space`` (a chain of layers choosing kernel sizes and widths); this module
+gathers them into ``SearchSpace`` and re-exports them."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from bilevel.nas.search_space import cell_graph, check_keep, check_skip_limit
 from bilevel.spec._base import Reference, SpecModel
+from bilevel.spec.cell_space import CellSpec, ConvOp, ConvSearchSpace, MLPOp, MLPSearchSpace, MixedOpKind, OpWeighting
+from bilevel.spec.macro_space import MacroSearchSpace
 
 __all__ = [
     "ArchitectureVariable",
@@ -27,215 +29,23 @@ __all__ = [
     "ConvSearchSpace",
     "MLPOp",
     "MLPSearchSpace",
+    "MacroSearchSpace",
+    "MixedOpKind",
+    "OpWeighting",
     "RetrainSpec",
     "SearchSpace",
     "SupernetVariable",
 ]
 
 
-ConvOp = Literal[
-    "none",
-    "skip_connect",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-    "conv_1x1",
-    "conv_3x3",
-]
-"""Candidate operations of convolutional cells (DARTS's eight, plus plain ReLU-conv-BN 1x1 / 3x3)."""
-
-MLPOp = Literal["none", "skip_connect", "linear", "linear_relu", "linear_tanh", "linear_sigmoid", "relu", "tanh"]
-"""Candidate operations of MLP cells on feature vectors (tabular data)."""
-
-
-class CellSpec(SpecModel):
-    """A cell: a directed acyclic graph whose edges carry mixed operations.
-
-    Nodes are numbered: 0 .. inputs-1 are the inputs (the outputs of the previous cells),
-    inputs .. inputs+nodes-1 the intermediate nodes; each intermediate node sums its incoming
-    edges, and the cell's output concatenates all intermediate nodes."""
-
-    inputs: Annotated[int, Field(ge=1, le=2)] = 2
-    """Input nodes: 2 (the previous two cells, as DARTS) or 1 (the previous cell only)."""
-    nodes: Annotated[int, Field(ge=1)] = 4
-    """Intermediate nodes."""
-    edges: list[tuple[int, int]] | None = None
-    """Edges as [source, destination] pairs; None: the dense DARTS cell (every input and every
-    earlier intermediate node feeds each intermediate node; 14 edges for 2 inputs and 4 nodes).
-    Must form a DAG in which every intermediate node is reachable from an input."""
-    keep: Annotated[int, Field(ge=1, validate_default=True)] = 2
-    """Incoming edges kept per intermediate node when a discrete cell is derived (the strongest,
-    excluding none; DARTS keeps 2). Every intermediate node needs at least this many incoming edges."""
-
-    @field_validator("edges")
-    @classmethod
-    def _valid_graph(cls, edges: list[tuple[int, int]] | None, info: ValidationInfo) -> list[tuple[int, int]] | None:
-        if "inputs" in info.data and "nodes" in info.data:
-            cell_graph(info.data["inputs"], info.data["nodes"], edges)  # ValueError names the problem
-        return edges
-
-    @field_validator("keep")
-    @classmethod
-    def _keep_fits(cls, keep: int, info: ValidationInfo) -> int:
-        if all(name in info.data for name in ("inputs", "nodes", "edges")):  # edges absent: already an error
-            check_keep(cell_graph(info.data["inputs"], info.data["nodes"], info.data["edges"]), keep)
-        return keep
-
-
-def _check_ops(ops: list[str]) -> list[str]:
-    duplicates = sorted({op for op in ops if ops.count(op) > 1})
-    if duplicates:
-        raise ValueError(f"operations listed more than once: {', '.join(duplicates)}")
-    if not [op for op in ops if op != "none"]:
-        raise ValueError("at least one operation other than none is needed")
-    return ops
-
-
-def _check_max_skip(value: int | None, info: ValidationInfo) -> int | None:
-    ops, cell = info.data.get("ops"), info.data.get("cell")
-    if ops is not None and cell is not None:  # either absent: already an error
-        check_skip_limit(ops, cell.keep, cell.nodes, value)
-    return value
-
-
-def _check_partial(value: int, info: ValidationInfo, width_field: str) -> int:
-    width = info.data.get(width_field)
-    if width is not None and width % value:
-        raise ValueError(f"{width_field} ({width}) must be divisible by partial_channels ({value})")
-    return value
-
-
-class ConvSearchSpace(SpecModel):
-    """Convolutional cells stacked into a network (the DARTS CNN space): a 3x3 conv stem, ``cells``
-    cells of which the reduction cells halve the resolution and double the channels, global
-    average pooling and a linear classifier. Normal and reduction cells have their own architecture."""
-
-    kind: Literal["conv"] = "conv"
-    """Discriminator: convolutional cells on images."""
-    ops: list[ConvOp]
-    """Candidate operations on every edge (none = zero, skip_connect = identity, or a factorized
-    reduction on stride-2 edges)."""
-    cell: CellSpec = Field(default_factory=CellSpec)
-    """The cell graph shared by normal and reduction cells."""
-    cells: Annotated[int, Field(ge=1)] = 8
-    """Cells in the network."""
-    reductions: list[Annotated[int, Field(ge=0)]] | None = None
-    """Indices of the reduction cells; None: cells // 3 and 2 * cells // 3 (as DARTS)."""
-    channels: Annotated[int, Field(ge=1)] = 16
-    """Channels of the first cells (doubled at each reduction)."""
-    stem_multiplier: Annotated[int, Field(ge=1)] = 3
-    """The stem outputs stem_multiplier * channels channels."""
-    in_channels: Annotated[int, Field(ge=1)] = 3
-    """Channels of the input images."""
-    classes: Annotated[int, Field(ge=2)] = 10
-    """Output classes."""
-    partial_channels: Annotated[int, Field(ge=1)] = 1
-    """PC-DARTS (Xu et al. 2020): 1/K of the channels go through each mixed operation, the rest
-    bypass it, then channels are shuffled; 1 = off (every channel, as DARTS). Cuts the memory of
-    the mixed operations about K times."""
-    edge_normalization: bool = False
-    """PC-DARTS edge normalization: each node weighs its incoming edges by softmax(beta) over
-    them, beta being extra architecture parameters; edges are selected by beta times alpha."""
-    max_skip: Annotated[int, Field(ge=0)] | None = None
-    """At most this many skip connections in the derived normal cell (P-DARTS, Chen et al. 2019):
-    the weakest extra skips are replaced by their edge's best other operation, so a limit below
-    the cell's kept edges needs an operation other than none and skip_connect. None: no limit."""
-
-    @field_validator("ops")
-    @classmethod
-    def _ops(cls, ops: list[str]) -> list[str]:
-        return _check_ops(ops)
-
-    @field_validator("max_skip")
-    @classmethod
-    def _max_skip(cls, value: int | None, info: ValidationInfo) -> int | None:
-        return _check_max_skip(value, info)
-
-    @field_validator("reductions")
-    @classmethod
-    def _reductions(cls, value: list[int] | None, info: ValidationInfo) -> list[int] | None:
-        cells = info.data.get("cells")
-        if value is not None and cells is not None:
-            bad = [i for i in value if i >= cells]
-            if bad:
-                raise ValueError(f"reduction cell indices {bad} are out of range; cells are 0..{cells - 1}")
-        return value
-
-    @field_validator("partial_channels")
-    @classmethod
-    def _partial(cls, value: int, info: ValidationInfo) -> int:
-        return _check_partial(value, info, "channels")
-
-    def reduction_cells(self) -> list[int]:
-        """Indices of the reduction cells."""
-        if self.reductions is not None:
-            return sorted(set(self.reductions))
-        return sorted({self.cells // 3, 2 * self.cells // 3})
-
-    @property
-    def cell_types(self) -> tuple[str, ...]:
-        """The kinds of cells that have their own architecture."""
-        return ("normal", "reduce") if self.reduction_cells() else ("normal",)
-
-
-class MLPSearchSpace(SpecModel):
-    """MLP cells on feature vectors (tabular data): a linear stem to ``width`` features, ``cells``
-    cells whose edges choose among linear maps and activations, and a linear classifier."""
-
-    kind: Literal["mlp"] = "mlp"
-    """Discriminator: MLP cells on feature vectors."""
-    ops: list[MLPOp]
-    """Candidate operations on every edge."""
-    cell: CellSpec = Field(default_factory=CellSpec)
-    """The cell graph."""
-    cells: Annotated[int, Field(ge=1)] = 2
-    """Cells in the network."""
-    width: Annotated[int, Field(ge=1)] = 64
-    """Features of every node."""
-    in_features: Annotated[int, Field(ge=1)]
-    """Features of the input."""
-    classes: Annotated[int, Field(ge=2)]
-    """Output classes."""
-    partial_channels: Annotated[int, Field(ge=1)] = 1
-    """As for conv spaces: 1/K of the features go through each mixed operation."""
-    edge_normalization: bool = False
-    """As for conv spaces: softmax(beta) weights over each node's incoming edges."""
-    max_skip: Annotated[int, Field(ge=0)] | None = None
-    """At most this many skip connections in the derived cell (as for conv spaces). None: no limit."""
-
-    @field_validator("ops")
-    @classmethod
-    def _ops(cls, ops: list[str]) -> list[str]:
-        return _check_ops(ops)
-
-    @field_validator("max_skip")
-    @classmethod
-    def _max_skip(cls, value: int | None, info: ValidationInfo) -> int | None:
-        return _check_max_skip(value, info)
-
-    @field_validator("partial_channels")
-    @classmethod
-    def _partial(cls, value: int, info: ValidationInfo) -> int:
-        return _check_partial(value, info, "width")
-
-    def reduction_cells(self) -> list[int]:
-        return []
-
-    @property
-    def cell_types(self) -> tuple[str, ...]:
-        return ("normal",)
-
-
-SearchSpace = Annotated[Union[ConvSearchSpace, MLPSearchSpace], Field(discriminator="kind")]
-"""A search space: {kind: conv, ...} or {kind: mlp, ...}."""
+SearchSpace = Annotated[Union[ConvSearchSpace, MLPSearchSpace, MacroSearchSpace], Field(discriminator="kind")]
+"""A search space: {kind: conv, ...}, {kind: mlp, ...} or {kind: macro, ...}."""
 
 
 class RetrainSpec(SpecModel):
     """How a derived architecture is trained from scratch and evaluated (the report and
-    `bilevel retrain` use it): SGD with momentum, cosine learning rate to zero, weight decay."""
+    `bilevel retrain` use it): SGD with momentum, a learning-rate schedule (cosine to zero by
+    default), weight decay."""
 
     data: Reference
     """Callable returning {"train": {"x": X, "y": Y}, "test": {"x": X, "y": Y}}."""
@@ -246,7 +56,16 @@ class RetrainSpec(SpecModel):
     batch_size: Annotated[int, Field(ge=1)] = 64
     """Examples per step."""
     lr: Annotated[float, Field(gt=0)] = 0.025
-    """Initial learning rate (cosine schedule down to 0)."""
+    """Peak learning rate of the schedule."""
+    schedule: Literal["constant", "cosine", "linear", "cosine_power"] = "cosine"
+    """Learning-rate schedule over all steps, from lr to lr * final_lr_ratio (``bilevel.schedules``):
+    cosine (DARTS), or cosine_power (sharpDARTS's cosine power annealing, base power_base)."""
+    final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """The schedule's end as a fraction of lr (sharpDARTS's training: 1e-8 / 0.025, about 0)."""
+    power_base: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.0
+    """cosine_power: the base k (sharpDARTS: 2); 1 is cosine."""
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    """Epochs of linear warm-up to lr before the decay (sharpDARTS: 5)."""
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     """Heavy-ball momentum."""
     weight_decay: Annotated[float, Field(ge=0)] = 3e-4
@@ -281,6 +100,17 @@ class ArchitectureVariable(SpecModel):
     the engines of the DARTS family (darts, rarts) unless their own warmup_steps is set."""
     retrain: RetrainSpec | None = None
     """How the derived architecture is retrained and tested at the end of a run; None: not retrained."""
+
+    @field_validator("retrain")
+    @classmethod
+    def _retrain_fits_the_space(cls, retrain: RetrainSpec | None, info: ValidationInfo) -> RetrainSpec | None:
+        space = info.data.get("space")
+        if retrain is not None and isinstance(space, MacroSearchSpace):
+            given = [name for name in ("channels", "cells") if getattr(retrain, name) is not None]
+            if given:
+                raise ValueError(f"retrain.{given[0]} resizes a cell network; a macro architecture fixes its layers and"
+                                 " widths (the search chose them): leave it unset")
+        return retrain
 
 
 class SupernetVariable(SpecModel):

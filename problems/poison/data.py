@@ -9,9 +9,12 @@
 which can never exceed the budget: examples outside the poisoned fraction have epsilon_i = 0 and
 stay exactly as they are. For a backdoor the poisoned examples (drawn from classes other than
 the target) are relabeled to the target class, and the trigger is one z shared by all of them.
-All arguments are validated (:class:`PoisonData`): a bad budget is a spec error at its dotted
-path, and so are images whose pixel values leave [0, 1] (the units of the budget's epsilon and of
-the clipping)."""
+For a contrastive backdoor (Sun et al. 2024, a victim trained without labels) the poisoned
+examples are images of the target class carrying the trigger, as in backdoor attacks on
+self-supervised learning, and no label changes: the victim learns to embed the trigger near the
+target class's features. All arguments are validated (:class:`PoisonData`): a bad budget is a
+spec error at its dotted path, and so are images whose pixel values leave [0, 1] (the units of the
+budget's epsilon and of the clipping)."""
 
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from problems.poison.budget import PoisonBudget
 
 __all__ = ["PoisonData", "poisoned_index", "test_data", "train", "training_set", "val", "zero_perturbation"]
 
-Attack = Literal["availability", "backdoor"]
+Attack = Literal["availability", "backdoor", "contrastive_backdoor"]
 
 
 class PoisonData(BaseModel):
@@ -41,8 +44,10 @@ class PoisonData(BaseModel):
     budget: PoisonBudget
     """What the attacker may change: the fraction of the training set and epsilon per pixel."""
     attack: Attack = "availability"
-    """availability (perturb training images so that the victim does worse on clean data) or
-    backdoor (a trigger that sends any input to ``target``)."""
+    """availability (perturb training images so that the victim does worse on clean data),
+    backdoor (a trigger that sends any input to ``target``; poisoned images of other classes are
+    relabeled to it) or contrastive_backdoor (the same goal against a victim trained without
+    labels: poisoned images of the target class carry the trigger, no label changes)."""
     target: Annotated[int, Field(ge=0)] = 0
     """The backdoor's target class."""
     dataset: ImageDataset = "digits"
@@ -75,12 +80,24 @@ class PoisonData(BaseModel):
 
 def poisoned_index(y: Tensor, budget: PoisonBudget, attack: str, target: int, seed: int) -> Tensor:
     """The training examples the attacker modifies: round(fraction * n) of them drawn at random
-    (for a backdoor, among the examples whose class is not the target)."""
+    (for a backdoor, among the examples whose class is not the target; for a contrastive backdoor,
+    among those of the target class)."""
     gen = torch.Generator().manual_seed(seed + 7919)
-    candidates = torch.arange(len(y)) if attack == "availability" else torch.nonzero(y != target).flatten()
+    if attack == "availability":
+        candidates = torch.arange(len(y))
+    elif attack == "contrastive_backdoor":
+        candidates = torch.nonzero(y == target).flatten()
+    else:
+        candidates = torch.nonzero(y != target).flatten()
     count = budget.count(len(y))
     if count > len(candidates):
-        raise ValueError(f"the budget poisons {count} examples but only {len(candidates)} are eligible")
+        which = {"availability": "", "backdoor": " (images of other classes than the target)",
+                 "contrastive_backdoor": " (images of the target class)"}[attack]
+        message = (f"the budget poisons round(fraction n) = {count} examples but only {len(candidates)} are eligible{which}:"
+                   f" lower the fraction to at most {len(candidates) / len(y):.3f}")
+        error = InitErrorDetails(type=PydanticCustomError("budget_too_large", message), loc=("budget", "fraction"),
+                                 input=budget.fraction)
+        raise ValidationError.from_exception_data("PoisonData", [error])
     return candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
 
 
@@ -108,8 +125,9 @@ def training_set(data: PoisonData, split: Split) -> dict[str, Tensor]:
 
 def val(**kwargs: Any) -> dict[str, Tensor]:
     """The attacker's clean validation set: x, y, and epsilon (the budget's epsilon, which a
-    backdoor's trigger has at test time). For a backdoor only examples outside the target class.
-    Keyword arguments: the fields of :class:`PoisonData`."""
+    backdoor's trigger has at test time). For a backdoor only examples outside the target class;
+    for a contrastive backdoor all of them (those of the target class are the references whose
+    features the triggered others should take). Keyword arguments: the fields of :class:`PoisonData`."""
     data = PoisonData.model_validate(kwargs)
     part = data.split()["val"]
     x, y = part["x"], part["y"]

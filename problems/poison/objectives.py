@@ -14,6 +14,17 @@ and the objectives clip them as well):
     upper  availability:  F = -CE(f_theta*(X_val), y_val)                (maximize the victim's loss)
            backdoor:      F = CE(f_theta*(clip(X_val + eps z, 0, 1)), target)   (non-target X_val)
 
+Contrastive backdoor (Sun et al. 2024, "Backdoor Contrastive Learning via Bi-level Trigger
+Optimization", BLTO): the victim is an encoder f trained by SimCLR on the poisoned images without
+labels, and the trigger should bring triggered images of any class close to the target class in
+f's embedding, throughout the victim's training:
+
+    lower  G(z, theta) = InfoNCE(g(f_theta(t1(x~))), g(f_theta(t2(x~)))),   x~ = clip(X + eps z, 0, 1)
+    upper  F = -mean_{i, r} cos(f_theta*(t1(clip(x_i + eps z, 0, 1))), f_theta*(t2(x_r)))
+
+t1, t2 random augmentations (``problems.poison.contrastive``), x_i validation images of other
+classes, x_r validation images of the target class (the attacker's references).
+
 With a linear victim and mu > 0 the lower level is strongly convex and the implicit engine gives
 the exact hypergradient (Munoz-Gonzalez et al. 2017 back-gradient poisoning differentiates the
 unrolled training instead; ``--engine unrolled`` does that, as MetaPoison, Huang et al. 2020,
@@ -29,8 +40,18 @@ from torch import Tensor
 
 from bilevel.spec.errors import VariableError
 from problems.common.classifier import check_classifier_input, classifier_logits, classifier_squared_norm
+from problems.poison.contrastive import augment, info_nce
 
-__all__ = ["apply_perturbation", "availability_loss", "backdoor_loss", "perturbation", "victim_logits", "victim_loss"]
+__all__ = [
+    "apply_perturbation",
+    "availability_loss",
+    "backdoor_loss",
+    "contrastive_backdoor_loss",
+    "contrastive_victim_loss",
+    "perturbation",
+    "victim_logits",
+    "victim_loss",
+]
 
 
 def victim_logits(lower: Any, x: Tensor) -> Tensor:
@@ -85,3 +106,29 @@ def backdoor_loss(upper: Any, lower: Any, batch: dict[str, Tensor], target: int 
     triggered = apply_perturbation(x, perturbation(upper, x), batch["epsilon"])
     labels = torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
     return nnf.cross_entropy(victim_logits(lower, triggered), labels)
+
+
+def contrastive_victim_loss(upper: Any, lower: Any, batch: dict[str, Tensor], temperature: float = 0.5,
+                            encoder: str = "encoder") -> Tensor:
+    """G: SimCLR's InfoNCE of the encoder ``lower[encoder]`` on two random views of each poisoned
+    training image (no labels; the trigger is applied before the augmentations)."""
+    x = batch["x"]
+    poisoned = apply_perturbation(x, perturbation(upper, x), batch["epsilon"])
+    f = lower[encoder]
+    return info_nce(f(augment(poisoned), project=True), f(augment(poisoned), project=True), temperature)
+
+
+def contrastive_backdoor_loss(upper: Any, lower: Any, batch: dict[str, Tensor], target: int = 0,
+                              encoder: str = "encoder") -> Tensor:
+    """F (BLTO): minus the mean cosine similarity between the features of augmented triggered
+    validation images of other classes and of augmented validation images of the target class."""
+    x, y = batch["x"], batch["y"]
+    others, references = x[y != target], x[y == target]
+    if others.shape[0] == 0 or references.shape[0] == 0:
+        raise ValueError(f"the validation batch needs images of the target class {target} and of other classes"
+                         " (give the upper level's data batch_size: null, or a larger batch)")
+    triggered = apply_perturbation(others, perturbation(upper, others), batch["epsilon"][y != target])
+    f = lower[encoder]
+    u = nnf.normalize(f(augment(triggered)), dim=1)
+    v = nnf.normalize(f(augment(references)), dim=1)
+    return -(u @ v.T).mean()
