@@ -40,9 +40,8 @@ class RunSpec(SpecModel):
     steps: Annotated[int, Field(ge=0)] = 100
     """Outer (upper-level) steps."""
     out: Annotated[str, Field(min_length=1)] = "runs/{name}"
-    """Output directory (relative to the working directory); ``{name}`` stands for the spec's name,
-    so that two problems run without an ``out`` do not meet in one directory (a directory holding
-    another spec's run is refused: ``bilevel.runtime.run_dir``)."""
+    """Output directory (relative to the working directory); `{name}` stands for the spec's name, so
+    that two problems run without an `out` do not share a directory."""
     checkpoint_every: Annotated[int, Field(ge=1)] | None = 10
     """Write an atomic checkpoint every N outer steps (None: only at the end)."""
     log_every: Annotated[int, Field(ge=1)] = 1
