@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALLOW_IMPORTS_ENV", "RefError", "allowed_imports", "check_allowed", "import_module_ref", "resolve_ref"]
+__all__ = ["ALLOW_IMPORTS_ENV", "RefError", "allowed_imports", "check_allowed", "import_module_ref", "resolve_ref",
+           "set_allowed_imports"]
 
 ALLOW_IMPORTS_ENV = "BILEVEL_ALLOW_IMPORTS"
 
@@ -45,9 +46,18 @@ def _load_file_module(path: Path) -> Any:
     return module
 
 
+_command_line: dict[str, str | None] = {"allow": None}  # --allow-imports of the command running now
+
+
+def set_allowed_imports(value: str | None) -> None:
+    """The command line's --allow-imports (None: not given; the environment variable decides)."""
+    _command_line["allow"] = value
+
+
 def allowed_imports() -> tuple[str, ...] | None:
-    """The packages references may import (``BILEVEL_ALLOW_IMPORTS``), or None: no restriction."""
-    value = os.environ.get(ALLOW_IMPORTS_ENV)
+    """The packages references may import (--allow-imports, else ``BILEVEL_ALLOW_IMPORTS``), or
+    None: no restriction."""
+    value = _command_line["allow"] if _command_line["allow"] is not None else os.environ.get(ALLOW_IMPORTS_ENV)
     if value is None:
         return None
     return tuple(part.strip() for part in value.split(",") if part.strip())

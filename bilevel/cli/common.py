@@ -266,7 +266,7 @@ def import_plugins(plugins: Optional[list[str]]) -> None:
 AllowImportsOpt = typer.Option(
     None, "--allow-imports", metavar="PACKAGES",
     help="Import only these packages (comma-separated) and files in the spec's folder from a spec's references;"
-         " sets BILEVEL_ALLOW_IMPORTS (docs/getting-started.md#trust).")
+         " as BILEVEL_ALLOW_IMPORTS does (docs/getting-started.md).")
 
 
 @app.callback()
@@ -274,7 +274,6 @@ def _root(debug: bool = DebugOpt, threads: Optional[int] = ThreadsOpt, allow_imp
     """Declarative bilevel optimization: declare the levels, the planner picks the hypergradient engine."""
     _debug["on"] = debug
     _root_threads["threads"] = threads
-    if allow_imports is not None:
-        from bilevel.refs import ALLOW_IMPORTS_ENV
+    from bilevel.refs import set_allowed_imports
 
-        os.environ[ALLOW_IMPORTS_ENV] = allow_imports
+    set_allowed_imports(allow_imports)  # every command sets it (None: BILEVEL_ALLOW_IMPORTS decides)
