@@ -30,7 +30,24 @@ _MAX_REPORTED = 100  # non-finite numbers reported at most (their paths through 
 _BINARY_MAGIC = {b"PK\x03\x04": "a zip archive (a torch checkpoint such as checkpoint.pt?)", b"\x80\x02": "a pickle",
                  b"\x89PNG": "a PNG image", b"\x7fELF": "an executable"}
 
-Lines = dict[tuple[str, ...], int]
+class Lines(dict):
+    """The line of each dotted path (a tuple of keys). A path through a YAML alias is looked up
+    through the anchor's own path (``aliases``: alias path -> the first path of its node), so the
+    index holds each node once and still answers every path the data can be reached by."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.aliases: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def get(self, path: Any, default: Any = None) -> Any:
+        for _ in range(64):  # each step leaves an alias for its anchor; a recursive alias stops here
+            if path in self:
+                return self[path]
+            prefix = next((path[:n] for n in range(len(path) - 1, 0, -1) if path[:n] in self.aliases), None)
+            if prefix is None:
+                return default
+            path = (*self.aliases[prefix], *path[len(prefix):])
+        return default
 
 
 def _text(path: Path) -> str:
@@ -67,7 +84,8 @@ class _Builder:
         self.constructor = yaml.SafeLoader("")
         self.built: dict[int, Any] = {}
         self.sizes: dict[int, int] = {}
-        self.lines: Lines = {}
+        self.lines = Lines()
+        self.first_path: dict[int, tuple[str, ...]] = {}
         self.issues: list[SpecIssue] = []
 
     def size(self, node: yaml.Node) -> int:
@@ -85,8 +103,11 @@ class _Builder:
         key = id(node)
         if key in self.built:
             self.lines.setdefault(path, node.start_mark.line + 1)
+            if self.first_path[key] != path:
+                self.lines.aliases[path] = self.first_path[key]
             return self.built[key]
         self.lines[path] = node.start_mark.line + 1
+        self.first_path[key] = path
         if isinstance(node, yaml.MappingNode):
             explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
             self.constructor.flatten_mapping(node)  # merge keys (<<: *anchor): merged pairs first, overridable
@@ -167,7 +188,7 @@ def _json(text: str, file: str) -> tuple[Any, Lines]:
     except SpecError as exc:
         if duplicates and any("duplicate key" in issue.message for issue in exc.issues):
             raise
-        lines = {}
+        lines = Lines()
     if duplicates:
         raise SpecError.single(file, "", f"duplicate key {duplicates[0]!r}; each key may appear once in an object")
     return data, lines

@@ -116,12 +116,13 @@ def plot(rows: list[dict[str, Any]], family: str, path: Path) -> None:
         columns = list(zip(*[[p[1] for p in row["curve"]] for row in mine]))
         means = [statistics.mean(c) for c in columns]
         spreads = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
-        ax.plot(xs, means, color=color, label={"bsvrb": "BSVRB", "plain": "plain blockwise", "implicit": "full-batch implicit"}[method])
+        name = {"bsvrb": "BSVRB", "plain": "plain blockwise", "implicit": "full-batch implicit"}[method]
+        ax.plot(xs, means, color=color, label=f"{name} ({len(mine)} seed{'s' if len(mine) > 1 else ''})")
         ax.fill_between(xs, [m - s for m, s in zip(means, spreads)], [m + s for m, s in zip(means, spreads)], color=color, alpha=0.2)
     ax.set_xlabel("block-solves")
     ax.set_ylabel(FAMILIES[family]["label"])
     ax.set_yscale("log")
-    ax.set_title(f"{family}: mean ± std over {len({r['seed'] for r in rows})} seeds")
+    ax.set_title(f"{family}: mean ± std over seeds")
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
