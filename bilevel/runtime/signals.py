@@ -22,8 +22,10 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """128 + the signal's number, as shells report a process a signal ended."""
 
 
-class RunInterrupted(Exception):
-    """The run stopped on a signal; ``checkpoint`` is the one to resume from (None: none yet)."""
+class RunInterrupted(KeyboardInterrupt):
+    """The run stopped on a signal; ``checkpoint`` is the one to resume from (None: none yet). A
+    KeyboardInterrupt, so that what handles Ctrl-C (a sweep recording its trial as interrupted, a
+    tracker closing its run) handles SIGTERM alike, and ``except Exception`` does not swallow it."""
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: Path | None = None, at_once: bool = False):
         name = signal.Signals(signum).name
