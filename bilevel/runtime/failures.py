@@ -82,9 +82,8 @@ def _without_path(problem: Any, session: Any) -> list[str]:
 def user_code_failure(exc: BaseException, problem: Any, session: Any, step: int, checkpoint: Path | None) -> UserCodeFailure | None:
     """The failure to report for ``exc`` raised at outer step ``step`` (1-based), or None when the
     exception did not come from user code (an internal error, reported as such)."""
-    frames = _frames(exc.__traceback__)
-    level = _level_of(frames)
-    user = [frame for frame in frames if _is_user(frame.f_code.co_filename)]
+    level = _level_of(_frames(exc.__traceback__))
+    user = [entry for entry in traceback.extract_tb(exc.__traceback__) if _is_user(entry.filename)]
     what = f"{type(exc).__name__}: {exc}"
     keep = (f" The last good checkpoint is {checkpoint} (resume with --resume once fixed)." if checkpoint is not None
             else " No checkpoint was written yet.")
@@ -97,11 +96,6 @@ def user_code_failure(exc: BaseException, problem: Any, session: Any, step: int,
         return UserCodeFailure(message + keep, step, checkpoint)
     if level is None and not user:
         return None
-    where = ""
-    if user:
-        summary = traceback.extract_tb(exc.__traceback__)[-1]
-        innermost = next((entry for entry in reversed(traceback.extract_tb(exc.__traceback__)) if _is_user(entry.filename)),
-                         summary)
-        where = f" at {innermost.filename}:{innermost.lineno} in {innermost.name}"
+    where = f" at {user[-1].filename}:{user[-1].lineno} in {user[-1].name}" if user else ""
     culprit = f"levels.{level}.objective" if level is not None else "user code"
     return UserCodeFailure(f"outer step {step}: {culprit} raised {what}{where}.{keep}", step, checkpoint)

@@ -243,18 +243,14 @@ class _Loop:
         failure = user_code_failure(exc, self.problem, session, step + 1, checkpoint)
         if failure is None:
             return
-        if self.main:
-            base = result_base(self.problem, self.plan, self.loaded, session.x, step, began)
-            write_result(self.out_dir, base | {"status": "failed", "message": str(failure)})
+        self._write_stopped(session, step, began, "failed", str(failure))
         raise failure from exc
 
     def _interrupted(self, session: Session, signum: int, done: int, began: float) -> None:
         """A signal arrived during step ``done``: checkpoint, result.json, RunInterrupted."""
         checkpoint = session.save(self.out_dir)
         error = RunInterrupted(signum, done, checkpoint)
-        if self.main:
-            base = result_base(self.problem, self.plan, self.loaded, session.x, done, began)
-            write_result(self.out_dir, base | {"status": "interrupted", "message": str(error)})
+        self._write_stopped(session, done, began, "interrupted", str(error))
         raise error
 
     def _diverged(self, session: Session, step: int, loss: float, grad_norm: float, checkpoint: Path | None, began: float) -> None:
@@ -264,10 +260,14 @@ class _Loop:
                    " Lower the outer or inner learning rate.")
         if checkpoint is not None:
             message += f" The last good checkpoint is {checkpoint} (resume with --resume)."
-        if self.main:
-            base = result_base(self.problem, self.plan, self.loaded, session.x, step, began)
-            write_result(self.out_dir, base | {"status": "diverged", "message": message})
+        self._write_stopped(session, step, began, "diverged", message)
         raise DivergenceError(message, step + 1, checkpoint)
+
+    def _write_stopped(self, session: Session, steps: int, began: float, status: str, message: str) -> None:
+        """result.json of a run that stopped before its end (rank 0 writes it)."""
+        if self.main:
+            base = result_base(self.problem, self.plan, self.loaded, session.x, steps, began)
+            write_result(self.out_dir, base | {"status": status, "message": message})
 
     def _finish(self, session: Session, began: float, final_step: int, stop_reason: str | None,
                 last_stats: dict[str, Any]) -> RunResult:

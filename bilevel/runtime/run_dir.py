@@ -119,7 +119,7 @@ class RunDirectory:
                 return None
             if isinstance(data, dict) and isinstance(data.get("fingerprint"), str):
                 return data["fingerprint"]
-            return _fingerprint_of_record(data)
+            return _fingerprint_of_record(self.path)
         checkpoint = self.path / "checkpoint.pt"
         if checkpoint.exists():
             from bilevel.runtime.atomic import load_checkpoint
@@ -132,12 +132,12 @@ class RunDirectory:
         return None
 
 
-def _fingerprint_of_record(data: Any) -> str | None:
+def _fingerprint_of_record(directory: Path) -> str | None:
     """The fingerprint of a spec.json written before the record held one."""
     from bilevel.compile import spec_fingerprint
-    from bilevel.spec.load import spec_from_data
+    from bilevel.runtime.spec_record import load_spec_record
 
     try:
-        return spec_fingerprint(spec_from_data(data["spec"], data["file"], Path(data["base_dir"])).spec)
+        return spec_fingerprint(load_spec_record(directory).spec)
     except (SpecError, KeyError, TypeError):
         return None
