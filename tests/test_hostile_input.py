@@ -163,6 +163,12 @@ def test_a_shape_too_large_for_the_machine_is_refused_at_validate_time(tmp_path:
     assert "levels.lower.variables.w.shape" in line and "more than the cpu memory" in line
 
 
+
+def test_an_initial_value_beyond_the_dtype_is_refused_at_its_path(tmp_path: Path) -> None:
+    """A finite number too large for float32 (found by the property below): refused, not an overflow."""
+    (line,) = _refused(_file(tmp_path, GOOD_TEXT), "--set", "levels.upper.variables.lam.init=3.402823466385289e+38")
+    assert "levels.upper.variables.lam.init: 3.402823466385289e+38 does not fit in float32" in line
+
 # --- properties ----------------------------------------------------------------------------------------------
 def _mapping_paths(node: object, prefix: tuple = ()) -> list[tuple]:
     out = []

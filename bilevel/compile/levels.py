@@ -59,6 +59,11 @@ class LevelBuilder:
             return None
         init = var.init
         if isinstance(init, (int, float)):
+            largest = torch.finfo(self.dtype).max
+            if abs(float(init)) > largest:
+                self.log.fail(f"{path}.init", f"{init} does not fit in {str(self.dtype).removeprefix('torch.')} (largest"
+                                              f" magnitude {largest:.7g}); give a smaller value or run.dtype: float64")
+                return None
             return torch.full(shape, float(init), **kw)
         if init == "zeros":
             return torch.zeros(shape, **kw)
