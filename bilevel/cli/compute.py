@@ -26,8 +26,12 @@ from bilevel.cli.common import (
     rank,
 )
 from bilevel.reporting.numbers import format_mapping, format_number
+from bilevel.reporting.optimum import batch_optimum_line
 
-__all__ = ["gradient_summary", "hypergrad", "plan", "run", "validate"]
+__all__ = ["MAX_INSTANCE_LINES", "gradient_summary", "hypergrad", "plan", "run", "validate"]
+
+MAX_INSTANCE_LINES = 20
+"""A batch of up to this many instances gets one summary line per instance; a larger one the first five."""
 
 
 def _report_lines(report: dict[str, Any]) -> list[str]:
@@ -113,9 +117,16 @@ def run(
               f"  wall time: {r['wall_time_s']:.1f}s  device: {r['device']}{_threads_text(r)}{processes}")
         for line in _report_lines(r.get("report") or {}):
             echo(line)
-        for item in r.get("instances") or []:  # a batch of instances: one line each
+        items = r.get("instances") or []
+        shown = items if len(items) <= MAX_INSTANCE_LINES else items[:5]
+        for item in shown:  # a batch of instances: one line each (the first few of a large batch)
             figures = "  ".join(f"{k}: {format_number(v)}" for k, v in (item.get("report") or {}).items() if isinstance(v, float))
             echo(f"  instance {item['index']}: final upper loss {format_number(item['final_upper_loss'])}  {figures}".rstrip())
+        if len(items) > len(shown):
+            echo(f"  ... and {len(items) - len(shown)} more instances (in result.json)")
+        verdict = batch_optimum_line([item.get("report") for item in items])
+        if verdict is not None:
+            echo(verdict)
         fast = r.get("fast_path")
         if fast and not (fast["requested"] == "auto" and r["device"] == "cpu"):  # CPU auto: plain eager, nothing to say
             echo(f"fast path ({fast['requested']}): hypergradient {fast['hypergradient']}, inner loop {fast['inner_loop']}"

@@ -15,6 +15,7 @@ from bilevel.engines.forward import ForwardConfig, ForwardEngine, ForwardState
 from bilevel.engines.implicit import ImplicitConfig, ImplicitEngine, ImplicitState
 from bilevel.engines.lv_hba import LVHBAConfig, LVHBAEngine, LVHBAState
 from bilevel.engines.penalty import PenaltyConfig, PenaltyEngine, PenaltyState
+from bilevel.engines.qp import QPConfig, QPEngine, QPState
 from bilevel.engines.rarts import RartsConfig, RartsEngine, RartsState
 from bilevel.engines.registry import (
     build_engine,
@@ -66,6 +67,9 @@ __all__ = [
     "PenaltyConfig",
     "PenaltyEngine",
     "PenaltyState",
+    "QPConfig",
+    "QPEngine",
+    "QPState",
     "Proposal",
     "RartsConfig",
     "RartsEngine",

@@ -111,6 +111,10 @@ class ProblemFacts:
     """m: blocks of the lower level (None: not a level of blocks); ``instances`` then counts them."""
     blocks_sampled: int | None = None
     """k: blocks drawn per outer step, where fewer than all (None: every block every step)."""
+    lower_quadratic: bool = False
+    """The lower level declares a quadratic objective (``assumptions.quadratic``)."""
+    affine_constraints: int = 0
+    """How many of the lower level's constraints are declared affine."""
     nested_unrolled_memory_mb: float = 0.0
     """Rough graph memory of nested unrolling: every step stored, each with about four copies
     of its level's variables and activations the size of its batch."""
@@ -167,6 +171,8 @@ class ProblemFacts:
             blocks=problem.blocks.count if problem.blocks is not None else None,
             blocks_sampled=(problem.blocks.sample if problem.blocks is not None and not problem.blocks.every_block
                             else None),
+            lower_quadratic=lower.assumptions.quadratic,
+            affine_constraints=sum(c.affine for c in lower.constraints),
             nested_unrolled_memory_mb=nested,
             shape=problem.shape,
             **_nonsmooth_facts(chain[1:]),

@@ -235,7 +235,10 @@ class Problem(LevelTree):
         return {name: _tuned_value(values[var]) for name, var in tuned.items()}
 
     def constraint_values(self, x: Sequence[Tensor], y: Sequence[Tensor], batch: Any) -> tuple[Tensor, ...]:
-        """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0)."""
+        """Each lower constraint's values at (x, y), flattened (feasible where <= 0 / == 0); for a
+        batch of instances, every instance's values, instance-major."""
+        if self.stacked is not None and self.lower.constraints:
+            return self.stacked.constraint_values(x, y, batch)
         upper, lower = self.upper.view(x), self.lower.view(y)
         return tuple(c.fn(upper, lower, batch).reshape(-1) for c in self.lower.constraints)
 

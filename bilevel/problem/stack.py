@@ -21,8 +21,9 @@ an algorithm reduces over all variables: conjugate gradient's inner products and
 which the implicit engine takes per instance (``per_instance`` in ``bilevel.linalg.cg``).
 This is why the batch is not a ``vmap`` of a second, functional copy of the engines: the one
 implementation serves both, and the CUDA-graph fast path captures the batched call like any
-other. What couples instances is refused: lower-level constraints (joint projections), an
-outer optimizer normalizing by the norm of all variables, tuned inner learning rates/momenta
+other. Lower constraints are evaluated per instance alike (``constraint_values``), for engines that
+keep instances apart (``qp``; those that project jointly lack ``handles_instances``). What couples
+instances is refused: an outer optimizer normalizing by the norm of all variables, tuned inner learning rates/momenta
 (one scalar step per instance would need per-instance broadcasting in the optimizer)."""
 
 from __future__ import annotations
@@ -116,6 +117,24 @@ class StackedInstances:
         values = self.per_instance(k, params, batch, drawn)
         return values.mean() if k == 0 and self.top_reduce == "mean" else values.sum()
 
+    def constraint_values(self, x: Params, y: Params, batch: Any) -> tuple[Tensor, ...]:
+        """Each lower constraint's values for every instance, (c^(i)(x_i, y_i))_i flattened
+        instance-major (the template's constraints, evaluated like the objectives)."""
+        template = self.template
+        lower = self.levels[template.lower.name]
+        in_dims = None if batch is None or lower.data is None else lower.data.in_dims
+        x_dim = 0 if self.levels[template.upper.name].stacked else None
+
+        def one(xi: Params, yi: Params, bi: Any, kw: dict[str, dict[str, Tensor]]) -> tuple[Tensor, ...]:
+            self.holder.values = kw
+            return tuple(v.reshape(-1) for v in template.constraint_values(xi, yi, bi))
+
+        args, dims = (tuple(x), tuple(y), batch, self.varying_kwargs), (x_dim, 0, in_dims, 0)
+        if self.vectorize == "loop":
+            rows = [one(*part) for part in _unbound(self.count, args, dims)]
+            return tuple(torch.stack(column).reshape(-1) for column in zip(*rows))
+        return tuple(v.reshape(-1) for v in torch.func.vmap(one, in_dims=dims, randomness="different")(*args))
+
     def results(self, x: Params, y: Params, losses: list[float], out_dir: Path | None) -> list[dict[str, Any]]:
         """Per instance: what varied, the final upper loss (``losses``: F_i on the full upper
         data, as the run's final evaluation computed them), the upper variables and the
@@ -197,9 +216,6 @@ def vectorization(device: torch.device, levels: Mapping[str, Any]) -> str:
 def _refuse_coupling(source: SpecSource, problem: Problem) -> None:
     issues = []
     lower, upper = problem.lower, problem.upper
-    if lower.constraints:
-        issues.append(source.issue(f"levels.{lower.name}.constraints", "lower-level constraints couple the variables of"
-                                   " each instance through joint projections: not supported with instances"))
     tuned = sorted(k for k in lower.solver.tuned if k != "weight_decay")
     if tuned:
         issues.append(source.issue(f"levels.{lower.name}.solver.tuned", f"tuned {', '.join(tuned)} is not supported with"
@@ -238,7 +254,7 @@ def _stack_level(name: str, members: list[Problem]) -> Level:
     if first.data is not None:
         data = StackedDataStream([lvl.data for lvl in levels])  # type: ignore[misc]
     init = tuple(torch.stack([lvl.init[i] for lvl in levels]) for i in range(len(first.init)))
-    return dataclasses.replace(first, init=init, objective=_unavailable, data=data, constraints=(), solution=None,
+    return dataclasses.replace(first, init=init, objective=_unavailable, data=data, solution=None,
                                stacked=True, share=1.0, transforms={})
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from bilevel.reporting.numbers import format_number
 
-__all__ = ["KNOWN_OPTIMUM", "known_optimum", "optimum_line"]
+__all__ = ["KNOWN_OPTIMUM", "batch_optimum_line", "known_optimum", "optimum_line"]
 
 KNOWN_OPTIMUM = "known_optimum"
 """The report key under which a problem states its known optimum."""
@@ -37,3 +37,16 @@ def optimum_line(report: Mapping[str, Any] | None) -> str | None:
     verdict, sign = ("reached", "<=") if entry["reached"] else ("not reached", ">")
     return (f"known optimum {entry.get('target', '')}: {verdict} ({entry.get('measure', 'error')}"
             f" {format_number(entry.get('error'))} {sign} {format_number(entry.get('tolerance'))})")
+
+
+def batch_optimum_line(reports: list[Mapping[str, Any] | None]) -> str | None:
+    """For a batch of instances: ``known optimum ...: reached in 1020 of 1024 instances (largest
+    relative gap ... 3.1e-05)``, or None when no instance's report states a known optimum."""
+    entries = [r[KNOWN_OPTIMUM] for r in reports if isinstance(r, Mapping) and isinstance(r.get(KNOWN_OPTIMUM), Mapping)]
+    if not entries:
+        return None
+    reached = sum(bool(e.get("reached")) for e in entries)
+    worst = max(float(e.get("error", 0.0)) for e in entries)
+    first = entries[0]
+    return (f"known optimum {first.get('target', '')}: reached in {reached} of {len(entries)} instances (largest"
+            f" {first.get('measure', 'error')} {format_number(worst)}, tolerance {format_number(first.get('tolerance'))})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -33,16 +33,19 @@ class InstancesSpec(SpecModel):
 
     count: Annotated[int, Field(ge=1)]
     """Number of instances."""
-    vary: dict[str, list[Any]] = Field(default_factory=dict)
-    """Dotted path in this spec -> one value per instance, e.g.
-    {"levels.lower.data.kwargs.seed": [0, 1, 2, 3]}. Allowed paths: run.seed,
+    vary: dict[str, list[Any] | Literal["index"]] = Field(default_factory=dict)
+    """Dotted path in this spec -> one value per instance, or "index" for the instance's index
+    0, ..., count - 1 (expanded to that list when the spec is read), e.g.
+    {"levels.lower.data.kwargs.seed": [0, 1, 2, 3]} or {"levels.lower.data.kwargs.instance": "index"}. Allowed paths: run.seed,
     levels.<level>.data.kwargs.<name>, levels.<level>.objective_kwargs.<name> (numbers),
     levels.<level>.variables.<name>.init / init_scale / kwargs.<name>, report_kwargs.<name>,
     monitor_kwargs.<name>. Shapes must agree across instances."""
 
     @model_validator(mode="after")
     def _check_vary(self) -> "InstancesSpec":
-        for path, values in self.vary.items():
+        for path, values in list(self.vary.items()):
+            if values == "index":
+                self.vary[path] = values = list(range(self.count))
             if not any(re.fullmatch(pattern, path) for pattern, _ in VARYING_PATHS):
                 allowed = "; ".join(description for _, description in VARYING_PATHS)
                 raise ValueError(f"vary: {path!r} cannot differ between instances (allowed: {allowed})")

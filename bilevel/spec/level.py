@@ -220,6 +220,10 @@ class Assumptions(SpecModel):
     """Convexity of this level's objective in its own variables (for a lower level)."""
     smoothness: Literal["bounded", "unbounded", "unknown"] = "unknown"
     """Lipschitz smoothness of the objective: unbounded for e.g. RNN/LSTM upper levels."""
+    quadratic: bool = False
+    """The objective is quadratic in this level's variables (for a lower level): with constraints
+    declared ``affine``, the level is a QP, which the planner may solve by the batched
+    interior-point engine ``qp`` (docs/engines/qp.md). Checked at the engine's first step."""
 
 
 class LevelSpec(SpecModel):
