@@ -7,6 +7,7 @@ meta-gradient module; the planner's choices and refusals; the meta-test; bad inp
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,13 @@ def test_meta_test_command_prints_each_step_count(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bilevel", "meta-test", str(tmp_path / "run"), "--steps", "one"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--steps" in bad.stderr
+
+
+def test_the_plain_reference_implementation_runs() -> None:
+    from problems.meta.plain_reference import train
+
+    for method in ("maml", "fomaml"):
+        result = train(method, seed=0, steps=3, tasks=8)
+        assert set(result) == {0, 1, 10}
+        assert all(math.isfinite(mean) and ci >= 0 for mean, ci in result.values())
+        assert result[10][0] < result[0][0]  # adapting to a task's support lowers its query error
