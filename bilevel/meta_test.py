@@ -10,7 +10,11 @@ per-task losses L_i(s) (and the spec's ``tasks.metrics``, e.g. accuracy), summar
     mean, standard deviation (n - 1 in the denominator), 95% CI = 1.96 std / sqrt(n),
 
 over n tasks drawn from the meta-test stream (seed ``tasks.seed + TEST_SEED_OFFSET``, the
-``test_sampler`` or the sampler with ``test_kwargs``): the protocol of Finn et al. 2017 (600 tasks)."""
+``test_sampler`` or the sampler with ``test_kwargs``): the protocol of Finn et al. 2017 (600 tasks).
+
+The meta-test runs in the calling process alone (``bilevel.distributed.alone``): in a
+data-parallel run rank 0 evaluates every test task, with no collective and no split of the
+meta-batch, while the other ranks wait for its result."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 
 from bilevel.compile import compile_spec
+from bilevel.distributed.reduce import alone
 from bilevel.engines.inner import solve_lower
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
@@ -41,9 +46,15 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 def meta_test(problem: Problem, x: Params, tasks: int | None = None, steps: Sequence[int] | None = None) -> dict[str, Any]:
-    """Per-step summaries of the query loss (and metrics) over ``tasks`` meta-test tasks."""
+    """Per-step summaries of the query loss (and metrics) over ``tasks`` meta-test tasks, in this
+    process alone (see the module docstring)."""
     if not problem.resamples_tasks:
         raise ValueError(f"{problem.name!r} declares no tasks: meta-test applies to meta-learning problems")
+    with alone():
+        return _meta_test(problem, x, tasks, steps)
+
+
+def _meta_test(problem: Problem, x: Params, tasks: int | None, steps: Sequence[int] | None) -> dict[str, Any]:
     setup = problem.stacked.tasks
     lower = problem.lower
     n_tasks = tasks or setup.test_tasks

@@ -87,6 +87,38 @@ def test_replicas_that_differ_between_ranks_are_reported_not_checkpointed(two_ra
     assert [r["rng"].tolist() for r in saved["ranks"]] == [[0.0, 0.0], [1.0, 1.0]]
 
 
+# --- meta-learning: the meta-batch split over the ranks ---------------------------------------------
+@pytest.mark.parametrize("name", cases.META_CASES)
+def test_a_split_meta_batch_gives_the_single_process_meta_gradient(name: str, two_ranks: list[dict], single: dict) -> None:
+    """Each rank evaluates its slice of the tasks; the sums over ranks are the whole meta-batch's
+    meta-gradient, loss and task solutions up to the order of the additions (float64)."""
+    reference = single[name]
+    for key in ("grad", "loss", "lower", "residual"):
+        for call, expected in enumerate(reference[key]):
+            got = two_ranks[0]["cases"][name][key][call]
+            assert _rel(got, expected) < 1e-10, f"{name} {key} call {call}: relative error {_rel(got, expected):.2e}"
+
+
+@pytest.mark.parametrize(("meta_batch", "slices"), [(5, [(0, 3), (3, 5)]), (3, [(0, 2), (2, 3)])])
+def test_each_rank_evaluates_only_its_slice_of_the_meta_batch(meta_batch: int, slices: list[tuple[int, int]],
+                                                             two_ranks: list[dict]) -> None:
+    whole = cases.task_values(meta_batch)
+    for rank, (start, stop) in zip(two_ranks, slices):
+        local = rank["tasks"][meta_batch]
+        for part in ("query", "support"):  # the rank's own tasks, and only those
+            assert local[part].shape == (stop - start,)
+            torch.testing.assert_close(local[part], whole[part][start:stop], rtol=1e-12, atol=0.0)
+    for objective in ("F", "G"):  # the ranks' parts add up to the objective of the whole meta-batch
+        total = sum(rank["tasks"][meta_batch][objective] for rank in two_ranks)
+        torch.testing.assert_close(total, whole[objective], rtol=1e-12, atol=0.0)
+
+
+def test_a_meta_batch_smaller_than_the_number_of_processes_is_refused(two_ranks: list[dict]) -> None:
+    for rank in two_ranks:
+        message = rank["meta_batch_error"]
+        assert "tasks.meta_batch" in message and "1 tasks per meta-batch cannot be split over 2 processes" in message
+
+
 # --- runs: rank 0 writes; torchrun; resume after SIGKILL across ranks -------------------------------
 def test_a_data_parallel_run_matches_the_single_process_run(two_ranks: list[dict], tmp_path: Path) -> None:
     """Full batches upstairs, minibatches of 8 per rank downstairs: the same run in one process
@@ -183,6 +215,37 @@ def test_torchrun_resume_after_sigkill_matches_uninterrupted(two_ranks: list[dic
     # a checkpoint written by 2 processes is not resumed by 1
     with pytest.raises(SpecError, match=r"2 process\(es\)"):
         run(load_spec(spec), out=out, resume=True, progress=False)
+
+
+def test_torchrun_meta_learning_run_matches_the_single_process_run(tmp_path: Path) -> None:
+    """MAML on 3 quadratic tasks per step, split 2 / 1 over the ranks: the same meta-parameters and
+    final loss as one process, and the meta-test (rank 0 alone) on them."""
+    data = cases.maml(meta_batch=3)
+    data["run"]["steps"] = 4
+    spec = tmp_path / "maml.yaml"
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    done = subprocess.run(_torchrun("run", str(spec), "--out", str(tmp_path / "ranks"), "-q"),
+                          capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 0, done.stdout + "\n----\n" + done.stderr
+    got = json.loads((tmp_path / "ranks" / "result.json").read_text())
+    expected = run(load_spec(spec), out=tmp_path / "one", progress=False).result
+    assert got["world_size"] == WORLD and expected["world_size"] == 1
+    theta, reference = torch.tensor(got["upper_variables"]["theta"]), torch.tensor(expected["upper_variables"]["theta"])
+    assert _rel(theta, reference) < 1e-10
+    assert got["final_upper_loss"] == pytest.approx(expected["final_upper_loss"], rel=1e-10)
+    for steps, scores in expected["meta_test"]["steps"].items():
+        assert got["meta_test"]["steps"][steps]["query_loss"]["mean"] == pytest.approx(scores["query_loss"]["mean"], rel=1e-10)
+    assert got["meta_test"]["tasks"] == expected["meta_test"]["tasks"]
+
+
+def test_torchrun_a_meta_batch_smaller_than_the_number_of_processes_exits_with_code_2(tmp_path: Path) -> None:
+    spec = tmp_path / "maml.yaml"
+    spec.write_text(yaml.safe_dump(cases.maml(meta_batch=1), sort_keys=False))
+    failed = subprocess.run(_torchrun("run", str(spec), "--out", str(tmp_path / "out"), "-q"),
+                            capture_output=True, text=True, timeout=120, env=_env())
+    codes = dict(re.findall(r"rank\s*:\s*(\d+) \(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)", failed.stderr))
+    assert codes == {"0": "2", "1": "2"}, failed.stderr
+    assert failed.stderr.count("tasks.meta_batch: 1 tasks per meta-batch cannot be split over 2 processes") == 1, failed.stderr
 
 
 # --- leaving a process that held a process group ---------------------------------------------------

@@ -1,7 +1,8 @@
 """What a compiled problem must satisfy before anything is evaluated: every lower level has an
 inner solver, tuned optimizer hyperparameters name scalar variables of its ancestors,
 hyperparameter variables sit at the top, and what more than two levels (a chain or a tree)
-cannot take (constraints, data parallelism, init_from, prox) is refused."""
+cannot take (constraints, data parallelism, init_from, prox) is refused; so is a meta-batch
+smaller than the number of data-parallel processes it is split over."""
 
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def structure_issues(problem: Problem) -> list[SpecIssue]:
 
 def task_issues(problem: Problem, spec: BilevelSpec) -> list[SpecIssue]:
     """What a spec with ``tasks`` cannot also declare: the tasks give both levels their batches,
-    the task level is solved anew for every task (no closed form, no instances)."""
+    the task level is solved anew for every task (no closed form, no instances); and under data
+    parallelism every process needs a task of the meta-batch (meta_batch >= processes)."""
     if spec.tasks is None:
         return []
     source, chain = problem.source, problem.chain
@@ -99,4 +101,9 @@ def task_issues(problem: Problem, spec: BilevelSpec) -> list[SpecIssue]:
                                        " (query sets upstairs, support sets downstairs); remove data"))
     if chain[1].solution is not None:
         issues.append(source.issue(f"levels.{chain[1].name}.solution", "a closed-form solution is not supported with tasks"))
+    world = current_world()
+    if world.active and spec.tasks.meta_batch < world.size:
+        issues.append(source.issue("tasks.meta_batch", f"{spec.tasks.meta_batch} tasks per meta-batch cannot be split over"
+                                   f" {world.size} processes (each process evaluates its own tasks); use a meta_batch of at"
+                                   f" least {world.size}, or fewer processes"))
     return issues

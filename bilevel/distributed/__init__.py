@@ -11,13 +11,14 @@ from bilevel.distributed.launch import (
     leave_process,
     process_group_was_created,
 )
-from bilevel.distributed.reduce import World, current_world, sum_over_ranks, sum_over_ranks_differentiable
-from bilevel.distributed.shard import replicated_share, shard_bounds, shard_rows
+from bilevel.distributed.reduce import World, alone, current_world, sum_over_ranks, sum_over_ranks_differentiable
+from bilevel.distributed.shard import own_rows, replicated_share, shard_bounds, shard_rows
 from bilevel.distributed.collectives import ReplicaMismatch, broadcast_from_main, check_replicas, gather_on_main
 
 __all__ = [
     "ReplicaMismatch",
     "World",
+    "alone",
     "broadcast_from_main",
     "check_replicas",
     "choose_backend",
@@ -26,6 +27,7 @@ __all__ = [
     "gather_on_main",
     "launched_world_size",
     "leave_process",
+    "own_rows",
     "process_group_was_created",
     "replicated_share",
     "shard_bounds",

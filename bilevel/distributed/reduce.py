@@ -40,14 +40,15 @@ returns its input unchanged, at the cost of one attribute check."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["World", "activate", "current_world", "sum_over_ranks", "sum_over_ranks_differentiable"]
+__all__ = ["World", "activate", "alone", "current_world", "sum_over_ranks", "sum_over_ranks_differentiable"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,19 @@ def activate(world: World, group: Any = None) -> World:
     _STATE["world"] = world
     _STATE["group"] = group
     return previous
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Inside: this process computes as a single one, whatever the active world: nothing is
+    summed over ranks and a meta-batch is not split. For what one rank does by itself while the
+    others wait (rank 0's meta-test), where a collective would wait for ranks that never enter it."""
+    previous, group = _STATE["world"], _STATE["group"]
+    activate(World())
+    try:
+        yield
+    finally:
+        activate(previous, group)
 
 
 def _flat(tensors: Sequence[Tensor]) -> Tensor:

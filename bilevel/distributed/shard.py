@@ -8,7 +8,11 @@ full-batch objectives exact whatever the shard sizes; with minibatches each rank
 own shard, and the weighted sum stays an unbiased estimate of the union objective.
 
 Every column is sliced alike, so an example index shipped with the data (hyper-cleaning's
-``index``, which selects each example's upper-level weight) keeps its global values in a shard."""
+``index``, which selects each example's upper-level weight) keeps its global values in a shard.
+
+A meta-batch of M tasks is split the same way, at every evaluation rather than once: every rank
+draws the whole meta-batch and holds every task's variables, and evaluates the objectives on its
+own tasks [start_r, stop_r) only (``own_rows``; ``bilevel.problem.tasks``)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
-__all__ = ["replicated_share", "shard_bounds", "shard_rows"]
+from bilevel.distributed.reduce import current_world
+
+__all__ = ["own_rows", "replicated_share", "shard_bounds", "shard_rows"]
 
 
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
@@ -24,6 +30,13 @@ def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     base, extra = divmod(total, size)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+def own_rows(total: int) -> tuple[int, int] | None:
+    """(start, stop) of this rank's contiguous rows of ``total`` under the active data-parallel
+    world; None in a single process (every row is this process's)."""
+    world = current_world()
+    return shard_bounds(total, world.rank, world.size) if world.active else None
 
 
 def shard_rows(data: Mapping[str, Tensor], rank: int, size: int) -> tuple[dict[str, Tensor], float]:

@@ -37,8 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel.distributed.shard import own_rows
 from bilevel.plain import plain
 from bilevel.problem.level import Level, Params
+from bilevel.problem.stacked_args import restrict_rows, unbound
 from bilevel.problem.stacked_data import StackedDataStream
 from bilevel.problem.problem import Problem
 from bilevel.spec.errors import SpecError, SpecSource
@@ -93,29 +95,40 @@ class StackedInstances:
         return self.count_ or len(self.members)
 
     def per_instance(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Any = None) -> Tensor:
-        """(f_k^(i)(z^(i)))_i, shape (N,). (No engine that draws upper values takes a batch of instances.)"""
+        """(f_k^(i)(z^(i)))_i, shape (N,); on a data-parallel rank, of the tasks of its slice of a task
+        batch only (``own_rows``). (No engine that draws upper values takes a batch of instances.)"""
         if drawn is not None:
             raise TypeError("a batch of instances takes no drawn upper values (engines that draw them do not declare handles_instances)")
         template = self.template
         level = self.levels[template.chain[k].name]
         in_dims = None if batch is None or level.data is None else level.data.in_dims
-        params = tuple(tuple(p) for p in params)
         params_dims = tuple(0 if self.levels[lvl.name].stacked else None for lvl in template.chain)
+        args, dims, count = (tuple(tuple(p) for p in params), batch, self.varying_kwargs), (params_dims, in_dims, 0), self.count
+        rows = self.own_rows()
+        if rows is not None:  # this rank's tasks: every stacked argument restricted to them
+            args, count = restrict_rows(args, dims, slice(*rows)), rows[1] - rows[0]
 
         def one(pk: tuple[Params, ...], bk: Any, kw: dict[str, dict[str, Tensor]]) -> Tensor:
             self.holder.values = kw
             return template.objective(k, pk, bk).reshape(())
 
         if self.vectorize == "loop":
-            parts = _unbound(self.count, (params, batch, self.varying_kwargs), (params_dims, in_dims, 0))
-            return torch.stack([one(*part) for part in parts])
-        return torch.func.vmap(one, in_dims=(params_dims, in_dims, 0), randomness="different")(params, batch, self.varying_kwargs)
+            return torch.stack([one(*part) for part in unbound(count, args, dims)])
+        return torch.func.vmap(one, in_dims=dims, randomness="different")(*args)
+
+    def own_rows(self) -> tuple[int, int] | None:
+        """The copies this process evaluates: a data-parallel rank's contiguous slice of a task
+        batch (``bilevel.problem.tasks``), None for all of them (one process, or not tasks)."""
+        return own_rows(self.count) if self.kind == "tasks" else None
 
     def objective(self, k: int, params: Sequence[Sequence[Tensor]], batch: Any, drawn: Any = None) -> Tensor:
         """sum_i f_k^(i)(z^(i)) (each lower level with its inner solver's weight decay); the top
-        level of a task batch: their mean or sum (``top_reduce``)."""
+        level of a task batch: their mean or sum (``top_reduce``). On a rank that evaluates a
+        slice of a task batch, the slice's part of that: its sum, or its sum / M for the mean."""
         values = self.per_instance(k, params, batch, drawn)
-        return values.mean() if k == 0 and self.top_reduce == "mean" else values.sum()
+        if k != 0 or self.top_reduce != "mean":
+            return values.sum()
+        return values.mean() if self.own_rows() is None else values.sum() / self.count
 
     def constraint_values(self, x: Params, y: Params, batch: Any) -> tuple[Tensor, ...]:
         """Each lower constraint's values for every instance, (c^(i)(x_i, y_i))_i flattened
@@ -176,31 +189,6 @@ class StackedInstances:
                 values = member.monitor(member.upper.view(xk), member.lower.view(yk), step=step, out_dir=sub)
             out.append(plain(dict(values or {})))
         return out
-
-
-def _unbound(count: int, args: tuple[Any, ...], in_dims: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-    """The per-instance arguments, as vmap would present them: ``torch.unbind`` along the
-    leading dimension where in_dims says 0 (its backward is one stack, not N scatters)."""
-
-    def split(value: Any, dim: Any) -> list[Any]:
-        if value is None:
-            return [None] * count
-        if isinstance(dim, dict):
-            parts = {key: split(value[key], dim.get(key)) for key in value}
-            return [{key: parts[key][k] for key in value} for k in range(count)]
-        if isinstance(value, dict):
-            parts = {key: split(item, dim) for key, item in value.items()}
-            return [{key: parts[key][k] for key in value} for k in range(count)]
-        if isinstance(value, tuple):
-            dims = dim if isinstance(dim, tuple) else (dim,) * len(value)
-            parts = [split(item, d) for item, d in zip(value, dims)]
-            return [tuple(part[k] for part in parts) for k in range(count)]
-        if dim is None:
-            return [value] * count
-        return list(torch.unbind(value, dim))
-
-    columns = [split(arg, dim) for arg, dim in zip(args, in_dims)]
-    return [tuple(column[k] for column in columns) for k in range(count)]
 
 
 def vectorization(device: torch.device, levels: Mapping[str, Any]) -> str:

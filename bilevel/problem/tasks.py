@@ -11,7 +11,23 @@ enters unbatched). The lower objective is a sum, so that each phi_i's gradient, 
 optimizer step are its own task's (block diagonal, as for instances); the upper objective is
 the mean (or sum) of the per-task query losses. Each outer step draws a new meta-batch from the
 task stream: the upper level's batch is the query sets (drawn when the runtime asks for it, at
-the start of the step), the lower level's the support sets of the same tasks."""
+the start of the step), the lower level's the support sets of the same tasks.
+
+Data-parallel runs split the meta-batch over the W ranks. Every rank draws the same meta-batch
+(the same seeded stream) and holds every task's phi_i (the variables stay replicated, as in
+``bilevel.distributed.reduce``), but rank r evaluates the objectives only on its contiguous slice
+I_r = [start_r, stop_r) of the M tasks (``bilevel.distributed.shard.shard_bounds``: sizes
+differing by at most one), with weight 1 instead of the replicated 1/W:
+
+    G^(r)(theta, Phi) = sum_{i in I_r} G(theta, phi_i; S_i),
+    F^(r)(theta, Phi) = (1/M) sum_{i in I_r} F(theta, phi_i; Q_i)      (reduce sum: without 1/M).
+
+The slices partition the tasks, so sum_r G^(r) = G and sum_r F^(r) = F exactly, for any per-task
+objectives; grad_{phi_i} G^(r) is zero for the tasks outside I_r, so the gradients, Hessian-vector
+and mixed products the engines sum over ranks are the full ones (each task's block from the rank
+that holds it). A rank's vmap runs over M / W tasks; what travels is the all-reduce of each
+gradient or product of the whole (theta, Phi), as for sharded data. This requires M >= W
+(``bilevel.compile.checks.task_issues``)."""
 
 from __future__ import annotations
 
@@ -155,12 +171,14 @@ def stack_tasks(problem: Problem, stream: TaskStream, setup: TaskSetup, source: 
         raise source.error("tasks", f"tasks need a bilevel problem (the task level below the top); this one has {problem.depth} levels")
     upper, lower = problem.chain
     init = tuple(p.unsqueeze(0).expand(stream.count, *p.shape).clone() for p in lower.init)
+    # weight 1 on every rank: a data-parallel rank's part is its slice of the tasks (module docstring)
     levels = {
-        upper.name: dataclasses.replace(upper, data=TaskData(stream, "query")),
-        lower.name: dataclasses.replace(lower, init=init, data=TaskData(stream, "support"), stacked=True, constraints=()),
+        upper.name: dataclasses.replace(upper, data=TaskData(stream, "query"), share=1.0),
+        lower.name: dataclasses.replace(lower, init=init, data=TaskData(stream, "support"), stacked=True, constraints=(),
+                                        share=1.0),
     }
-    template = dataclasses.replace(problem, levels={upper.name: dataclasses.replace(upper, data=None),
-                                                   lower.name: dataclasses.replace(lower, data=None)})
+    template = dataclasses.replace(problem, levels={upper.name: dataclasses.replace(upper, data=None, share=1.0),
+                                                   lower.name: dataclasses.replace(lower, data=None, share=1.0)})
     stacked = StackedInstances(members=[], template=template, levels=levels, holder=_KwargsHolder(), vectorize="vmap",
                                kind="tasks", count_=stream.count, top_reduce=setup.reduce, tasks=setup)
     if lower.constraints:

@@ -87,17 +87,24 @@ def stn_ridge_case() -> dict:
     return stn_ridge.spec(n=41, d=6, wd=1e-2, k=4)
 
 
-def maml() -> dict:
-    """MAML on quadratic tasks (problems/meta/quadratic.py): every rank draws the whole meta-batch."""
+def maml(meta_batch: int = 5, reduce: str = "mean", **kwargs: Any) -> dict:
+    """MAML on quadratic tasks (problems/meta/quadratic.py): every rank draws the whole meta-batch
+    and evaluates its slice of the tasks (5 tasks: 3 on rank 0, 2 on rank 1)."""
     from problems.meta.quadratic import task_spec
 
-    return task_spec(steps=2)
+    data = task_spec(steps=2, meta_batch=meta_batch, **kwargs)
+    data["tasks"]["reduce"] = reduce
+    return data
 
 
 def imaml() -> dict:
     from problems.meta.quadratic import task_spec
 
     return task_spec(steps=30, prox=2.0)
+
+
+META_CASES = ("maml", "maml-3-tasks", "maml-sum", "metasgd", "fomaml", "imaml")
+"""The meta-learning cases: the meta-batch split over the ranks."""
 
 
 CASES: dict[str, tuple[Any, Any]] = {
@@ -120,6 +127,10 @@ CASES: dict[str, tuple[Any, Any]] = {
     "hyperclean-unrolled": (hyperclean, UnrolledConfig(checkpoint_every=10)),
     "stn": (stn_ridge_case, StnConfig()),
     "maml": (maml, UnrolledConfig()),
+    "maml-3-tasks": (lambda: maml(meta_batch=3), UnrolledConfig()),  # slices of 2 and 1
+    "maml-sum": (lambda: maml(reduce="sum"), UnrolledConfig(checkpoint_every=1)),
+    "metasgd": (lambda: maml(per_entry_lr=True), UnrolledConfig()),
+    "fomaml": (maml, UnrolledConfig(first_order=True)),
     "imaml": (imaml, ImplicitConfig(linear_solver={"method": "cg", "maxiter": 4, "tol": 0.0})),
 }
 
@@ -213,6 +224,28 @@ def chain_error() -> str:
     return ""
 
 
+def task_values(meta_batch: int) -> dict[str, torch.Tensor]:
+    """The per-task values the stacked objectives evaluate in this process at the initial point of
+    a first meta-batch (a data-parallel rank: its slice's only), and the objectives themselves."""
+    problem = compile_spec(spec_from_data(maml(meta_batch=meta_batch)))
+    x = problem.fresh(problem.upper.init)
+    y = problem.initial_lower(x)
+    query, support = problem.upper.data.next(), problem.lower.data.next()
+    return {"query": problem.stacked.per_instance(0, [x, y], query), "support": problem.stacked.per_instance(1, [x, y], support),
+            "F": problem.upper_objective(x, y, query).reshape(1), "G": problem.lower_objective(x, y, support).reshape(1)}
+
+
+def meta_batch_error() -> str:
+    """The error compiling a meta-batch of one task for 2 processes gives."""
+    from bilevel import SpecError
+
+    try:
+        compile_spec(spec_from_data(maml(meta_batch=1)))
+    except SpecError as exc:
+        return str(exc)
+    return ""
+
+
 def replica_checks(out_dir: Path) -> dict[str, Any]:
     """Checkpoints of replicated state that agrees, then differs, across ranks (one entry of the
     upper variable is off by 1e-9 on rank 1): the errors raised and, on rank 0, what was left on disk."""
@@ -255,7 +288,8 @@ def worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         with data_parallel(torch.device("cpu")) as (world, _):
             assert world.size == world_size and world.rank == rank
             results: dict[str, Any] = {"cases": all_cases(), "indices": minibatch_indices(),
-                                       "closed_form_error": closed_form_error(), "chain_error": chain_error()}
+                                       "closed_form_error": closed_form_error(), "chain_error": chain_error(),
+                                       "tasks": {m: task_values(m) for m in (5, 3)}, "meta_batch_error": meta_batch_error()}
             results["run"] = reference_run(Path(out_dir) / f"run-rank{rank}")
             results["replicas"] = replica_checks(Path(out_dir) / "replicas")
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
