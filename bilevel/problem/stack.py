@@ -144,7 +144,7 @@ class StackedInstances:
 
         args, dims = (tuple(x), tuple(y), batch, self.varying_kwargs), (x_dim, 0, in_dims, 0)
         if self.vectorize == "loop":
-            rows = [one(*part) for part in _unbound(self.count, args, dims)]
+            rows = [one(*part) for part in unbound(self.count, args, dims)]
             return tuple(torch.stack(column).reshape(-1) for column in zip(*rows))
         return tuple(v.reshape(-1) for v in torch.func.vmap(one, in_dims=dims, randomness="different")(*args))
 
