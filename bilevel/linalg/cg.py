@@ -30,7 +30,7 @@ def cg(
     b: Sequence[Tensor],
     x0: Sequence[Tensor] | None = None,
     maxiter: int = 20,
-    tol: float = 1e-10,
+    tol: float | Tensor = 1e-10,
     per_instance: bool = False,
 ) -> SolveResult:
     """Solve A x = b for SPD A given as ``matvec``.
@@ -39,7 +39,8 @@ def cg(
         alpha = <r, r> / <p, A p>;  x += alpha p;  r -= alpha A p
         beta = <r_new, r_new> / <r, r>;  p = r_new + beta p
     The returned solution includes the last update (a stopped-early iterate is never stale).
-    The residual is a 0-d tensor, or one per instance."""
+    The residual is a 0-d tensor, or one per instance. ``tol`` may be a 0-d tensor (computed on
+    the device: Newton-CG's forcing term)."""
     tree_dot, tree_axpy = (instance_dot, instance_axpy) if per_instance else (_tree_dot, _tree_axpy)
     b = tuple(b)
     matvecs = 0
