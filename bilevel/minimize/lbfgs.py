@@ -79,6 +79,8 @@ def lbfgs(
     evaluations = 1
     for index in range(steps):
         active = stop.observe(torch.linalg.vector_norm(g))
+        if stop.exit(index):  # read before the iteration's work: a frozen iteration is not computed
+            break
         d = -_two_loop(g, S, U, rho, gamma)
         slope = torch.dot(g, d)
         descent = slope < 0
@@ -104,8 +106,6 @@ def lbfgs(
         g = torch.where(accept, g_trial, g)
         step = torch.where(accept, torch.ones_like(step), torch.where(active, step * backtrack, step))
         taken = taken + active.long()
-        if stop.exit(index):
-            break
     residual = torch.linalg.vector_norm(g)
     stop.observe(residual)
     return Minimized(unflatten(y, like), unflatten(g, like), f, residual, taken, stop.done, evaluations)

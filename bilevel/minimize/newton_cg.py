@@ -11,7 +11,9 @@ graph, then Hessian-vector products by double backward), solves H d = -g by CG
 (``bilevel.linalg.cg``, at most ``cg_maxiter`` products, stopped on the device once
 ||H d + g|| <= eta_k ||g||), and takes the first of the step sizes a0, a0 backtrack, ...,
 a0 backtrack^(trials - 1) that passes Armijo's test (``stopping.armijo``), each trial one value of
-G. All trials are evaluated (no host synchronization: the choice is a ``torch.where``); a0 = 1,
+G. All trials are evaluated (no host synchronization: the choice is a ``torch.where``), except in
+an eager loop (``sync`` with check_every > 0), which also stops trying at the first
+trial that passed and lets CG end once it meets the forcing term; a0 = 1,
 or where no trial passed at the previous iteration, where its trials ended (the iterate stayed,
 so the next iteration backtracks further along the same Newton direction). Where d is not a
 descent direction (H not positive definite: Algorithm 7.1 stops CG at negative curvature; CG
@@ -63,6 +65,7 @@ def newton_cg(
     start = torch.ones((), dtype=like.dtype, device=like.device)
     taken = torch.zeros((), dtype=torch.long, device=like.device)
     evaluations = products = 0
+    last = None
     for index in range(steps):
         lin = linearize(y)
         g = tuple(t.detach() for t in lin.grad_y)
@@ -70,8 +73,11 @@ def newton_cg(
         evaluations += 1
         norm = tree_norm(g)
         active = stop.observe(norm)
+        if stop.exit(index):  # read before the iteration's work: a frozen iteration is not computed
+            last = f, g
+            break
         forcing = torch.clamp(torch.sqrt(norm), max=0.5)
-        solved = cg(lin.hvp, tuple(-t for t in g), None, cg_maxiter, forcing)
+        solved = cg(lin.hvp, tuple(-t for t in g), None, cg_maxiter, forcing, exit_every=1 if stop.every else 0)
         products += solved.matvecs
         d = tuple(t.detach() for t in solved.solution)
         slope = tree_dot(g, d)
@@ -87,12 +93,13 @@ def newton_cg(
                 ok = armijo(value(tree_axpy(a, d, y)).detach(), f, a, slope, c1)
                 chosen = torch.where(found | ~ok, chosen, a)
                 found = found | ok
+                if stop.every and bool(found):  # eager: the remaining trials cannot change the choice
+                    break
         start = torch.where(active, torch.where(found, torch.ones_like(start), start * backtrack**trials), start)
         y = stop.keep(y, tree_axpy(chosen, d, y))  # chosen = 0 where no trial passed
         taken = taken + active.long()
-        if stop.exit(index):
-            break
-    f, g = value_and_grad(y)
+    f, g = last if last is not None else value_and_grad(y)
+    evaluations += last is None
     residual = tree_norm(g).detach()
     stop.observe(residual)
-    return Minimized(y, tuple(t.detach() for t in g), f.detach(), residual, taken, stop.done, evaluations + 1, products)
+    return Minimized(y, tuple(t.detach() for t in g), f.detach(), residual, taken, stop.done, evaluations, products)

@@ -61,7 +61,8 @@ class ResidualStop:
         return tuple(torch.where(self.done, o, n) for o, n in zip(old, new))
 
     def exit(self, index: int) -> bool:
-        """After step ``index`` (from 0): whether an eager loop ends here. Reads the test on the host
+        """At step ``index`` (from 0), after its residual was observed (or after its update):
+        whether an eager loop ends here. Reads the test on the host
         (one synchronization) every ``check_every`` steps only; otherwise False without reading."""
         if self.tol is None or self.every <= 0 or (index + 1) % self.every:
             return False
