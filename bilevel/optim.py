@@ -30,6 +30,7 @@ from torch import Tensor
 
 from bilevel.optim_extras import Extras
 from bilevel.spec.level import OptimizerSpec
+from bilevel.spec.optimizer import SECOND_ORDER
 
 __all__ = ["InnerOptimizer"]
 
@@ -41,6 +42,8 @@ class InnerOptimizer:
     carried across warm starts, and differentiated through."""
 
     def __init__(self, spec: OptimizerSpec):
+        if spec.name == "auto":  # not resolved by a plan: the first-order default, at the spec's lr and steps
+            spec = spec.model_copy(update={"name": "sgd"})
         self.spec = spec
         self.extras = Extras(spec)
 
@@ -49,7 +52,7 @@ class InnerOptimizer:
 
     def _init(self, params: Sequence[Tensor]) -> Tree:
         name = self.spec.name
-        if name == "sgd":
+        if name in ("sgd", *SECOND_ORDER):  # L-BFGS and Newton-CG keep their state inside one solve
             return ()
         if name == "momentum":
             return tuple(torch.zeros_like(p) for p in params)
@@ -80,6 +83,8 @@ class InnerOptimizer:
               ) -> tuple[Tree, Tree, Sequence[Tensor]]:
         """(new params, new own state, the direction u of y <- y - lr u)."""
         spec = self.spec
+        if spec.name in SECOND_ORDER:
+            raise ValueError(f"{spec.name} is not a one-step update: it minimizes a whole solve (bilevel.engines.inner_solvers)")
         lr = spec.lr if not hyper or "lr" not in hyper else hyper["lr"]
         if spec.name == "sgd":
             return tuple(_add_scaled(params, grads, _negated(lr))), (), grads

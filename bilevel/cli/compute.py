@@ -158,6 +158,9 @@ def plan(
             return
         typer.echo(f"engine: {the_plan.engine.kind}")
         typer.echo(f"config: {json.dumps(the_plan.engine.model_dump(mode='json'))}")
+        if the_plan.inner_solver is not None:
+            chosen = the_plan.inner_solver
+            typer.echo(f"inner solver: {chosen.name} (steps {chosen.steps}, tol {chosen.tol}, check_every {chosen.check_every})")
         typer.echo("why:")
         for reason in the_plan.reasons:
             typer.echo(f"  - {reason}")

@@ -69,6 +69,10 @@ class Capabilities:
     """Takes a lower level of blocks of which only some are drawn per outer step (``blocks.sample``
     below ``blocks.count``), keeping every block's state between its draws. Engines without it
     solve a level of blocks only with every block drawn (as a batch of instances)."""
+    solution_only: bool = False
+    """Uses the lower solution alone, never the inner optimizer's steps (and runs the level's own
+    solver for it): the inner solver may then be any minimizer (lbfgs, newton_cg) and may stop on
+    its residual (solver.tol). Engines without it are refused both."""
     graph_safe: bool = False
     """Its call depends on its inputs only through tensors (the state's step counter is only
     counted, never read), so the fast path may capture one CUDA graph for every call of the same

@@ -19,13 +19,14 @@ is the fast path's business (``bilevel.fastpath``); this module is the algorithm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 from torch import Tensor
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import fixed_point_map, lower_start
+from bilevel.engines.inner import fixed_point_map, inner_solve, lower_start
+from bilevel.engines.inner_stats import inner_extra, reuse_hypergradient, stops_on_residual
 from bilevel.engines.nested_implicit import nested_hypergrad, solve_below
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
@@ -68,6 +69,12 @@ class ImplicitConfig(EngineConfig):
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
     """Reduced precision (TF32, bf16) for the inner solve and Hessian-vector products, checked
     against full precision."""
+    reuse_hypergradient_below: Annotated[float, Field(gt=0)] | None = None
+    """Recompute the hypergradient only when the inner residual has moved: when the residual of the
+    warm start at the new upper variables, ||grad_y G(x_t, y_{t-1})||, is at most this value (the
+    previous lower solution still solves the lower level to that tolerance), the inner solve, the
+    linear solve and the mixed product are skipped and the previous hypergradient is returned
+    again (stats: hypergradient_reused = 1). One host read per call. None: always recompute."""
 
 
 @dataclass
@@ -75,6 +82,8 @@ class ImplicitState(EngineState):
     """The lower solution and the previous linear-system solution v (CG's warm start)."""
 
     v: Params | None = None
+    grad: Params | None = None
+    """The last hypergradient computed (kept only with ``reuse_hypergradient_below``)."""
 
 
 @register
@@ -95,6 +104,7 @@ class ImplicitEngine(EngineBase):
         handles_prox_operators=True,
         differentiates_start=True,
         max_depth=None,
+        solution_only=True,
         graph_safe=True,
     )
 
@@ -107,8 +117,16 @@ class ImplicitEngine(EngineBase):
         optimizer = InnerOptimizer(solver_spec)
         execution = self.execution
         y0 = lower_start(problem, state, x)
+        reused = reuse_hypergradient(problem, self.config.reuse_hypergradient_below, x, y0, state, batch)
+        if reused is not None:
+            return reused
+        steps: Tensor | int = solver_spec.steps
         with execution.reduced_precision(problem):
-            y, _ = execution.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
+            if stops_on_residual(solver_spec):  # L-BFGS, Newton-CG, or a tolerance: steps counted on the device
+                solved = inner_solve(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
+                y, steps = solved.solution, solved.steps
+            else:
+                y, _ = execution.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
 
         lower_batch = lower.batch()
         with execution.reduced_precision(problem):
@@ -129,10 +147,13 @@ class ImplicitEngine(EngineBase):
             # with a batch of instances, the worst instance's residual
             linear_residual=result.residual.detach().amax(),
             hvp_count=result.matvecs,
-            inner_steps=solver_spec.steps,
+            inner_steps=steps,
+            extra=inner_extra(solver_spec, residual, self.config.reuse_hypergradient_below, reused=False),
         )
+        keep = self.config.reuse_hypergradient_below is not None
         new_state = ImplicitState(tuple(p.detach() for p in y), state.inner_state, state.step + 1,
-                                  v=tuple(v.detach() for v in result.solution))
+                                  v=tuple(v.detach() for v in result.solution),
+                                  grad=tuple(g.detach() for g in grad) if keep else None)
         return Hypergrad(grad, upper_loss, new_state, stats)
 
     def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:

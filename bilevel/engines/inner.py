@@ -11,16 +11,20 @@ from typing import Any
 import torch
 
 from bilevel.distributed.reduce import sum_over_ranks
+from bilevel.engines.inner_solvers import LowerSolve, minimize_lower
 from bilevel.engines.state import EngineState
 from bilevel.hyperparameters import Drawn
 from bilevel.linalg.hvp import grad_and_value
 from bilevel.linalg.tree import tree_norm
+from bilevel.minimize import ResidualStop
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
+from bilevel.spec.optimizer import SECOND_ORDER
 
 __all__ = [
     "closed_form_solution",
     "inner_residual",
+    "inner_solve",
     "inner_step",
     "lower_start",
     "lower_steps",
@@ -93,12 +97,38 @@ def lower_steps(
     draw: Callable[[], Mapping[str, Drawn]] | None = None,
 ) -> tuple[Params, Params, Params | None]:
     """``solve_lower`` that also returns the last gradient grad_y G it evaluated (None without steps)."""
+    solved = inner_solve(problem, optimizer, x, y, state, steps, batches, draw)
+    return solved.solution, solved.state, solved.grad
+
+
+def inner_solve(
+    problem: Problem,
+    optimizer: InnerOptimizer,
+    x: Params,
+    y: Params,
+    state: Params,
+    steps: int = 0,
+    batches: Sequence[Any] | None = None,
+    draw: Callable[[], Mapping[str, Drawn]] | None = None,
+) -> LowerSolve:
+    """``solve_lower`` with what the solve did: the steps taken before the residual stop held.
+
+    With ``solver.tol`` a first-order solve stops at the first iterate whose stationarity
+    (``stationarity``: ||grad_y G|| for a smooth level) is <= tol: from there every update is
+    masked on the device (``bilevel.minimize.ResidualStop``), and the eager loop ends at the next
+    of its host reads (every ``check_every`` steps). lbfgs and newton_cg minimize G on one lower
+    batch (``bilevel.engines.inner_solvers``)."""
     x = tuple(p.detach() for p in x)
-    objective, lower = problem.lower_objective, problem.lower
+    objective, lower, spec = problem.lower_objective, problem.lower, optimizer.spec
     if lower.solution is not None and (steps > 0 if batches is None else len(batches) > 0):
         batch = lower.batch() if batches is None else batches[-1]
-        return closed_form_solution(problem, x, y, batch), tuple(s.detach() for s in state), None
-    hyper = problem.tuned_hyperparameters(x, optimizer.spec.tuned)
+        return LowerSolve(closed_form_solution(problem, x, y, batch), tuple(s.detach() for s in state), None, 0)
+    if spec.name in SECOND_ORDER:
+        batch = lower.batch() if batches is None else batches[-1]
+        return minimize_lower(problem, spec, x, y, steps if batches is None else len(batches), batch)
+    hyper = problem.tuned_hyperparameters(x, spec.tuned)
+    stop = None if spec.tol is None else ResidualStop(spec.tol, spec.check_every, spec.check_every > 0, y[0])
+    taken: torch.Tensor | int = 0
     grads = None
     with torch.enable_grad():  # once, not per step: the update below builds no graph anyway
         for index in range(steps if batches is None else len(batches)):
@@ -108,9 +138,19 @@ def lower_steps(
             grads = torch.autograd.grad(objective(x, leaves, batch, drawn), leaves, allow_unused=True)
             grads = sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)))
             # inputs detached and grads graph-free: the optimizer step records nothing
-            y, state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
-            y = proximal_step(problem, optimizer, x, y, hyper)
-    return tuple(p.detach() for p in y), tuple(s.detach() for s in state), grads
+            new_y, new_state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
+            new_y = proximal_step(problem, optimizer, x, new_y, hyper)
+            if stop is None:
+                y, state = new_y, new_state
+                continue
+            active = stop.observe(stationarity(problem, x, leaves, grads))
+            y, state = stop.keep(tuple(p.detach() for p in leaves), new_y), stop.keep(state, new_state)
+            taken = taken + active.long()
+            if stop.exit(index):
+                break
+    if stop is None:
+        taken = steps if batches is None else len(batches)
+    return LowerSolve(tuple(p.detach() for p in y), tuple(s.detach() for s in state), grads, taken)
 
 
 def proximal_step(

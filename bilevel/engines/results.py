@@ -26,8 +26,9 @@ class Stats:
     """||H v - b|| / ||b|| of the linear solve (None for engines without one)."""
     hvp_count: int
     """Hessian-vector products (for unrolled: second-order products done by the backward pass)."""
-    inner_steps: int
-    """Inner optimizer steps taken for this hypergradient."""
+    inner_steps: int | Tensor
+    """Inner optimizer steps taken for this hypergradient (a 0-d tensor on the device where the
+    solve stops on its residual: the steps before the stop held)."""
     time_s: float = 0.0
     """Host time spent in the call (on CUDA: launch time unless the caller synchronizes); set by
     ``EngineBase.hypergrad`` around the engine's ``compute``."""
@@ -40,7 +41,7 @@ class Stats:
             "inner_residual": float(self.inner_residual),
             "linear_residual": None if self.linear_residual is None else float(self.linear_residual),
             "hvp_count": self.hvp_count,
-            "inner_steps": self.inner_steps,
+            "inner_steps": int(self.inner_steps),
             "time_s": self.time_s,
             **{name: float(value) for name, value in self.extra.items()},
         }

@@ -221,6 +221,10 @@ class FastPath:
             return f"{problem.depth} levels: the nested solves and their implicit derivatives stay eager"
         if problem.lower.solution is not None:
             return "the lower level has a closed-form solution: its solve is exact and eager"
+        solver = problem.lower.solver
+        if solver is not None and solver.tol is not None and solver.check_every > 0:
+            return (f"the inner solve reads its residual stop on the host every {solver.check_every} steps (set"
+                    " solver.check_every: 0 for a static shape, which can be captured)")
         return None
 
     def _whole_graph_allowed(self, problem: Problem) -> bool:

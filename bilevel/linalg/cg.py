@@ -2,7 +2,8 @@
 
 Hestenes & Stiefel (1952). Runs exactly ``maxiter`` iterations so that the loop has a static
 shape (capturable in a CUDA graph, no host synchronization); once the residual falls below
-``tol * ||b||`` the step sizes are masked to zero on the device, which freezes the iterate.
+``tol * ||b||`` the step sizes are masked to zero on the device, which freezes the iterate. An
+eager caller may let it end early instead (``exit_every``: a documented host read).
 
 ``per_instance``: the leading dimension of every tensor indexes independent problems with a
 block-diagonal operator (a batch of instances); each gets its own step sizes and stopping test,
@@ -30,8 +31,9 @@ def cg(
     b: Sequence[Tensor],
     x0: Sequence[Tensor] | None = None,
     maxiter: int = 20,
-    tol: float = 1e-10,
+    tol: float | Tensor = 1e-10,
     per_instance: bool = False,
+    exit_every: int = 0,
 ) -> SolveResult:
     """Solve A x = b for SPD A given as ``matvec``.
 
@@ -39,7 +41,11 @@ def cg(
         alpha = <r, r> / <p, A p>;  x += alpha p;  r -= alpha A p
         beta = <r_new, r_new> / <r, r>;  p = r_new + beta p
     The returned solution includes the last update (a stopped-early iterate is never stale).
-    The residual is a 0-d tensor, or one per instance."""
+    The residual is a 0-d tensor, or one per instance. ``tol`` may be a 0-d tensor (computed on
+    the device: Newton-CG's forcing term). ``exit_every`` > 0 (eager callers only): every that many
+    iterations the stopping test is read on the host (one synchronization per reading, the only one)
+    and the loop ends once every residual is below it; the result is the same as without, whose
+    remaining iterations would be frozen."""
     tree_dot, tree_axpy = (instance_dot, instance_axpy) if per_instance else (_tree_dot, _tree_axpy)
     b = tuple(b)
     matvecs = 0
@@ -54,7 +60,7 @@ def cg(
     rs = tree_dot(r, r)
     threshold = (tol * tol) * tree_dot(b, b)
     zero = torch.zeros_like(rs)
-    for _ in range(maxiter):
+    for index in range(maxiter):
         ap = matvec(p)
         matvecs += 1
         active = rs > threshold
@@ -65,6 +71,8 @@ def cg(
         beta = torch.where(active, rs_new / rs, zero)
         p = tree_axpy(beta, p, r)
         rs = torch.where(active, rs_new, rs)
+        if exit_every and (index + 1) % exit_every == 0 and not bool((rs > threshold).any()):
+            break
     bnorm = torch.sqrt(tree_dot(b, b))
     residual = torch.sqrt(rs) / torch.clamp(bnorm, min=torch.finfo(bnorm.dtype).tiny)
     return SolveResult(x, residual, matvecs)

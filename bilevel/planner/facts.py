@@ -66,7 +66,13 @@ class ProblemFacts:
     architecture: tuple[str, ...] = ()
     """Upper variables declared as architecture mixtures ({kind: architecture})."""
     lower_solver: str = "sgd"
-    """The lower level's inner solver (sgd, momentum, adam)."""
+    """The lower level's inner solver (sgd, momentum, adam, lbfgs, newton_cg, auto)."""
+    inner_tol: float | None = None
+    """The lower solver's residual stop (solver.tol; None: a fixed number of steps)."""
+    lower_smoothness: str = "unknown"
+    """Declared smoothness of the lower objective (bounded: a Lipschitz gradient)."""
+    lower_minibatched: bool = False
+    """The lower level's batches change from step to step (data.batch_size, or resampled tasks)."""
     activation_mb: float = 0.0
     """Estimated activation memory of one forward/backward of the lower level's supernet on a batch."""
     gradient_free_hyperparameters: tuple[str, ...] = ()
@@ -150,6 +156,11 @@ class ProblemFacts:
             memory_mb=memory_budget_mb(problem),
             device=str(problem.device),
             closed_form=lower.solution is not None,
+            lower_solver=lower.solver.name if lower.solver is not None else "sgd",
+            inner_tol=lower.solver.tol if lower.solver is not None else None,
+            lower_smoothness=lower.assumptions.smoothness,
+            lower_minibatched=lower.data is not None and (lower.data.batch_size is not None
+                                                          or bool(getattr(lower.data, "resampled", False))),
             **_architecture_facts(problem),
             gradient_free_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.gradient_free),
             discrete_hyperparameters=tuple(n for n, t in upper.transforms.items() if t.discrete),
@@ -228,12 +239,8 @@ def _nonsmooth_facts(below: tuple[Level, ...]) -> dict[str, Any]:
 
 
 def _architecture_facts(problem: Problem) -> dict[str, Any]:
-    upper, lower = problem.upper, problem.chain[1]
+    upper = problem.upper
     names = tuple(n for n, kind in upper.kinds.items() if kind == "architecture")
     if not names:
         return {}
-    return {
-        "architecture": names,
-        "lower_solver": lower.solver.name if lower.solver is not None else "sgd",
-        "activation_mb": supernet_activation_mb(problem),
-    }
+    return {"architecture": names, "activation_mb": supernet_activation_mb(problem)}

@@ -4,10 +4,12 @@ An explicit engine always wins: the planner then only refuses what it cannot sol
 where its assumptions contradict the declared facts. Otherwise the rules of
 ``bilevel.planner.rules`` choose among the registered engines by their capabilities and
 priorities, and the chosen engine words its configuration and reasons (``Engine.configure``).
-The planner names no engine."""
+The planner names no engine. A lower solver declared ``auto`` is then chosen for that engine
+(``bilevel.planner.inner_solver``); ``Plan.applied`` puts it in the problem."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,10 +17,12 @@ from bilevel.engines.base import Proposal
 from bilevel.engines.capabilities import Capabilities
 from bilevel.engines.registry import engine_capabilities, engine_class, engine_config, engines_by_priority
 from bilevel.planner.facts import ProblemFacts
+from bilevel.planner.inner_solver import choose_inner_solver, inner_solver_refusals
 from bilevel.planner.rules import RULES, admitted
 from bilevel.problem import Problem
 from bilevel.spec.engine import AutoEngine
 from bilevel.spec.errors import SpecError, SpecSource
+from bilevel.spec.optimizer import OptimizerSpec
 
 __all__ = ["Plan", "make_plan"]
 
@@ -31,15 +35,27 @@ class Plan:
     reasons: list[str]
     warnings: list[str] = field(default_factory=list)
     facts: ProblemFacts | None = None
+    inner_solver: OptimizerSpec | None = None
+    """What the lower level's ``solver: {name: auto}`` became (None: the spec's solver as declared);
+    ``applied`` puts it in the problem."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "engine": self.engine.kind,
             "config": self.engine.model_dump(mode="json"),
+            "inner_solver": None if self.inner_solver is None else self.inner_solver.model_dump(mode="json"),
             "reasons": self.reasons,
             "warnings": self.warnings,
             "facts": None if self.facts is None else asdict(self.facts),
         }
+
+    def applied(self, problem: Problem) -> Problem:
+        """``problem`` with the inner solver this plan chose (a new Problem; the same one without)."""
+        if self.inner_solver is None:
+            return problem
+        name = problem.chain[1].name
+        levels = {**problem.levels, name: dataclasses.replace(problem.levels[name], solver=self.inner_solver)}
+        return dataclasses.replace(problem, levels=levels)
 
 
 def make_plan(problem: Problem, requested: Any | None = None) -> Plan:
@@ -61,8 +77,13 @@ def make_plan(problem: Problem, requested: Any | None = None) -> Plan:
         reasons = [f"the levels form a tree of {facts.depth}, {facts.chain}: each level is solved given its ancestors, and"
                    " a level's hypergradient is the sum of its children's contributions, each through the solutions of"
                    " its subtree", *reasons]
-    caps = engine_capabilities()[proposal.config.kind]
-    return Plan(proposal.config, reasons, [*warnings, *_advice(caps, proposal.config.kind, facts)], facts)
+    kind = proposal.config.kind
+    caps = engine_capabilities()[kind]
+    inner = None
+    if facts.lower_solver == "auto":
+        inner, why = choose_inner_solver(facts, kind, caps, problem.chain[1].solver)
+        reasons = [*reasons, *why]
+    return Plan(proposal.config, reasons, [*warnings, *_advice(caps, kind, facts)], facts, inner)
 
 
 def _able(predicate: Any) -> list[str]:
@@ -175,6 +196,7 @@ def _refuse(config: Any, facts: ProblemFacts, source: SpecSource) -> None:
                                    f" every block drawn (sample = count = {facts.blocks}); it keeps no per-block state"
                                    " between draws. Engines that sample blocks:"
                                    f" {', '.join(_able(lambda c: c.samples_blocks)) or 'none'}"))
+    issues += [source.issue(path, why) for path, why in inner_solver_refusals(facts, kind, caps)]
     issues += [source.issue(path, why) for path, why in engine_class(kind).refusals(config, facts)]
     if issues:
         raise SpecError(issues)

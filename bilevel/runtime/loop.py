@@ -56,7 +56,7 @@ def _prepare(loaded: LoadedSpec, engine: Any, device: str | torch.device | None)
     # data parallel: every rank runs rank 0's plan (shard sizes and free device memory, which the
     # planner reads, can differ between ranks, and so could the engine configuration)
     plan = broadcast_from_main(make_plan(problem, engine))
-    return problem, plan, build_engine(plan.engine)
+    return plan.applied(problem), plan, build_engine(plan.engine)
 
 
 def _world(loaded: LoadedSpec, device: str | torch.device | None) -> Any:

@@ -1,4 +1,5 @@
-"""One level of a bilevel problem: its variables, objective, data, inner solver and declared facts."""
+"""One level of a bilevel problem: its variables, objective, data, inner solver and declared facts.
+(``OptimizerSpec``, the solver, lives in ``bilevel.spec.optimizer`` and is re-exported here.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from bilevel.spec._base import CallableRef, SpecModel
 from bilevel.spec.blocks import BlocksSpec
 from bilevel.spec.constraints import ConstraintSpec, VariableSet
 from bilevel.spec.hyperparameter import HyperparameterVariable
+from bilevel.spec.optimizer import SECOND_ORDER, OptimizerSpec
 from bilevel.spec.prox import ProxOperator
-from bilevel.spec.schedule import TunedSchedule
 from bilevel.spec.search_space import ArchitectureVariable, SupernetVariable
 from bilevel.spec.tasks import ProxSpec
 
@@ -24,7 +25,6 @@ __all__ = [
     "TensorVariable",
     "Variable",
 ]
-
 
 
 class TensorVariable(SpecModel):
@@ -119,107 +119,15 @@ class DataSpec(SpecModel):
     set of examples (a matrix, a graph). Ignored in a single process."""
 
 
-class OptimizerSpec(SpecModel):
-    """A first-order optimizer: the lower level's inner solver or the upper level's outer optimizer."""
-
-    name: Literal["sgd", "momentum", "adam", "normalized_momentum"] = "sgd"
-    """sgd: y <- y - lr g; momentum: heavy ball m <- mu m + g, y <- y - lr m; adam: Kingma & Ba 2015;
-    normalized_momentum (outer optimizer only; BO-REP): m <- mu m + (1 - mu) g, x <- x - lr m / ||m||."""
-    lr: Annotated[float, Field(gt=0)] = 0.1
-    """Step size."""
-    steps: Annotated[int, Field(ge=0)] = 100
-    """Inner solver: steps per lower solve. Ignored for the outer optimizer (see run.steps)."""
-    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
-    """Heavy-ball coefficient (momentum only)."""
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    """Adam's moment decay rates."""
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    """Adam's denominator floor, added after the square root: lr m_hat / (sqrt(v_hat + eps_root) + eps)."""
-    eps_root: Annotated[float, Field(ge=0)] = 0.0
-    """Adam: added to v_hat inside the square root (TorchOpt's and optax's eps_root). 0 (the
-    torch.optim.Adam form): at entries whose gradient has been exactly zero so far the derivative
-    of the square root is taken as 0, which is exact there (docs/engines/unrolled.md); > 0 makes
-    the update smooth in the gradient everywhere, a slightly different optimizer."""
-    warm_start: bool = True
-    """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
-    schedule: Literal["constant", "cosine", "linear", "cosine_power"] = "constant"
-    """Learning-rate schedule from lr down to lr * final_lr_ratio (``bilevel.schedules``): over
-    run.steps for the outer optimizer, over ``schedule_steps`` weight steps for the lower solver of
-    the architecture-search engines (darts, rarts). cosine_power: cosine power annealing
-    (sharpDARTS, Hundt et al. 2019), lr_t = low + (lr - low) (k^c - 1) / (k - 1) with
-    c = (1 + cos(pi t / T)) / 2 and k = power_base."""
-    final_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """The schedule's last learning rate as a fraction of lr (sharpDARTS's search: 1e-4 / 0.025 = 0.004)."""
-    power_base: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 2.0
-    """cosine_power: the base k (sharpDARTS's exponent order; its search and training scripts use
-    2); 1 is plain cosine annealing, larger values decay faster at first."""
-    schedule_warmup: Annotated[int, Field(ge=0)] = 0
-    """Steps of linear warm-up, from lr / (W + 1) up to lr, before the decay starts (sharpDARTS: 5
-    epochs). Applies to every schedule, constant included."""
-    schedule_steps: Annotated[int, Field(ge=1)] | None = None
-    """Steps the schedule spans (after them the rate stays at its last value). None: run.steps for
-    the outer optimizer; a lower solver with a schedule must set it (the weight steps of the whole
-    search: run.steps x steps, plus the architecture's warm-up steps). A lower solver's schedule is
-    applied by the darts and rarts engines; the other engines restart the inner solve at every
-    outer step and run it at the constant lr."""
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    """L2 penalty weight_decay/2 ||y||^2 on all of the level's variables. For the inner solver it is
-    added to the lower objective itself (coupled weight decay, as torch.optim.SGD applies it), so
-    every engine, the implicit one included, differentiates the same regularized problem; for the
-    outer optimizer it is torch.optim's weight_decay."""
-    tuned: dict[Literal["lr", "momentum", "weight_decay"], str] = Field(default_factory=dict)
-    """Inner solver only: optimizer hyperparameters read from upper-level variables, e.g.
-    {lr: inner_lr, weight_decay: wd}. Each named upper variable must be a scalar, except that lr
-    may also be one learning rate per entry (Meta-SGD, Li et al. 2017): a tensor variable of the
-    shape of the level's only tensor variable, or a module variable whose parameters have the shapes
-    of the level's variables. Its current value (as the objectives see it) replaces the constant
-    above, and hypergradients flow into it: the
-    unrolled engine differentiates through the optimizer steps (learning-rate tuning through the
-    optimizer; Maclaurin et al. 2015, Franceschi et al. 2017), and a tuned weight_decay changes the
-    lower objective, so implicit engines see it too. A tuned lr or momentum does not move the lower
-    solution, so only unrolling gives it a hypergradient; the planner then picks the unrolled engine."""
-    tuned_schedule: TunedSchedule | None = None
-    """Inner solver only: read the named tuned hyperparameters as schedules (an upper variable of
-    shape [K]; inner step t uses entry floor(t K / horizon)). See docs/howto/tune-schedules-online.md."""
-    lr_hypergradient: Annotated[float, Field(gt=0)] | None = None
-    """Hypergradient descent (Baydin et al. 2018): the learning rate adapts itself online,
-    lr_t = lr_{t-1} + beta <g_t, u_{t-1}>, starting from ``lr``, with beta this value, g_t the
-    current gradient and u_{t-1} the previous step's direction (sgd: the previous gradient; adam:
-    its previous bias-corrected update). sgd and adam only, as an inner solver or the outer
-    optimizer; not with a tuned lr or an outer learning-rate schedule. None: a fixed lr."""
-
-    @field_validator("tuned_schedule")
-    @classmethod
-    def _scheduled_are_tuned(cls, value: TunedSchedule | None, info: ValidationInfo) -> TunedSchedule | None:
-        tuned = info.data.get("tuned", {})
-        missing = [name for name in (value.hyperparameters if value else []) if name not in tuned]
-        if missing:
-            raise ValueError(f"{', '.join(missing)} must be tuned by an upper variable (solver.tuned) to be read as a"
-                             f" schedule; tuned here: {', '.join(tuned) or 'nothing'}")
-        return value
-
-    @field_validator("lr_hypergradient")
-    @classmethod
-    def _hypergradient_descent(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value is None:
-            return value
-        name = info.data.get("name")
-        if name not in ("sgd", "adam"):
-            raise ValueError(f"hypergradient descent is defined for sgd and adam (Baydin et al. 2018), not {name}")
-        if "lr" in info.data.get("tuned", {}):
-            raise ValueError("the learning rate is tuned by an upper variable (tuned.lr); it cannot also adapt itself")
-        if info.data.get("schedule", "constant") != "constant":
-            raise ValueError(f"the learning rate adapts itself; drop schedule: {info.data['schedule']} (use constant)")
-        return value
-
-
 class Assumptions(SpecModel):
     """Facts the user declares about a level; the planner reads them to pick an engine."""
 
     convexity: Literal["strongly_convex", "convex", "nonconvex", "unknown"] = "unknown"
     """Convexity of this level's objective in its own variables (for a lower level)."""
     smoothness: Literal["bounded", "unbounded", "unknown"] = "unknown"
-    """Lipschitz smoothness of the objective: unbounded for e.g. RNN/LSTM upper levels."""
+    """Lipschitz smoothness of the objective: unbounded for e.g. RNN/LSTM upper levels. On a lower
+    level, bounded (a Lipschitz gradient, e.g. a twice-differentiable objective) together with
+    strongly_convex lets the planner give a ``solver: {name: auto}`` L-BFGS or Newton-CG."""
     quadratic: bool = False
     """The objective is quadratic in this level's variables (for a lower level): with constraints
     declared ``affine``, the level is a QP, which the planner may solve by the batched
@@ -279,6 +187,18 @@ class LevelSpec(SpecModel):
         if solver is not None and solver.schedule_steps is not None and solver.schedule_warmup >= solver.schedule_steps:
             raise ValueError(f"schedule_warmup ({solver.schedule_warmup}) must be smaller than schedule_steps"
                              f" ({solver.schedule_steps}): the warm-up would leave no step to decay over")
+        return solver
+
+    @field_validator("solver")
+    @classmethod
+    def _outer_optimizer_is_first_order(cls, solver: OptimizerSpec | None, info: ValidationInfo) -> OptimizerSpec | None:
+        if solver is None or info.data.get("parent") is not None:
+            return solver
+        if solver.name in (*SECOND_ORDER, "auto"):
+            raise ValueError(f"{solver.name} is an inner solver (a lower level's); the top level's outer optimizer is one of"
+                             " sgd, momentum, adam, normalized_momentum")
+        if solver.tol is not None:
+            raise ValueError("tol stops an inner solve on its residual; the top level's outer optimizer runs run.steps steps")
         return solver
 
     @field_validator("variables")

@@ -1,0 +1,243 @@
+"""Inner solvers for strongly convex smooth lower levels (bilevel/minimize, docs/inner-solvers.md):
+L-BFGS and Newton-CG reach the closed-form lower solutions and hypergradients of the conformance
+problems to 1e-10 in float64; the residual stop stops at the first iterate with ||grad|| <= tol,
+frozen steps leave it unchanged, and eager and static-shape loops agree bit for bit; the
+planner's choice for ``solver: {name: auto}`` and its refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from bilevel import run
+from bilevel.cli import app
+from bilevel.compile import compile_spec
+from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig, build_engine
+from bilevel.engines.inner import inner_solve
+from bilevel.minimize import lbfgs, newton_cg
+from bilevel.linalg.hvp import Linearization
+from bilevel.optim import InnerOptimizer
+from bilevel.planner import make_plan
+from bilevel.spec import SpecError, spec_from_data
+from oracles import quadratic_data, quadratic_hypergrad, rel_error, ridge_data, ridge_hypergrad, ridge_val_data
+from problems.toy import quadratic_spec, ridge_solution, ridge_spec
+
+SOLVERS = [{"name": "lbfgs", "steps": 60, "tol": 1e-12}, {"name": "newton_cg", "steps": 30, "tol": 1e-12},
+           {"name": "lbfgs", "steps": 60, "tol": 1e-12, "check_every": 0},
+           {"name": "newton_cg", "steps": 30, "check_every": 0, "tol": 1e-12}]
+DIRECT = ImplicitConfig(linear_solver=LinearSolverSpec(method="direct"))
+
+
+def _solver_data(spec: Any, solver: dict[str, Any], engine: Any = None) -> dict[str, Any]:
+    data = spec.model_dump(mode="json")
+    data["levels"]["lower"]["solver"] = solver
+    if engine is not None:
+        data["engine"] = engine
+    return data
+
+
+def _with_solver(spec: Any, solver: dict[str, Any], engine: Any = None) -> Any:
+    return spec_from_data(_solver_data(spec, solver, engine))
+
+
+def _hypergrad(problem: Any, config: Any = DIRECT) -> Any:
+    x = problem.fresh(problem.upper.init)
+    engine = build_engine(config)
+    return x, engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+
+
+# --- closed forms ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: f"{s['name']}-{s.get('check_every', 10)}")
+def test_quadratic_lower_solution_and_hypergradient_to_1e_10(solver: dict[str, Any]) -> None:
+    problem = compile_spec(_with_solver(quadratic_spec(), solver))
+    x, result = _hypergrad(problem)
+    data = quadratic_data()
+    y_star = torch.linalg.solve(data["A"], data["B"] @ x[0])
+    assert rel_error(result.state.lower[0], y_star) < 1e-10
+    assert rel_error(result.grad[0], quadratic_hypergrad(x[0], data)) < 1e-10
+    assert float(result.stats.inner_residual) <= 1e-12
+    assert result.stats.extra["inner_converged"] == 1
+    assert 0 < int(result.stats.inner_steps) < solver["steps"]
+
+
+@pytest.mark.parametrize("per_feature", [True, False])
+@pytest.mark.parametrize("solver", SOLVERS[:2], ids=lambda s: s["name"])
+def test_ridge_lower_solution_and_hypergradient_to_1e_10(solver: dict[str, Any], per_feature: bool) -> None:
+    problem = compile_spec(_with_solver(ridge_spec(per_feature=per_feature), solver))
+    x, result = _hypergrad(problem)
+    assert rel_error(result.state.lower[0], ridge_solution(x[0], ridge_data())) < 1e-10
+    assert rel_error(result.grad[0], ridge_hypergrad(x[0], ridge_data(), ridge_val_data())) < 1e-10
+
+
+def test_a_run_with_lbfgs_reaches_the_same_upper_solution_as_gradient_descent(tmp_path: Path) -> None:
+    results = []
+    for i, solver in enumerate([{"name": "sgd", "lr": 0.09, "steps": 400, "warm_start": True},
+                                {"name": "lbfgs", "steps": 50, "tol": 1e-11}]):
+        spec = _with_solver(quadratic_spec(steps=100, checkpoint_every=None), solver, {"kind": "implicit"})
+        results.append(run(spec, out=tmp_path / str(i), progress=False))
+    assert rel_error(results[1].x[0], results[0].x[0]) < 1e-8
+    rows = [json.loads(line) for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["inner_converged"] == 1 for row in rows if "inner_converged" in row)
+    assert any("inner_converged" in row for row in rows)
+
+
+# --- the residual stop ------------------------------------------------------------------------------
+def _quadratic_kernels(n: int = 8) -> tuple[Any, Any, Any, tuple[torch.Tensor]]:
+    data = quadratic_data(n=n)
+    A, b = data["A"], data["B"] @ torch.ones(data["B"].shape[1], dtype=torch.float64)
+
+    def value(y: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return 0.5 * y[0] @ (A @ y[0]) - y[0] @ b
+
+    def value_and_grad(y: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        return value(y), (A @ y[0] - b,)
+
+    def linearize(y: tuple[torch.Tensor, ...]) -> Linearization:
+        return Linearization(lambda _, yy: value(yy), (torch.zeros(()),), y)
+
+    return value_and_grad, value, linearize, (torch.zeros(n, dtype=torch.float64),)
+
+
+def _minimize(kind: str, steps: int, **options: Any) -> Any:
+    value_and_grad, value, linearize, y0 = _quadratic_kernels()
+    with torch.enable_grad():
+        if kind == "lbfgs":
+            return lbfgs(value_and_grad, y0, steps, lr=0.09, history=3, **options)
+        return newton_cg(value_and_grad, value, linearize, y0, steps, cg_maxiter=2, **options)
+
+
+@pytest.mark.parametrize("kind", ["lbfgs", "newton_cg"])
+def test_the_residual_stop_stops_at_the_first_iterate_below_tol(kind: str) -> None:
+    tol, longest = 1e-6, 40
+    residuals = [float(_minimize(kind, k).residual) for k in range(longest)]  # ||grad|| at iterate k, no stop
+    first = next(k for k, r in enumerate(residuals) if r <= tol)
+    assert first > 2  # a problem where the stop has something to stop
+    reference = _minimize(kind, first).solution[0]
+    for check_every in (0, 1, 4, 7):
+        out = _minimize(kind, longest, tol=tol, check_every=check_every)
+        assert int(out.steps) == first and bool(out.converged)
+        assert torch.equal(out.solution[0], reference)  # frozen steps left the iterate where the test held
+    assert not bool(_minimize(kind, first - 1, tol=tol).converged)
+
+
+def test_first_order_residual_stop_counts_and_freezes() -> None:
+    tol = 1e-6
+    problem = compile_spec(quadratic_spec(inner_steps=1))
+    x = problem.fresh(problem.upper.init)
+    y = problem.fresh(problem.lower.init)
+    plain = InnerOptimizer(problem.lower.solver)
+    iterates, k = [y], 0
+    while True:  # the plain GD trajectory until its gradient norm is <= tol
+        solved = inner_solve(problem, plain, x, iterates[-1], (), 1)
+        if float(solved.grad[0].norm()) <= tol:
+            break
+        iterates.append(solved.solution)
+        k += 1
+    for check_every in (0, 1, 10):
+        spec = problem.lower.solver.model_copy(update={"tol": tol, "check_every": check_every})
+        out = inner_solve(problem, InnerOptimizer(spec), x, y, (), k + 25)
+        assert int(out.steps) == k
+        assert torch.equal(out.solution[0], iterates[k][0])
+
+
+def test_without_tol_the_first_order_loop_is_unchanged() -> None:
+    problem = compile_spec(quadratic_spec(inner_steps=30))
+    x = problem.fresh(problem.upper.init)
+    y = problem.fresh(problem.lower.init)
+    out = inner_solve(problem, InnerOptimizer(problem.lower.solver), x, y, (), 30)
+    assert out.steps == 30
+
+
+# --- the planner ------------------------------------------------------------------------------------
+def _plan(spec: Any) -> Any:
+    return make_plan(compile_spec(spec))
+
+
+def test_auto_is_newton_cg_for_a_small_lower_level_and_lbfgs_for_a_larger_one() -> None:
+    small = _plan(_with_solver(quadratic_spec(), {"name": "auto"}))
+    assert small.inner_solver.name == "newton_cg" and small.inner_solver.tol == 1e-9
+    assert any("Newton-CG" in r for r in small.reasons)
+    large = _plan(_with_solver(quadratic_spec(n=1200), {"name": "auto", "tol": 1e-7}))
+    assert large.inner_solver.name == "lbfgs" and large.inner_solver.tol == 1e-7
+    assert any("L-BFGS" in r and "1200" in r for r in large.reasons)
+
+
+def test_auto_keeps_gradient_descent_without_the_assumptions_or_for_an_unrolling_engine() -> None:
+    data = _solver_data(quadratic_spec(), {"name": "auto", "lr": 0.05})
+    data["levels"]["lower"]["assumptions"]["smoothness"] = "unknown"
+    plan = _plan(spec_from_data(data))
+    assert plan.engine.kind == "implicit" and plan.inner_solver.name == "sgd" and plan.inner_solver.lr == 0.05
+    assert any("smoothness = unknown" in r for r in plan.reasons)
+    unrolled = make_plan(compile_spec(_with_solver(quadratic_spec(), {"name": "auto"})), UnrolledConfig())
+    assert unrolled.inner_solver.name == "sgd"
+    assert any("goes through the optimizer's steps" in r for r in unrolled.reasons)
+
+
+def test_an_explicit_solver_always_wins() -> None:
+    plan = _plan(_with_solver(quadratic_spec(n=1200), {"name": "newton_cg"}))
+    assert plan.inner_solver is None
+    problem = plan.applied(compile_spec(_with_solver(quadratic_spec(n=1200), {"name": "newton_cg"})))
+    assert problem.lower.solver.name == "newton_cg"
+
+
+def test_a_run_with_auto_uses_the_chosen_solver(tmp_path: Path) -> None:
+    spec = _with_solver(quadratic_spec(steps=3, checkpoint_every=None), {"name": "auto", "steps": 50})
+    run(spec, out=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["inner_steps"] for row in rows if "inner_steps" in row]
+    assert steps and all(0 < s < 50 for s in steps)  # stopped on the residual, not 50 fixed steps
+
+
+# --- reuse of the hypergradient ------------------------------------------------------------------------
+def test_the_hypergradient_is_reused_only_while_the_inner_residual_stays_below_the_threshold() -> None:
+    problem = compile_spec(_with_solver(quadratic_spec(), {"name": "lbfgs", "steps": 60, "tol": 1e-12}))
+    x = problem.fresh(problem.upper.init)
+    for threshold, reused in ((1e3, 1.0), (1e-14, 0.0)):
+        engine = build_engine(DIRECT.model_copy(update={"reuse_hypergradient_below": threshold}))
+        first = engine.hypergrad(problem, x, engine.init(problem, x), problem.upper.batch())
+        moved = (x[0] + 1e-3,)
+        second = engine.hypergrad(problem, moved, first.state, problem.upper.batch())
+        assert first.stats.extra["hypergradient_reused"] == 0.0
+        assert second.stats.extra["hypergradient_reused"] == reused
+        assert torch.equal(second.grad[0], first.grad[0]) == bool(reused)
+
+
+# --- refusals ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("solver, field", [({"name": "lbfgs"}, "levels.lower.solver.name"),
+                                           ({"name": "sgd", "lr": 0.09, "tol": 1e-6}, "levels.lower.solver.tol")])
+def test_engines_that_go_through_the_steps_are_refused_second_order_solvers_and_tol(solver: dict, field: str) -> None:
+    with pytest.raises(SpecError) as err:
+        make_plan(compile_spec(_with_solver(quadratic_spec(), solver)), UnrolledConfig())
+    assert field in str(err.value)
+
+
+def test_the_cli_refuses_lbfgs_with_the_unrolled_engine_at_its_path(tmp_path: Path) -> None:
+    data = _solver_data(quadratic_spec(), {"name": "lbfgs"}, {"kind": "unrolled"})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "levels.lower.solver.name" in result.output and "unrolled" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_the_outer_optimizer_cannot_be_a_minimizer() -> None:
+    data = quadratic_spec().model_dump(mode="json")
+    data["levels"]["upper"]["solver"] = {"name": "lbfgs"}
+    with pytest.raises(SpecError) as err:
+        spec_from_data(data)
+    assert "levels.upper.solver" in str(err.value)
+
+
+def test_second_order_solvers_are_refused_on_minibatched_lower_data() -> None:
+    data = _solver_data(ridge_spec(), {"name": "newton_cg"})
+    data["levels"]["lower"]["data"]["batch_size"] = 10
+    with pytest.raises(SpecError) as err:
+        make_plan(compile_spec(spec_from_data(data)))
+    assert "levels.lower.solver.name" in str(err.value) and "minibatches" in str(err.value)
