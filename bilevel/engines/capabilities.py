@@ -73,6 +73,9 @@ class Capabilities:
     """Uses the lower solution alone, never the inner optimizer's steps (and runs the level's own
     solver for it): the inner solver may then be any minimizer (lbfgs, newton_cg) and may stop on
     its residual (solver.tol). Engines without it are refused both."""
+    needs_quadratic: bool = False
+    """Solves only a lower level whose objective is declared quadratic (``assumptions.quadratic``;
+    the batched QP engine): listed for others nowhere a compatible engine is chosen by capability."""
     graph_safe: bool = False
     """Its call depends on its inputs only through tensors (the state's step counter is only
     counted, never read), so the fast path may capture one CUDA graph for every call of the same

@@ -110,6 +110,7 @@ class QPEngine(EngineBase):
         handles_constraints=True,
         handles_coupled_constraints=True,
         handles_instances=True,
+        needs_quadratic=True,
     )
 
     def _solve(self, problem: Problem, x: Params, state: QPState) -> tuple[LowerQP, QPSolution, InstanceLayout]:

@@ -71,6 +71,7 @@ def compatible_engines(spec: BilevelSpec) -> list[str]:
         and level.assumptions.convexity in cap.lower_convexity
         and (cap.handles_constraints or not level.constraints)
         and (cap.through_optimizer or not tuned)
+        and (not cap.needs_quadratic or level.assumptions.quadratic)
     )
 
 
