@@ -15,7 +15,7 @@ from bilevel.engines.inner_solvers import LowerSolve, minimize_lower
 from bilevel.engines.state import EngineState
 from bilevel.hyperparameters import Drawn
 from bilevel.linalg.hvp import grad_and_value
-from bilevel.linalg.tree import tree_norm
+from bilevel.linalg.tree import tree_norm, zeros_for_none
 from bilevel.minimize import ResidualStop
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
@@ -136,7 +136,7 @@ def inner_solve(
             drawn = None if draw is None else draw()
             leaves = tuple(p.detach().requires_grad_(True) for p in y)
             grads = torch.autograd.grad(objective(x, leaves, batch, drawn), leaves, allow_unused=True)
-            grads = sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)))
+            grads = sum_over_ranks(zeros_for_none(grads, leaves))
             # inputs detached and grads graph-free: the optimizer step records nothing
             new_y, new_state = optimizer.step(tuple(p.detach() for p in leaves), grads, state, hyper)
             new_y = proximal_step(problem, optimizer, x, new_y, hyper)

@@ -57,6 +57,7 @@ from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
 from bilevel.linalg.qp import QPSolution, solve_qp
+from bilevel.linalg.tree import zeros_for_none
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
 from bilevel.spec.errors import SpecError
@@ -113,25 +114,24 @@ class QPEngine(EngineBase):
         needs_quadratic=True,
     )
 
-    def _solve(self, problem: Problem, x: Params, state: QPState) -> tuple[LowerQP, QPSolution, InstanceLayout]:
+    def _solve(self, problem: Problem, x: Params, state: QPState, batch: Any) -> tuple[LowerQP, QPSolution, InstanceLayout]:
         if current_world().size > 1:
             raise SpecError([problem.source.issue("engine.kind", "the qp engine does not run data-parallel (torchrun): its"
                                                   " constraint rows are not summed over ranks; run it in one process")])
         layout = InstanceLayout.of(problem)
-        qp = read_qp(problem, x, state.lower, problem.lower.batch(), layout, check=state.step == 0)
+        qp = read_qp(problem, x, state.lower, batch, layout, check=state.step == 0)
         solution = solve_qp(qp.Q, qp.q, qp.G, qp.h, qp.A, qp.b, self.config.iterations, self.config.tol)
         return qp, solution, layout
 
     def compute(self, problem: Problem, x: Params, state: QPState, batch: Any) -> Hypergrad:
-        qp, sol, layout = self._solve(problem, x, state)
-        stacked = problem.lower.stacked
-        y = layout.unflat(sol.y, stacked)
-        lower_batch = problem.lower.batch()
-        if state.step == 0 and self.config.gradient == "value":
-            _check_value_route(problem, x, y, batch, lower_batch)
+        lower_batch = problem.lower.batch()  # one draw: the QP and its derivatives on the same batch
+        qp, sol, layout = self._solve(problem, x, state, lower_batch)
+        y = layout.unflat(sol.y, problem.lower.stacked)
         grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
+        if state.step == 0 and self.config.gradient == "value":
+            _check_value_route(problem, x, y, grad_y, lower_batch)
         if self.config.gradient == "value":
-            correction, linear_residual = _multiplier_term(problem, x, y, sol, qp, layout), None
+            correction, linear_residual = _multiplier_term(problem, x, y, sol, qp, layout, lower_batch), None
             grad = tuple(g + c for g, c in zip(grad_x, correction))
         else:
             lam, linear_residual = _kkt_adjoint(qp, sol, layout.flat(grad_y))
@@ -150,7 +150,7 @@ class QPEngine(EngineBase):
     def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:
         """The QP's solution at the final x (the interior-point solve, not the first-order inner solver)."""
         qp_state = state if isinstance(state, QPState) else QPState(state.lower, state.inner_state, state.step)
-        _, solution, layout = self._solve(problem, x, qp_state)
+        _, solution, layout = self._solve(problem, x, qp_state, problem.lower.batch())
         return layout.unflat(solution.y, problem.lower.stacked)
 
     # --- planning -------------------------------------------------------------------------------
@@ -241,35 +241,29 @@ def _residual_vjp(problem: Problem, x: Params, y: Params, sol: QPSolution, qp: L
     xs = tuple(p.detach().requires_grad_(True) for p in x)
     ys = tuple(p.detach().requires_grad_(True) for p in y)
     with torch.enable_grad():
-        def lagrangian(yy: Params) -> Tensor:
-            c, e = _split(problem, problem.constraint_values(xs, yy, batch), qp, layout)
-            return problem.lower_objective(xs, yy, batch) + (z * c).sum() + (nu * e).sum()
-
-        grad_y = torch.autograd.grad(lagrangian(ys), ys, create_graph=True, allow_unused=True)
-        grad_y = layout.flat(tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grad_y, ys)))
         c, e = _split(problem, problem.constraint_values(xs, ys, batch), qp, layout)
+        lagrangian = problem.lower_objective(xs, ys, batch) + (z * c).sum() + (nu * e).sum()
+        grad_y = layout.flat(zeros_for_none(torch.autograd.grad(lagrangian, ys, create_graph=True, allow_unused=True), ys))
         pairing = (grad_y * lam_y).sum() + (z * c * lam_z).sum() + (e * lam_nu).sum()
-        out = torch.autograd.grad(pairing, xs, allow_unused=True)
-    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(out, xs))
+        return zeros_for_none(torch.autograd.grad(pairing, xs, allow_unused=True), xs)
 
 
-def _multiplier_term(problem: Problem, x: Params, y: Params, sol: QPSolution, qp: LowerQP, layout: InstanceLayout) -> Params:
+def _multiplier_term(problem: Problem, x: Params, y: Params, sol: QPSolution, qp: LowerQP, layout: InstanceLayout,
+                     batch: Any) -> Params:
     """grad_x (z*^T c(x, y*) + nu*^T e(x, y*)): zero unless a constraint involves x."""
     if not problem.lower.constraints:
         return tuple(torch.zeros_like(p) for p in x)
     xs = tuple(p.detach().requires_grad_(True) for p in x)
     with torch.enable_grad():
-        c, e = _split(problem, problem.constraint_values(xs, tuple(p.detach() for p in y), problem.lower.batch()), qp, layout)
+        c, e = _split(problem, problem.constraint_values(xs, tuple(p.detach() for p in y), batch), qp, layout)
         term = (sol.z.detach() * c).sum() + (sol.nu.detach() * e).sum()
         if not term.requires_grad:
             return tuple(torch.zeros_like(p) for p in x)
-        out = torch.autograd.grad(term, xs, allow_unused=True)
-    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(out, xs))
+        return zeros_for_none(torch.autograd.grad(term, xs, allow_unused=True), xs)
 
 
-def _check_value_route(problem: Problem, x: Params, y: Params, batch: Any, lower_batch: Any) -> None:
-    """``gradient: value`` is Danskin's theorem for F = G + R(x): grad_y F must equal grad_y G."""
-    _, f_y, _ = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
+def _check_value_route(problem: Problem, x: Params, y: Params, f_y: Params, lower_batch: Any) -> None:
+    """``gradient: value`` is Danskin's theorem for F = G + R(x): grad_y F (given) must equal grad_y G."""
     _, g_y, _ = joint_grad(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y)
     gap = max(float((a - b).abs().max()) for a, b in zip(f_y, g_y))
     scale = 1 + max(float(b.abs().max()) for b in g_y)

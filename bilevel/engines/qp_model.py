@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg.hvp import Linearization
+from bilevel.linalg.tree import zeros_for_none
 from bilevel.problem import Params, Problem
 from bilevel.spec.errors import SpecError
 
@@ -102,16 +103,23 @@ def _rows(values: Tensor, y: Params, layout: InstanceLayout) -> Tensor:
     return torch.cat([g.reshape(m, layout.count, -1) for g in grads], 2).permute(1, 0, 2)
 
 
-def constraint_matrix(problem: Problem, x: Params, y: Params, batch: Any, layout: InstanceLayout,
-                      which: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    """Per instance, the values (N, m) of the constraints ``which`` at (x, y) and their rows (N, m, n)."""
-    leaves = tuple(p.detach().requires_grad_(True) for p in y)
-    with torch.enable_grad():
+def constraint_groups(problem: Problem, x: Params, y: Params, batch: Any, layout: InstanceLayout,
+                      groups: tuple[tuple[int, ...], ...], rows: bool = True) -> list[tuple[Tensor, Tensor | None]]:
+    """For each group of the level's constraints (by index), per instance, their values (N, m) at
+    (x, y) and, with ``rows``, their rows (N, m, n); every constraint function evaluated once."""
+    leaves = tuple(p.detach().requires_grad_(rows) for p in y)
+    out: list[tuple[Tensor, Tensor | None]] = []
+    with torch.enable_grad() if rows else torch.no_grad():
         values = problem.constraint_values(x, leaves, batch)
-        chosen = [values[i].reshape(layout.count, -1) for i in which]
-        stacked = torch.cat(chosen, 1) if chosen else leaves[0].new_zeros(layout.count, 0)
-        rows = _rows(stacked, leaves, layout) if chosen else stacked.new_zeros(layout.count, 0, layout.size)
-    return stacked.detach(), rows.detach()
+        for which in groups:
+            chosen = [values[i].reshape(layout.count, -1) for i in which]
+            stacked = torch.cat(chosen, 1) if chosen else leaves[0].new_zeros(layout.count, 0)
+            if not rows:
+                out.append((stacked.detach(), None))
+                continue
+            matrix = _rows(stacked, leaves, layout) if chosen else stacked.new_zeros(layout.count, 0, layout.size)
+            out.append((stacked.detach(), matrix.detach()))
+    return out
 
 
 def read_qp(problem: Problem, x: Params, y: Params, batch: Any, layout: InstanceLayout, check: bool = False) -> LowerQP:
@@ -127,8 +135,7 @@ def read_qp(problem: Problem, x: Params, y: Params, batch: Any, layout: Instance
     constraints = problem.lower.constraints
     inequality = tuple(i for i, c in enumerate(constraints) if not c.is_equality)
     equality = tuple(i for i, c in enumerate(constraints) if c.is_equality)
-    c_val, G = constraint_matrix(problem, x, y, batch, layout, inequality)
-    e_val, A = constraint_matrix(problem, x, y, batch, layout, equality)
+    (c_val, G), (e_val, A) = constraint_groups(problem, x, y, batch, layout, (inequality, equality))
     h = (G @ flat_y.unsqueeze(-1)).squeeze(-1) - c_val
     b = (A @ flat_y.unsqueeze(-1)).squeeze(-1) - e_val
     if check:
@@ -151,17 +158,18 @@ def _check_quadratic(problem: Problem, x: Params, flat_y: Tensor, batch: Any, la
         leaves = tuple(p.detach().requires_grad_(True) for p in other)
         value = problem.lower_objective(x, leaves, batch)
         moved = torch.autograd.grad(value, leaves, allow_unused=True)
-    moved_flat = layout.flat(tuple(torch.zeros_like(p) if g is None else g for g, p in zip(moved, leaves)))
+    moved_flat = layout.flat(zeros_for_none(moved, leaves))
     predicted = grad + (Q @ d.unsqueeze(-1)).squeeze(-1)
     scale = 1 + predicted.abs().amax()
     if not bool(((moved_flat - predicted).abs().amax() <= tol * scale)):
         raise SpecError([source.issue(f"levels.{lower}.objective", "the qp engine needs a lower objective quadratic in"
                                       " the lower variables (its gradient moved other than a quadratic's between two"
                                       " points); use lv_hba or a first-order engine for a general one")])
-    for rows, values, which in constraint_sets:
+    groups = tuple(which for _, _, which in constraint_sets)
+    moved_values = constraint_groups(problem, x, other, batch, layout, groups, rows=False)
+    for (rows, values, which), (now, _) in zip(constraint_sets, moved_values):
         if not which:
             continue
-        now, _ = constraint_matrix(problem, x, other, batch, layout, which)
         predicted = values + (rows @ d.unsqueeze(-1)).squeeze(-1)
         if not bool(((now - predicted).abs().amax() <= tol * (1 + predicted.abs().amax()))):
             paths = ", ".join(problem.lower.constraints[i].path for i in which)

@@ -36,7 +36,7 @@ from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
 from bilevel.engines.unrolled_plan import propose, with_nested_memory
-from bilevel.linalg.tree import tree_add, tree_norm
+from bilevel.linalg.tree import tree_add, tree_norm, zeros_for_none
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
@@ -73,10 +73,6 @@ class UnrolledConfig(EngineConfig):
     """Reduced precision (TF32, bf16) for the inner solve and Hessian-vector products, checked
     against full precision."""
 
-
-
-def _zeros_for_none(grads: tuple[Any, ...], like: Params) -> Params:
-    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
 def _differentiable_steps(
@@ -154,7 +150,7 @@ class UnrolledEngine(EngineBase):
             inputs = x_leaf + (y_start + s_start if needs_start_grad else ())
             with reduced(problem):  # the backward pass: TF32 applies to its products too
                 grads = torch.autograd.grad(upper_loss, inputs, allow_unused=True)
-        grad_x = _zeros_for_none(grads[: len(x)], x_leaf)
+        grad_x = zeros_for_none(grads[: len(x)], x_leaf)
         adjoint = grads[len(x) :]
 
         # backward through the stored segments, recomputing each one with a graph
@@ -170,7 +166,7 @@ class UnrolledEngine(EngineBase):
                             outputs.append(out)
                             cotangents.append(cot)
                     grads = torch.autograd.grad(outputs, x_leaf + y_s + s_s, cotangents, allow_unused=True)
-            grad_x = tree_add(grad_x, _zeros_for_none(grads[: len(x)], x_leaf))
+            grad_x = tree_add(grad_x, zeros_for_none(grads[: len(x)], x_leaf))
             adjoint = grads[len(x) :]
         if coupled:  # y_0 = init(x): the adjoint at the start, through the initialization
             grad_x = tree_add(grad_x, _initialization_vjp(problem, x_leaf, adjoint[: len(y0)]))
@@ -201,7 +197,7 @@ class UnrolledEngine(EngineBase):
             y_leaf = tuple(p.detach().requires_grad_(True) for p in y)
             upper_loss = problem.upper_objective(x_leaf, y_leaf, batch)
             grads = torch.autograd.grad(upper_loss, x_leaf + y_leaf, allow_unused=True)
-        grad_x = tree_add(_zeros_for_none(grads[: len(x)], x_leaf), _initialization_vjp(problem, x_leaf, grads[len(x) :]))
+        grad_x = tree_add(zeros_for_none(grads[: len(x)], x_leaf), _initialization_vjp(problem, x_leaf, grads[len(x) :]))
         *grad_x, upper_loss = sum_over_ranks((*grad_x, upper_loss.detach()))
         stats = Stats(inner_residual=inner_residual(problem, x, y, lower.batch()), linear_residual=None, hvp_count=0,
                       inner_steps=lower.solver.steps)
@@ -246,7 +242,7 @@ def _initialization_vjp(problem: Problem, x: Params, adjoint: Any) -> Params:
         if not pairs:
             return tuple(torch.zeros_like(p) for p in x)
         grads = torch.autograd.grad([s for s, _ in pairs], x, [a for _, a in pairs], allow_unused=True)
-    return _zeros_for_none(grads, x)
+    return zeros_for_none(grads, x)
 
 
 def _nested_refusals(config: UnrolledConfig) -> dict[str, str]:

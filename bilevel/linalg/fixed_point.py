@@ -39,17 +39,13 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg.hvp import Linearization
-from bilevel.linalg.tree import tree_norm
+from bilevel.linalg.tree import tree_norm, zeros_for_none
 
 __all__ = ["FixedPointLinearization"]
 
 Params = tuple[Tensor, ...]
 Operator = Callable[[Params, Params], Params]
 """P(x, z): the proximal operators / projections at the fixed step eta."""
-
-
-def _zeros_for_none(grads: Sequence[Tensor | None], like: Sequence[Tensor]) -> Params:
-    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
 class FixedPointLinearization:
@@ -79,7 +75,7 @@ class FixedPointLinearization:
         outputs = [o for o in self._out if o.requires_grad]
         cotangents = [c for o, c in zip(self._out, w) if o.requires_grad]
         grads = torch.autograd.grad(outputs, inputs, cotangents, retain_graph=True, create_graph=create_graph, allow_unused=True)
-        return _zeros_for_none(grads, inputs)
+        return zeros_for_none(grads, inputs)
 
     def _p_jvp(self, v: Sequence[Tensor]) -> Params:
         """D v, as the derivative of the linear map w -> D^T w (the VJP) in w: v -> <D^T w, v>."""
@@ -89,7 +85,7 @@ class FixedPointLinearization:
             total = sum(((p * t).sum() for p, t in zip(pulled, v) if p.requires_grad), torch.zeros((), dtype=v[0].dtype, device=v[0].device))
             if not total.requires_grad:
                 return tuple(torch.zeros_like(o) for o in self._out)
-            return _zeros_for_none(torch.autograd.grad(total, w, allow_unused=True), self._out)
+            return zeros_for_none(torch.autograd.grad(total, w, allow_unused=True), self._out)
 
     def _h(self, v: Sequence[Tensor]) -> Params:
         hv = self.lin.hvp(tuple(v))

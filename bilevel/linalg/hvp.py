@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from bilevel.distributed.reduce import sum_over_ranks, sum_over_ranks_differentiable
+from bilevel.linalg.tree import zeros_for_none
 
 __all__ = ["Linearization", "grad_and_value", "joint_grad"]
 
@@ -73,7 +74,7 @@ def grad_and_value(
         params = tuple(params)
     value = fn(params)
     grads = torch.autograd.grad(value, params, create_graph=create_graph, allow_unused=True)
-    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
+    grads = zeros_for_none(grads, params)
     if local:
         return grads, value
     *summed, value = (sum_over_ranks_differentiable if create_graph else sum_over_ranks)((*grads, value))
@@ -137,7 +138,7 @@ class Linearization:
         out = torch.autograd.grad(
             self._local_grad_y, self.y, tuple(v), retain_graph=True, create_graph=self.create_graph, allow_unused=True
         )
-        return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.y, out)))
+        return sum_over_ranks(zeros_for_none(out, self.y))
 
     def _hvp_forward(self, v: Params) -> Params:
         x = tuple(p.detach() for p in self.x)
@@ -155,7 +156,7 @@ class Linearization:
             self._local_grad_y, self.x, tuple(v), retain_graph=retain_graph or self.create_graph,
             create_graph=self.create_graph, allow_unused=True,
         )
-        return sum_over_ranks(tuple(torch.zeros_like(p) if g is None else g for p, g in zip(self.x, out)))
+        return sum_over_ranks(zeros_for_none(out, self.x))
 
     def hvp_batched(self, basis: Tensor) -> Tensor:
         """Rows H e_i for a batch of flat vectors ``basis`` (k, n): assembles H for a direct solve."""

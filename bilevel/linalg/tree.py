@@ -17,6 +17,7 @@ __all__ = [
     "tree_scale",
     "tree_sub",
     "tree_zeros_like",
+    "zeros_for_none",
 ]
 
 Tree = Sequence[Tensor]
@@ -55,6 +56,12 @@ def tree_scale(alpha: Tensor | float, a: Tree) -> tuple[Tensor, ...]:
 
 def tree_zeros_like(a: Tree) -> tuple[Tensor, ...]:
     return tuple(torch.zeros_like(u) for u in a)
+
+
+def zeros_for_none(grads: Sequence[Tensor | None], like: Tree) -> tuple[Tensor, ...]:
+    """``torch.autograd.grad(..., allow_unused=True)``'s result with zeros (shaped like ``like``)
+    for the inputs it did not reach."""
+    return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, like))
 
 
 # --- batches of independent instances: the leading dimension of every tensor is the instance ---
