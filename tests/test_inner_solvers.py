@@ -1,12 +1,15 @@
 """Inner solvers for strongly convex smooth lower levels (bilevel/minimize, docs/inner-solvers.md):
 L-BFGS and Newton-CG reach the closed-form lower solutions and hypergradients of the conformance
 problems to 1e-10 in float64; the residual stop stops at the first iterate with ||grad|| <= tol,
-frozen steps leave it unchanged, and eager and static-shape loops agree bit for bit; the
+frozen steps leave it unchanged, and eager and static-shape loops agree bit for bit; the static-shape
+solvers replayed from a captured graph (the fast path) give the same closed forms; the
 planner's choice for ``solver: {name: auto}`` and its refusals."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,13 @@ from bilevel.cli import app
 from bilevel.compile import compile_spec
 from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig, build_engine
 from bilevel.engines.inner import inner_solve
+from bilevel.fastpath import ReplayBackend, set_graph_backend
 from bilevel.minimize import lbfgs, newton_cg
 from bilevel.linalg.hvp import Linearization
 from bilevel.optim import InnerOptimizer
 from bilevel.planner import make_plan
 from bilevel.spec import SpecError, spec_from_data
+from helpers import hypergrad_calls
 from oracles import quadratic_data, quadratic_hypergrad, rel_error, ridge_data, ridge_hypergrad, ridge_val_data
 from problems.toy import quadratic_spec, ridge_solution, ridge_spec
 
@@ -241,3 +246,65 @@ def test_second_order_solvers_are_refused_on_minibatched_lower_data() -> None:
     with pytest.raises(SpecError) as err:
         make_plan(compile_spec(spec_from_data(data)))
     assert "levels.lower.solver.name" in str(err.value) and "minibatches" in str(err.value)
+
+
+# --- the fast path (the conformance suite's replay and compiled modes) ----------------------------
+STATIC = [s for s in SOLVERS if s.get("check_every") == 0] + [{"name": "sgd", "lr": 0.09, "steps": 2000, "tol": 1e-12, "check_every": 0}]
+
+
+@contextmanager
+def _replayed() -> Iterator[None]:
+    """Every call replayed from a captured graph (the replay backend keeps a CUDA graph's contract)."""
+    set_graph_backend(ReplayBackend, capture_at_sighting=1)
+    try:
+        yield
+    finally:
+        set_graph_backend(None)
+
+
+@pytest.mark.parametrize("solver", STATIC, ids=lambda s: s["name"])
+def test_static_shape_solvers_match_the_closed_form_replayed_from_a_captured_graph(solver: dict[str, Any]) -> None:
+    """check_every: 0 keeps the solve free of host reads: the whole hypergradient is captured and
+    every call replays it, and the replayed result is the closed form to 1e-10."""
+    problem = compile_spec(_with_solver(quadratic_spec(), solver))
+    config = DIRECT.model_copy(update={"fast_path": "cuda_graph"})
+    with _replayed():
+        engine = build_engine(config)
+        results = hypergrad_calls(engine, problem, 3)
+    report = engine.execution_report()
+    assert report["hypergradient"] == "cuda_graph", report
+    x = problem.fresh(problem.upper.init)
+    data = quadratic_data()
+    for result in results:
+        assert rel_error(result.grad[0], quadratic_hypergrad(x[0], data)) < 1e-10
+        assert float(result.stats.inner_residual) <= 1e-12
+    # the first call solves from the start; the next ones are warm-started at the solution
+    assert 0 < int(results[0].stats.inner_steps) < solver["steps"]
+    y_star = torch.linalg.solve(data["A"], data["B"] @ x[0])
+    assert rel_error(results[-1].state.lower[0], y_star) < 1e-10
+
+
+def test_a_residual_stop_read_on_the_host_keeps_the_fast_path_eager_and_says_why() -> None:
+    problem = compile_spec(_with_solver(quadratic_spec(), SOLVERS[0]))
+    with _replayed():
+        engine = build_engine(DIRECT.model_copy(update={"fast_path": "cuda_graph"}))
+        results = hypergrad_calls(engine, problem, 2)
+    report = engine.execution_report()
+    assert report.get("hypergradient") != "cuda_graph"
+    assert any("check_every: 0" in reason for reason in report["reasons"]), report
+    x = problem.fresh(problem.upper.init)
+    assert rel_error(results[-1].grad[0], quadratic_hypergrad(x[0], quadratic_data())) < 1e-10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", SOLVERS[:2] + STATIC[-1:], ids=lambda s: s["name"])
+def test_the_compile_mode_gives_the_closed_form_with_the_new_solvers(solver: dict[str, Any]) -> None:
+    """fast_path: compile compiles first-order steps only: L-BFGS, Newton-CG and a residual stop
+    run their own (eager) loop, and the hypergradient is still the closed form to 1e-10."""
+    problem = compile_spec(_with_solver(quadratic_spec(), solver))
+    engine = build_engine(DIRECT.model_copy(update={"fast_path": "compile"}))
+    results = hypergrad_calls(engine, problem, 3)
+    x = problem.fresh(problem.upper.init)
+    for result in results:
+        assert rel_error(result.grad[0], quadratic_hypergrad(x[0], quadratic_data())) < 1e-10
+    assert engine.execution_report().get("inner_loop") != "compiled"

@@ -56,6 +56,49 @@ def test_cg_freezes_once_converged_and_keeps_the_last_update() -> None:
     assert torch.allclose(three.solution[0], torch.tensor([1.0, 0.5, 0.25], dtype=D), atol=1e-12)
 
 
+def test_cg_through_negative_curvature_solves_an_indefinite_system() -> None:
+    """The IFT needs only a nonsingular A: by default CG goes on through negative curvature and
+    reaches A^{-1} b of a symmetric indefinite system (iMAML's I + H/lam with a nonconvex loss)."""
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, -1.0], dtype=D))
+    b = (torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=D),)
+    result = cg(_split_matvec(A, [4]), b, maxiter=10, tol=1e-12)
+    assert torch.allclose(result.solution[0], torch.linalg.solve(A, b[0]), atol=1e-12)
+    # a zero curvature is a breakdown: frozen where it is, finite, not converged
+    zero = cg(_split_matvec(torch.diag(torch.tensor([1.0, -1.0], dtype=D)), [2]), (torch.ones(2, dtype=D),), maxiter=5)
+    assert torch.equal(zero.solution[0], torch.zeros(2, dtype=D)) and float(zero.residual) == 1.0
+
+
+def test_cg_stops_at_the_first_direction_of_non_positive_curvature_when_asked() -> None:
+    """Newton-CG's truncation: the iterate stays where it was before the first <p, A p> <= 0,
+    finite, and the residual says that it did not converge."""
+    b = (torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=D),)
+    negative = cg(_split_matvec(-torch.eye(4, dtype=D), [4]), b, maxiter=10, tol=1e-12, stop_at_negative_curvature=True)
+    assert torch.equal(negative.solution[0], torch.zeros(4, dtype=D))
+    assert float(negative.residual) == 1.0
+    A = torch.diag(torch.tensor([1.0, 2.0, 3.0, -1.0], dtype=D))  # <b, A b> = 5 > 0: one step, then negative curvature
+    matvec = _split_matvec(A, [4])
+    runs = [cg(matvec, b, maxiter=k, tol=1e-12, stop_at_negative_curvature=True) for k in range(1, 11)]
+    assert all(bool(torch.isfinite(r.solution[0]).all()) for r in runs)
+    one_step = torch.full((4,), 4.0 / 5.0, dtype=D)  # alpha = <b, b> / <b, A b>
+    assert torch.allclose(runs[0].solution[0], one_step, atol=1e-15)
+    frozen = [k for k, r in enumerate(runs) if torch.equal(r.solution[0], runs[-1].solution[0])]
+    assert frozen and frozen[0] < 9, "the iterate must stop moving once the curvature is non-positive"
+    assert float(runs[-1].residual) > 1e-3
+    eager = cg(matvec, b, maxiter=10, tol=1e-12, exit_every=1, stop_at_negative_curvature=True)
+    assert torch.equal(eager.solution[0], runs[-1].solution[0])
+
+
+def test_cg_per_instance_stops_only_the_instance_of_negative_curvature() -> None:
+    spd = _spd(3, 7)
+    ops = torch.stack([spd, -torch.eye(3, dtype=D)])
+    b = (torch.ones(2, 3, dtype=D),)
+    result = cg(lambda v: (torch.einsum("kij,kj->ki", ops, v[0]),), b, maxiter=9, tol=1e-13, per_instance=True,
+                stop_at_negative_curvature=True)
+    assert torch.allclose(result.solution[0][0], torch.linalg.solve(spd, b[0][0]), rtol=1e-10, atol=1e-12)
+    assert torch.equal(result.solution[0][1], torch.zeros(3, dtype=D))
+    assert float(result.residual[0]) < 1e-10 and float(result.residual[1]) == 1.0
+
+
 def test_neumann_converges_below_2_over_L_and_reports_divergence_above() -> None:
     A = _spd(6, 0, condition=10.0)
     b = (torch.randn(6, dtype=D, generator=torch.Generator().manual_seed(3)),)

@@ -5,6 +5,16 @@ shape (capturable in a CUDA graph, no host synchronization); once the residual f
 ``tol * ||b||`` the step sizes are masked to zero on the device, which freezes the iterate. An
 eager caller may let it end early instead (``exit_every``: a documented host read).
 
+A direction of zero curvature, <p, A p> = 0 with a residual still above the tolerance, is a
+breakdown: there the iterate is frozen instead of stepping by alpha = inf. A negative curvature
+does not stop CG by default: the implicit function theorem needs only a nonsingular A, and CG on
+a symmetric indefinite system without breakdown still converges to A^{-1} b (what the IFT and
+iMAML's system I + H/lam with a nonconvex task loss need, and what TorchOpt's CG computes too).
+``stop_at_negative_curvature`` (Newton-CG, which minimizes: Nocedal & Wright 2006, Algorithm 7.1;
+Steihaug 1983) freezes the iterate at the first direction with <p, A p> <= 0 instead; its
+residual then shows that it did not converge. A positive-definite operator meets neither, so its
+iterates are the same either way.
+
 ``per_instance``: the leading dimension of every tensor indexes independent problems with a
 block-diagonal operator (a batch of instances); each gets its own step sizes and stopping test,
 so every instance follows exactly the iterates of its own CG."""
@@ -34,6 +44,7 @@ def cg(
     tol: float | Tensor = 1e-10,
     per_instance: bool = False,
     exit_every: int = 0,
+    stop_at_negative_curvature: bool = False,
 ) -> SolveResult:
     """Solve A x = b for SPD A given as ``matvec``.
 
@@ -60,18 +71,21 @@ def cg(
     rs = tree_dot(r, r)
     threshold = (tol * tol) * tree_dot(b, b)
     zero = torch.zeros_like(rs)
+    curved = torch.ones_like(rs, dtype=torch.bool)  # no breakdown (or negative curvature, when it stops) met yet
     for index in range(maxiter):
         ap = matvec(p)
         matvecs += 1
-        active = rs > threshold
-        alpha = torch.where(active, rs / tree_dot(p, ap), zero)
+        curvature = tree_dot(p, ap)
+        curved = curved & ((curvature > 0) if stop_at_negative_curvature else (curvature != 0))
+        active = (rs > threshold) & curved
+        alpha = torch.where(active, rs / curvature, zero)
         x = tree_axpy(alpha, p, x)
         r = tree_axpy(-alpha, ap, r)
         rs_new = tree_dot(r, r)
         beta = torch.where(active, rs_new / rs, zero)
         p = tree_axpy(beta, p, r)
         rs = torch.where(active, rs_new, rs)
-        if exit_every and (index + 1) % exit_every == 0 and not bool((rs > threshold).any()):
+        if exit_every and (index + 1) % exit_every == 0 and not bool(((rs > threshold) & curved).any()):
             break
     bnorm = torch.sqrt(tree_dot(b, b))
     residual = torch.sqrt(rs) / torch.clamp(bnorm, min=torch.finfo(bnorm.dtype).tiny)

@@ -16,8 +16,8 @@ an eager loop (``sync`` with check_every > 0), which also stops trying at the fi
 trial that passed and lets CG end once it meets the forcing term; a0 = 1,
 or where no trial passed at the previous iteration, where its trials ended (the iterate stayed,
 so the next iteration backtracks further along the same Newton direction). Where d is not a
-descent direction (H not positive definite: Algorithm 7.1 stops CG at negative curvature; CG
-here runs its fixed count), d = -g.
+descent direction (H not positive definite: like Algorithm 7.1, the one CG stops at the first
+direction of non-positive curvature, so d = 0 when that is the first one), d = -g.
 
 For a strongly convex quadratic with cg_maxiter >= the number of variables, the first Newton step
 is exact (in exact arithmetic), which the planner uses for small lower levels. Cost per iteration:
@@ -77,7 +77,8 @@ def newton_cg(
             last = f, g
             break
         forcing = torch.clamp(torch.sqrt(norm), max=0.5)
-        solved = cg(lin.hvp, tuple(-t for t in g), None, cg_maxiter, forcing, exit_every=1 if stop.every else 0)
+        solved = cg(lin.hvp, tuple(-t for t in g), None, cg_maxiter, forcing, exit_every=1 if stop.every else 0,
+                    stop_at_negative_curvature=True)
         products += solved.matvecs
         d = tuple(t.detach() for t in solved.solution)
         slope = tree_dot(g, d)
