@@ -220,6 +220,27 @@ def test_the_planner_unrolls_a_level_started_at_upper_variables_and_says_why() -
     assert "levels.task.init_from" in plan.reasons[0] and "no meta-gradient through the start" in plan.reasons[0]
 
 
+def test_memory_estimates_count_this_ranks_tasks_under_a_data_parallel_split() -> None:
+    """A meta-batch split over ranks: each process stores the unrolled steps of its own slice
+    of tasks, so the estimate that decides checkpointing scales with the slice (3 of 5, 2 of 5)."""
+    from bilevel.distributed.reduce import World, activate
+    from bilevel.planner import ProblemFacts
+
+    data = _sinusoid("sinusoid_maml")
+    data["tasks"]["meta_batch"] = 5
+    problem = compile_spec(spec_from_data(data))
+    whole = ProblemFacts.of(problem)
+    assert whole.task_share == 1.0
+    for rank, share in ((0, 3 / 5), (1, 2 / 5)):
+        previous = activate(World(rank=rank, size=2))
+        try:
+            facts = ProblemFacts.of(problem)
+        finally:
+            activate(previous)
+        assert facts.task_share == share
+        assert facts.unrolled_memory_mb(10) == pytest.approx(share * whole.unrolled_memory_mb(10), rel=1e-12)
+
+
 BAD = {
     "implicit without prox": (lambda d: d.update(engine={"kind": "implicit"}), "levels.task.init_from", "identically zero"),
     "truncation": (lambda d: d.update(engine={"kind": "unrolled", "truncate": 1}), "engine.truncate", "drops the meta-gradient"),

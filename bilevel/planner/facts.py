@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bilevel.distributed.shard import own_rows
 from bilevel.nas.memory import supernet_activation_mb
 from bilevel.problem import Level, Problem
 from bilevel.stn.layers import StnLayer
@@ -107,6 +108,9 @@ class ProblemFacts:
     """The lower level declares a proximal term tying it to upper variables."""
     tasks: int | None = None
     """Tasks per outer step of a meta-learning problem (None: not one); ``instances`` then counts them."""
+    task_share: float = 1.0
+    """The fraction of the meta-batch this process adapts: its slice of tasks under a data-parallel
+    split (docs/howto/torchrun.md), else 1. Memory estimates count this process's tasks only."""
     shape: str = ""
     """The levels as text ("top -> middle -> bottom", or "top -> (a, b)" for a tree)."""
     lower_sets: tuple[str, ...] = ()
@@ -179,6 +183,7 @@ class ProblemFacts:
             init_from=(f"levels.{lower.name}.init_from",) if lower.init_from else (),
             prox=lower.prox is not None,
             tasks=problem.instances if problem.resamples_tasks else None,
+            task_share=_task_share(problem),
             blocks=problem.blocks.count if problem.blocks is not None else None,
             blocks_sampled=(problem.blocks.sample if problem.blocks is not None and not problem.blocks.every_block
                             else None),
@@ -214,14 +219,22 @@ class ProblemFacts:
     def unrolled_memory_mb(self, stored_steps: int) -> float:
         """Rough graph memory of differentiating through ``stored_steps`` inner steps: each keeps
         the iterate, its gradient and optimizer buffers (~4 copies of y) and activations at least
-        the size of the lower batch."""
-        per_step = self.bytes_per_scalar * (4 * self.n_lower + self.lower_batch_numel)
+        the size of the lower batch; of this process's tasks only, under a data-parallel split."""
+        per_step = self.bytes_per_scalar * (4 * self.n_lower + self.lower_batch_numel) * self.task_share
         return stored_steps * per_step / 2**20
 
     def nested_steps(self) -> str:
         """The optimizer steps of one nested hypergradient, in total and per lower level."""
         parts = [f"{count} at {name}" for name, count in zip(self.levels[1:], self.steps_per_hypergradient[1:])]
         return f"{sum(self.steps_per_hypergradient)} ({', '.join(parts)})"
+
+
+def _task_share(problem: Problem) -> float:
+    """This process's fraction of the meta-batch (1 outside a data-parallel split of tasks)."""
+    if not (problem.resamples_tasks and problem.instances):
+        return 1.0
+    rows = own_rows(problem.instances)
+    return 1.0 if rows is None else (rows[1] - rows[0]) / problem.instances
 
 
 def _nonsmooth_facts(below: tuple[Level, ...]) -> dict[str, Any]:
