@@ -131,6 +131,30 @@ def test_the_residual_stop_stops_at_the_first_iterate_below_tol(kind: str) -> No
     assert not bool(_minimize(kind, first - 1, tol=tol).converged)
 
 
+def test_newton_cg_solves_its_last_systems_only_as_exactly_as_the_stop_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With tol, the forcing term is min(0.5, max(sqrt(||g||), 0.5 tol / ||g||)) (Kelley 1995,
+    eq. 6.20): near the stop CG may end early, and the solve still ends at ||g|| <= tol."""
+    import math
+    import sys
+
+    from bilevel.linalg.tree import tree_norm
+
+    module = sys.modules["bilevel.minimize.newton_cg"]
+    real, seen = module.cg, []
+
+    def recording(matvec: Any, b: Any, x0: Any, maxiter: int, tol: Any, **options: Any) -> Any:
+        seen.append((float(tree_norm(b)), float(tol)))
+        return real(matvec, b, x0, maxiter, tol, **options)
+
+    monkeypatch.setattr(module, "cg", recording)
+    tol = 1e-6
+    out = _minimize("newton_cg", 60, tol=tol, check_every=1)
+    assert bool(out.converged) and float(out.residual) <= tol
+    for norm, forcing in seen:
+        assert forcing == pytest.approx(min(0.5, max(math.sqrt(norm), 0.5 * tol / norm)), rel=1e-12)
+    assert any(0.5 * tol / norm > math.sqrt(norm) for norm, _ in seen)  # the safeguard set the last ones
+
+
 def test_first_order_residual_stop_counts_and_freezes() -> None:
     tol = 1e-6
     problem = compile_spec(quadratic_spec(inner_steps=1))

@@ -4,7 +4,11 @@ J. Nocedal and S. J. Wright, *Numerical Optimization*, 2nd ed., Springer 2006, A
 (line search Newton-CG) with the forcing sequence eta_k = min(0.5, sqrt(||g_k||)) of eq. 7.3
 (superlinear convergence; quadratic near the solution as eta_k -> 0); R. S. Dembo and
 T. Steihaug, "Truncated-Newton algorithms for large-scale unconstrained optimization", Math.
-Programming 26, 1983.
+Programming 26, 1983. With a stopping tolerance tol the forcing term is safeguarded from
+below so the last linear solve is no more exact than the stop needs (C. T. Kelley, *Iterative
+Methods for Linear and Nonlinear Equations*, SIAM 1995, eq. 6.20):
+eta_k = min(0.5, max(sqrt(||g_k||), 0.5 tol / ||g_k||)), since the linear model then predicts
+||g_{k+1}|| <= 0.5 tol.
 
 Each iteration linearizes G at y (``bilevel.linalg.hvp.Linearization``: the gradient g with its
 graph, then Hessian-vector products by double backward), solves H d = -g by CG
@@ -76,7 +80,8 @@ def newton_cg(
         if stop.exit(index):  # read before the iteration's work: a frozen iteration is not computed
             last = f, g
             break
-        forcing = torch.clamp(torch.sqrt(norm), max=0.5)
+        forcing = torch.sqrt(norm) if tol is None else torch.maximum(torch.sqrt(norm), 0.5 * tol / norm)
+        forcing = torch.clamp(forcing, max=0.5)
         solved = cg(lin.hvp, tuple(-t for t in g), None, cg_maxiter, forcing, exit_every=1 if stop.every else 0,
                     stop_at_negative_curvature=True)
         products += solved.matvecs
