@@ -141,3 +141,19 @@ def test_a_config_whose_kind_does_not_match_is_refused() -> None:
     engine.kind = "other_name"
     with pytest.raises(TypeError, match="kind defaults to 'wrongly_named'"):
         register(engine)
+
+
+def test_a_spec_naming_a_builtin_engine_loads_with_only_the_spec_package_imported() -> None:
+    """In a fresh interpreter, ``bilevel.spec.load_spec`` (or ``bilevel.load_spec``) accepts
+    ``engine.kind`` of every built-in engine, without importing ``bilevel.engines`` first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("from bilevel.spec import load_spec\n"
+            "print(load_spec('problems/meta/digits_imaml.yaml').spec.engine.kind)\n"
+            "print(load_spec('problems/hyperclean/digits.yaml', ['engine.kind=unrolled']).spec.engine.kind)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["implicit", "unrolled"]

@@ -94,6 +94,12 @@ def describe_error(error: dict[str, Any]) -> str:
     return message
 
 
+def _register_builtin_engines() -> None:
+    """Import the engine registry (lazily: it imports the spec models), so that ``engine.kind``
+    accepts every built-in engine even when only ``bilevel.spec`` was imported."""
+    import bilevel.engines  # noqa: F401  (registers the engines' configs with BilevelSpec)
+
+
 def spec_from_data(
     data: Any,
     file: str = "<python>",
@@ -106,6 +112,7 @@ def spec_from_data(
     if non_finite:
         raise SpecError(non_finite)
     _check_allowed_imports(data, file, base_dir, lines)
+    _register_builtin_engines()
     _import_plugins(data, file, base_dir, lines)
     try:
         spec = BilevelSpec.model_validate(data)
