@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["hypergrad_calls"]
+from bilevel.fastpath import ReplayBackend, set_graph_backend
+
+__all__ = ["hypergrad_calls", "replayed"]
 
 
 def hypergrad_calls(engine: Any, problem: Any, n: int) -> list[Any]:
@@ -18,3 +22,13 @@ def hypergrad_calls(engine: Any, problem: Any, n: int) -> list[Any]:
         state = result.state
         out.append(result)
     return out
+
+
+@contextmanager
+def replayed() -> Iterator[None]:
+    """Every call replayed from a captured graph (the replay backend keeps a CUDA graph's contract, on CPU)."""
+    set_graph_backend(ReplayBackend, capture_at_sighting=1)
+    try:
+        yield
+    finally:
+        set_graph_backend(None)

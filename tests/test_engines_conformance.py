@@ -58,10 +58,9 @@ from bilevel.engines import (
     engine_capabilities,
     engine_kinds,
 )
-from bilevel.fastpath import ReplayBackend, set_graph_backend
 from bilevel.planner import make_plan
 from bilevel.spec import SpecError, spec_from_data
-from helpers import hypergrad_calls
+from helpers import hypergrad_calls, replayed
 from oracles import (
     darts_fixed_point_on_the_quadratic,
     lasso_closed_form,
@@ -213,16 +212,6 @@ def test_every_engine_has_settings_for_what_it_declares() -> None:
         assert not missing, f"engine {kind!r} declares capabilities that need conformance settings: {missing}"
 
 
-@contextmanager
-def _replayed() -> Iterator[None]:
-    """Every call replayed from a captured graph (the replay backend, on CPU)."""
-    set_graph_backend(ReplayBackend, capture_at_sighting=1)
-    try:
-        yield
-    finally:
-        set_graph_backend(None)
-
-
 def _cases(attribute: str, fast: bool = False, head: int | None = None) -> list[Any]:
     """(kind, config, mode) for every config of ``attribute``; with ``fast``, the graph-safe
     engines' configs again through the replayed fast path."""
@@ -242,7 +231,7 @@ def _cases(attribute: str, fast: bool = False, head: int | None = None) -> list[
 @contextmanager
 def _mode(mode: str) -> Iterator[None]:
     if mode == "replay":
-        with _replayed():
+        with replayed():
             yield
     else:
         yield
@@ -470,7 +459,7 @@ def test_engines_that_do_not_sample_blocks_are_refused_on_sampled_blocks(kind: s
 def test_quadratic_hypergradient_matches_closed_form_compiled(config: Any, mode: str) -> None:
     if not engine_capabilities()[config.kind].graph_safe:
         pytest.skip("not run through the fast path")
-    with _replayed():
+    with replayed():
         test_quadratic_hypergradient_matches_closed_form(config.model_copy(update={"fast_path": "compile"}), "eager")
 
 
@@ -479,5 +468,5 @@ def test_quadratic_hypergradient_matches_closed_form_compiled(config: Any, mode:
 def test_engine_reaches_the_implicit_solution_compiled(config: Any, mode: str, tmp_path: Any) -> None:
     if not engine_capabilities()[config.kind].graph_safe:
         pytest.skip("not run through the fast path")
-    with _replayed():
+    with replayed():
         test_engine_reaches_the_implicit_solution_on_the_quadratic(config.model_copy(update={"fast_path": "compile"}), "eager", tmp_path)

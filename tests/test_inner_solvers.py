@@ -8,8 +8,6 @@ planner's choice for ``solver: {name: auto}`` and its refusals."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,12 @@ from bilevel.cli import app
 from bilevel.compile import compile_spec
 from bilevel.engines import ImplicitConfig, LinearSolverSpec, UnrolledConfig, build_engine
 from bilevel.engines.inner import inner_solve
-from bilevel.fastpath import ReplayBackend, set_graph_backend
 from bilevel.minimize import lbfgs, newton_cg
 from bilevel.linalg.hvp import Linearization
 from bilevel.optim import InnerOptimizer
 from bilevel.planner import make_plan
 from bilevel.spec import SpecError, spec_from_data
-from helpers import hypergrad_calls
+from helpers import hypergrad_calls, replayed
 from oracles import quadratic_data, quadratic_hypergrad, rel_error, ridge_data, ridge_hypergrad, ridge_val_data
 from problems.toy import quadratic_spec, ridge_solution, ridge_spec
 
@@ -276,23 +273,13 @@ def test_second_order_solvers_are_refused_on_minibatched_lower_data() -> None:
 STATIC = [s for s in SOLVERS if s.get("check_every") == 0] + [{"name": "sgd", "lr": 0.09, "steps": 2000, "tol": 1e-12, "check_every": 0}]
 
 
-@contextmanager
-def _replayed() -> Iterator[None]:
-    """Every call replayed from a captured graph (the replay backend keeps a CUDA graph's contract)."""
-    set_graph_backend(ReplayBackend, capture_at_sighting=1)
-    try:
-        yield
-    finally:
-        set_graph_backend(None)
-
-
 @pytest.mark.parametrize("solver", STATIC, ids=lambda s: s["name"])
 def test_static_shape_solvers_match_the_closed_form_replayed_from_a_captured_graph(solver: dict[str, Any]) -> None:
     """check_every: 0 keeps the solve free of host reads: the whole hypergradient is captured and
     every call replays it, and the replayed result is the closed form to 1e-10."""
     problem = compile_spec(_with_solver(quadratic_spec(), solver))
     config = DIRECT.model_copy(update={"fast_path": "cuda_graph"})
-    with _replayed():
+    with replayed():
         engine = build_engine(config)
         results = hypergrad_calls(engine, problem, 3)
     report = engine.execution_report()
@@ -310,7 +297,7 @@ def test_static_shape_solvers_match_the_closed_form_replayed_from_a_captured_gra
 
 def test_a_residual_stop_read_on_the_host_keeps_the_fast_path_eager_and_says_why() -> None:
     problem = compile_spec(_with_solver(quadratic_spec(), SOLVERS[0]))
-    with _replayed():
+    with replayed():
         engine = build_engine(DIRECT.model_copy(update={"fast_path": "cuda_graph"}))
         results = hypergrad_calls(engine, problem, 2)
     report = engine.execution_report()
