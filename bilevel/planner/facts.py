@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from bilevel.distributed.shard import own_rows
 from bilevel.nas.memory import supernet_activation_mb
 from bilevel.problem import Level, Problem
 from bilevel.stn.layers import StnLayer
@@ -230,11 +229,10 @@ class ProblemFacts:
 
 
 def _task_share(problem: Problem) -> float:
-    """This process's fraction of the meta-batch (1 outside a data-parallel split of tasks)."""
-    if not (problem.resamples_tasks and problem.instances):
-        return 1.0
-    rows = own_rows(problem.instances)
-    return 1.0 if rows is None else (rows[1] - rows[0]) / problem.instances
+    """This process's fraction of the meta-batch (1 outside a data-parallel split of tasks): the
+    slice ``StackedInstances.own_rows`` evaluates."""
+    rows = None if problem.stacked is None else problem.stacked.own_rows()
+    return 1.0 if rows is None else (rows[1] - rows[0]) / problem.stacked.count
 
 
 def _nonsmooth_facts(below: tuple[Level, ...]) -> dict[str, Any]:
