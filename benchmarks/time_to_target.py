@@ -198,7 +198,7 @@ class Evaluator:
         self.setup = setup
         self.train = {k: v.double() if v.is_floating_point() else v for k, v in setup.train.items()}
         self.val = {k: v.double() if v.is_floating_point() else v for k, v in setup.val.items()}
-        self.w = tuple(p.double() for p in setup.w0)
+        self.restart()
 
     def __call__(self, x: torch.Tensor) -> float:
         w = tuple(p.clone().requires_grad_(True) for p in self.w)
@@ -217,22 +217,25 @@ class Evaluator:
         with torch.no_grad():
             return float(self.setup.task.upper(self.w, self.val))
 
+    def restart(self) -> None:
+        """The next solve starts from the lower level's initial values, not the last solution."""
+        self.w = tuple(p.double() for p in self.setup.w0)
+
+    def test_accuracy(self, x: torch.Tensor) -> float:
+        """Test accuracy of y*(x), the lower level solved to convergence in float64 from the start."""
+        self.restart()
+        self(x)
+        return self.setup.task.accuracy(self.w)
+
     def losses(self, xs: list[torch.Tensor], target: float | None = None) -> list[float]:
         """Along xs (stopping after the first at or below target, when given)."""
-        self.w = tuple(p.double() for p in self.setup.w0)
+        self.restart()
         out = []
         for x in xs:
             out.append(self(x))
             if target is not None and out[-1] <= target:
                 break
         return out
-
-
-def exact_accuracy(evaluate: Evaluator, x: torch.Tensor) -> float:
-    """Test accuracy of y*(x), the lower level solved to convergence in float64 from the start."""
-    evaluate.w = tuple(p.double() for p in evaluate.setup.w0)
-    evaluate(x)
-    return evaluate.setup.task.accuracy(evaluate.w)
 
 
 def methods_of(setup: Setup) -> dict[str, Callable[[], tuple[list[float], list[torch.Tensor], Tree]]]:
@@ -257,7 +260,7 @@ def run_task(key: str, rounds: int, steps: int | None) -> dict[str, Any]:
             runs[name].append({"time_to_target_s": times[reached] if reached is not None else float("nan"),
                                "steps_to_target": reached + 1 if reached is not None else float("nan"),
                                "total_s": times[-1], "test_accuracy": setup.task.accuracy(w),
-                               "test_accuracy_exact": exact_accuracy(evaluate, xs[-1])})
+                               "test_accuracy_exact": evaluate.test_accuracy(xs[-1])})
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     plan = make_plan(compile_spec(setup.loaded["auto"]))
     return {"task": setup.task.name, "preset": setup.task.path, "initial_loss": initial, "target": target,
