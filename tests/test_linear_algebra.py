@@ -43,6 +43,34 @@ def test_cg_solves_spd_systems(n: int, seed: int, warm: bool) -> None:
     assert result.matvecs == 3 * n + (1 if warm else 0)
 
 
+def test_cg_on_several_tensors_runs_on_their_concatenation() -> None:
+    """A single system of several tensors is solved on one flat vector: the same iterates, bit for
+    bit, as CG on the concatenated system; the solution comes back in the tensors' shapes, and
+    stays differentiable in b (d x / d b = A^{-1})."""
+    A = _spd(7, 3)
+    shapes = [(2, 2), (3,)]
+    b = tuple(torch.randn(*s, dtype=D, generator=torch.Generator().manual_seed(k)).requires_grad_(True)
+              for k, s in enumerate(shapes))
+
+    def matvec(v):
+        flat = A @ torch.cat([u.reshape(-1) for u in v])
+        return flat[:4].reshape(2, 2), flat[4:]
+
+    for maxiter in (1, 3, 7):
+        split = cg(matvec, b, maxiter=maxiter, tol=0.0)
+        whole = cg(lambda v: (A @ v[0],), (torch.cat([u.reshape(-1) for u in b]),), maxiter=maxiter, tol=0.0)
+        assert [u.shape for u in split.solution] == [torch.Size(s) for s in shapes]
+        assert torch.equal(torch.cat([u.reshape(-1) for u in split.solution]), whole.solution[0])
+        assert torch.equal(split.residual, whole.residual) and split.matvecs == whole.matvecs
+    solved = cg(matvec, b, maxiter=7, tol=0.0).solution
+    (grad,) = torch.autograd.grad(solved[1][0], b[1])
+    assert torch.allclose(grad, torch.linalg.inv(A)[4, 4:], atol=1e-10)
+    mixed = (torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=D))  # not one dtype: solved per tensor
+    out = cg(lambda v: (2 * v[0], 2 * v[1]), mixed, maxiter=2)
+    assert [u.dtype for u in out.solution] == [torch.float32, D]
+    assert torch.allclose(out.solution[1], torch.full((2,), 0.5, dtype=D), atol=1e-15)
+
+
 def test_cg_freezes_once_converged_and_keeps_the_last_update() -> None:
     A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=D))
     b = (torch.tensor([1.0, 1.0, 1.0], dtype=D),)

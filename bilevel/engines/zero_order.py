@@ -41,7 +41,7 @@ from bilevel.engines.inner import inner_residual, lower_start, lower_steps
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
-from bilevel.linalg.tree import tree_norm
+from bilevel.linalg.tree import tree_norm, tree_unflatten
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
@@ -101,10 +101,6 @@ def estimate(method: str, values: Tensor, base: Tensor, u: Tensor, sigma: float)
     return terms.mean(0), variance
 
 
-def _unflatten(flat: Tensor, like: Params) -> Params:
-    return tuple(part.reshape(p.shape) for part, p in zip(flat.split([p.numel() for p in like]), like))
-
-
 @register
 class ZeroOrderEngine(EngineBase):
     """ES hypergradients (naive, forward, antithetic), perturbations batched with vmap."""
@@ -158,7 +154,7 @@ class ZeroOrderEngine(EngineBase):
             inner_steps=steps,
             extra={"estimate_variance": variance, "lower_solves": float(points.shape[0] + 1)},
         )
-        return Hypergrad(_unflatten(direction, x), base, EngineState(y, state.inner_state, state.step + 1), stats)
+        return Hypergrad(tree_unflatten(direction, x), base, EngineState(y, state.inner_state, state.step + 1), stats)
 
     def _evaluate(self, problem: Problem, optimizer: InnerOptimizer, points: Tensor, x: Params, y0: Params, s0: Params,
                   batches: list[Any], batch: Any) -> Tensor:
@@ -177,7 +173,7 @@ class ZeroOrderEngine(EngineBase):
     def _vmapped(problem: Problem, optimizer: InnerOptimizer, points: Tensor, x: Params, y0: Params, s0: Params,
                  batches: list[Any], batch: Any) -> Tensor:
         def value(point: Tensor) -> Tensor:
-            xp = _unflatten(point, x)
+            xp = tree_unflatten(point, x)
             return problem.upper_objective(xp, functional_solve(problem, optimizer, xp, y0, s0, batches), batch)
 
         return torch.func.vmap(value)(points).detach()
@@ -187,7 +183,7 @@ class ZeroOrderEngine(EngineBase):
                 batches: list[Any], batch: Any) -> Tensor:
         values = []
         for point in points:
-            xp = _unflatten(point, x)
+            xp = tree_unflatten(point, x)
             yp, _, _ = lower_steps(problem, optimizer, xp, y0, s0, batches=batches)
             with torch.no_grad():
                 values.append(problem.upper_objective(xp, yp, batch).reshape(()))

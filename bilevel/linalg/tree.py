@@ -13,9 +13,11 @@ __all__ = [
     "tree_add",
     "tree_axpy",
     "tree_dot",
+    "tree_flatten",
     "tree_norm",
     "tree_scale",
     "tree_sub",
+    "tree_unflatten",
     "tree_zeros_like",
     "zeros_for_none",
 ]
@@ -25,7 +27,10 @@ Tree = Sequence[Tensor]
 
 def tree_dot(a: Tree, b: Tree) -> Tensor:
     """sum_i <a_i, b_i> as a 0-d tensor (stays on the device)."""
-    return sum((torch.vdot(u.reshape(-1), v.reshape(-1)) for u, v in zip(a, b)), torch.zeros((), dtype=a[0].dtype, device=a[0].device))
+    out = torch.vdot(a[0].reshape(-1), b[0].reshape(-1))
+    for u, v in zip(a[1:], b[1:]):
+        out = out + torch.vdot(u.reshape(-1), v.reshape(-1))
+    return out
 
 
 def tree_norm(a: Tree) -> Tensor:
@@ -35,8 +40,8 @@ def tree_norm(a: Tree) -> Tensor:
 
 def tree_axpy(alpha: Tensor | float, x: Tree, y: Tree) -> tuple[Tensor, ...]:
     """y + alpha * x."""
-    if isinstance(alpha, Tensor):  # per tensor: the backward of _foreach_mul(list, Tensor) fails for lists (torch 2.13)
-        return tuple(torch._foreach_add(list(y), [u * alpha for u in x]))
+    if isinstance(alpha, Tensor):  # per tensor, one fused op each (the backward of _foreach_mul(list, Tensor) fails, torch 2.13)
+        return tuple(torch.addcmul(v, u, alpha) for u, v in zip(x, y))
     return tuple(torch._foreach_add(list(y), list(x), alpha=alpha))
 
 
@@ -52,6 +57,17 @@ def tree_scale(alpha: Tensor | float, a: Tree) -> tuple[Tensor, ...]:
     if isinstance(alpha, Tensor):
         return tuple(u * alpha for u in a)
     return tuple(torch._foreach_mul(list(a), alpha))
+
+
+def tree_flatten(a: Tree) -> Tensor:
+    """The tensors of ``a`` as one vector (one copy)."""
+    return torch.cat([u.reshape(-1) for u in a])
+
+
+def tree_unflatten(flat: Tensor, like: Tree) -> tuple[Tensor, ...]:
+    """``flat`` cut into tensors of the shapes of ``like`` (views of it, no copy)."""
+    parts = torch.split(flat, [u.numel() for u in like])
+    return tuple(part.reshape(u.shape) for part, u in zip(parts, like))
 
 
 def tree_zeros_like(a: Tree) -> tuple[Tensor, ...]:

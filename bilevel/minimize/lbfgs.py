@@ -35,7 +35,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from bilevel.minimize.result import Minimized, flatten, unflatten
+from bilevel.linalg.tree import tree_flatten as flatten
+from bilevel.linalg.tree import tree_unflatten as unflatten
+from bilevel.minimize.result import Minimized
 from bilevel.minimize.stopping import ResidualStop, armijo
 
 __all__ = ["lbfgs"]

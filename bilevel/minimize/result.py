@@ -1,14 +1,13 @@
-"""What an inner solve returns, and the flat view of a tuple of tensors the solvers work on."""
+"""What an inner solve returns."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from torch import Tensor
 
-__all__ = ["Minimized", "flatten", "unflatten"]
+__all__ = ["Minimized"]
 
 
 @dataclass(frozen=True)
@@ -30,14 +29,6 @@ class Minimized:
     """Gradient evaluations run (frozen iterations included), counted on the host."""
     products: int = 0
     """Hessian-vector products run (Newton-CG), counted on the host."""
-
-
-def flatten(tree: Sequence[Tensor]) -> Tensor:
-    """The tensors of ``tree`` as one vector."""
-    return torch.cat([t.reshape(-1) for t in tree])
-
-
-def unflatten(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """``flat`` cut into tensors of the shapes of ``like``."""
-    parts = torch.split(flat, [t.numel() for t in like])
-    return tuple(p.reshape(t.shape) for p, t in zip(parts, like))
+    linearization: Any = None
+    """The ``bilevel.linalg.hvp.Linearization`` of G at the solution, where the solver built one
+    there (an eager Newton-CG that stopped on its residual); None otherwise."""
