@@ -152,6 +152,34 @@ def test_newton_cg_solves_its_last_systems_only_as_exactly_as_the_stop_needs(mon
     assert any(0.5 * tol / norm > math.sqrt(norm) for norm, _ in seen)  # the safeguard set the last ones
 
 
+def test_an_eager_newton_cg_evaluates_g_once_per_accepted_step_and_hands_its_linearization_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An accepted first trial point's linearization is the next iteration's (no second evaluation
+    of G there), and the implicit engine's linear system reuses the one at the solution: one
+    hypergradient builds no Linearization of its own, and still gives the closed form."""
+    out = _minimize("newton_cg", 60, tol=1e-8, check_every=1)
+    assert bool(out.converged) and out.linearization is not None
+    assert torch.equal(out.linearization.y[0], out.solution[0])
+    assert out.evaluations == int(out.steps) + 1  # one per iteration taken, and the one at the solution
+    assert _minimize("newton_cg", 60, tol=1e-8, check_every=0).linearization is None  # static shape: none
+
+    import sys
+
+    module = sys.modules["bilevel.engines.implicit"]
+    built = []
+
+    class Counting(Linearization):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(module, "Linearization", Counting)
+    problem = compile_spec(_with_solver(quadratic_spec(), {"name": "newton_cg", "steps": 30, "tol": 1e-12, "check_every": 1}))
+    x, result = _hypergrad(problem, ImplicitConfig(linear_solver=LinearSolverSpec(maxiter=50, tol=1e-14)))
+    assert not built
+    assert rel_error(result.grad[0], quadratic_hypergrad(x[0], quadratic_data())) < 1e-10
+
+
 def test_first_order_residual_stop_counts_and_freezes() -> None:
     tol = 1e-6
     problem = compile_spec(quadratic_spec(inner_steps=1))

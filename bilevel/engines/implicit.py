@@ -121,16 +121,20 @@ class ImplicitEngine(EngineBase):
         if reused is not None:
             return reused
         steps: Tensor | int = solver_spec.steps
+        lin = None
         with execution.reduced_precision(problem):
             if stops_on_residual(solver_spec):  # L-BFGS, Newton-CG, or a tolerance: steps counted on the device
                 solved = inner_solve(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
                 y, steps = solved.solution, solved.steps
+                if self.config.hvp == "reverse":  # Newton-CG's at its solution, on the same full lower batch
+                    lin = solved.linearization
             else:
                 y, _ = execution.solve_lower(problem, optimizer, x, y0, optimizer.init(y0), solver_spec.steps)
 
         lower_batch = lower.batch()
-        with execution.reduced_precision(problem):
-            lin = Linearization(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y, self.config.hvp)
+        if lin is None:
+            with execution.reduced_precision(problem):
+                lin = Linearization(lambda xx, yy: problem.lower_objective(xx, yy, lower_batch), x, y, self.config.hvp)
         grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
         if lower.nonsmooth:  # sets or proximal terms: differentiate the fixed point y = P(y - eta grad_y G)
             with execution.reduced_precision(problem):

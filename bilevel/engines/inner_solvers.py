@@ -34,6 +34,9 @@ class LowerSolve:
     steps: Tensor | int
     residual: Tensor | None = None
     """||grad_y G|| at the solution, where the solver evaluated it (L-BFGS, Newton-CG)."""
+    linearization: Linearization | None = None
+    """G's Linearization at the solution on the lower batch, where the solver built one there (an
+    eager Newton-CG stopped on its residual): the implicit engine's linear system reuses it."""
 
 
 def minimize_lower(problem: Problem, spec: OptimizerSpec, x: Params, y: Params, steps: int, batch: Any) -> LowerSolve:
@@ -66,4 +69,4 @@ def minimize_lower(problem: Problem, spec: OptimizerSpec, x: Params, y: Params, 
                             trials=spec.line_search_trials, **common)
         else:
             raise ValueError(f"{spec.name} is a first-order optimizer (bilevel.optim), not a minimizer")
-    return LowerSolve(tuple(p.detach() for p in out.solution), (), out.grad, out.steps, out.residual)
+    return LowerSolve(tuple(p.detach() for p in out.solution), (), out.grad, out.steps, out.residual, out.linearization)

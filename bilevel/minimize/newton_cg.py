@@ -17,7 +17,11 @@ graph, then Hessian-vector products by double backward), solves H d = -g by CG
 a0 backtrack^(trials - 1) that passes Armijo's test (``stopping.armijo``), each trial one value of
 G. All trials are evaluated (no host synchronization: the choice is a ``torch.where``), except in
 an eager loop (``sync`` with check_every > 0), which also stops trying at the first
-trial that passed and lets CG end once it meets the forcing term; a0 = 1,
+trial that passed and lets CG end once it meets the forcing term. There the first trial is
+evaluated with its gradient (a ``Linearization``), which is the next iteration's when the step is
+taken (near the solution, almost always), so that an accepted Newton step costs one objective
+evaluation instead of two; and the solve returns the linearization at its solution, which the
+implicit engine reuses for its linear system. a0 = 1,
 or where no trial passed at the previous iteration, where its trials ended (the iterate stayed,
 so the next iteration backtracks further along the same Newton direction). Where d is not a
 descent direction (H not positive definite: like Algorithm 7.1, the one CG stops at the first
@@ -70,15 +74,18 @@ def newton_cg(
     taken = torch.zeros((), dtype=torch.long, device=like.device)
     evaluations = products = 0
     last = None
+    ahead: Linearization | None = None  # eager: the linearization at the accepted first trial point
+    at_solution: Linearization | None = None
     for index in range(steps):
-        lin = linearize(y)
+        lin = ahead if ahead is not None else linearize(y)
+        evaluations += ahead is None
+        ahead = None
         g = tuple(t.detach() for t in lin.grad_y)
         f = lin.value.detach()
-        evaluations += 1
         norm = tree_norm(g)
         active = stop.observe(norm)
         if stop.exit(index):  # read before the iteration's work: a frozen iteration is not computed
-            last = f, g
+            last, at_solution = (f, g), lin
             break
         forcing = torch.sqrt(norm) if tol is None else torch.maximum(torch.sqrt(norm), 0.5 * tol / norm)
         forcing = torch.clamp(forcing, max=0.5)
@@ -93,19 +100,29 @@ def newton_cg(
 
         chosen = torch.zeros_like(start)
         found = torch.zeros((), dtype=torch.bool, device=like.device)
-        with torch.no_grad():
-            for j in range(trials):
-                a = start * backtrack**j
-                ok = armijo(value(tree_axpy(a, d, y)).detach(), f, a, slope, c1)
-                chosen = torch.where(found | ~ok, chosen, a)
-                found = found | ok
-                if stop.every and bool(found):  # eager: the remaining trials cannot change the choice
-                    break
+        for j in range(trials):
+            a = start * backtrack**j
+            if stop.every and j == 0:  # eager: G there with its gradient, the next iteration's if accepted
+                candidate = linearize(tree_axpy(a, d, y))
+                evaluations += 1
+                trial = candidate.value.detach()
+            else:
+                with torch.no_grad():
+                    trial = value(tree_axpy(a, d, y)).detach()
+            ok = armijo(trial, f, a, slope, c1)
+            chosen = torch.where(found | ~ok, chosen, a)
+            found = found | ok
+            if stop.every and bool(found):  # eager: the remaining trials cannot change the choice
+                ahead = candidate if j == 0 and bool(active) else None  # the step is taken: it is the new y
+                break
         start = torch.where(active, torch.where(found, torch.ones_like(start), start * backtrack**trials), start)
         y = stop.keep(y, tree_axpy(chosen, d, y))  # chosen = 0 where no trial passed
         taken = taken + active.long()
+    if last is None and ahead is not None:  # the steps ran out at an accepted trial point: G is known there
+        last, at_solution = (ahead.value.detach(), tuple(t.detach() for t in ahead.grad_y)), ahead
     f, g = last if last is not None else value_and_grad(y)
     evaluations += last is None
     residual = tree_norm(g).detach()
     stop.observe(residual)
-    return Minimized(y, tuple(t.detach() for t in g), f.detach(), residual, taken, stop.done, evaluations, products)
+    return Minimized(y, tuple(t.detach() for t in g), f.detach(), residual, taken, stop.done, evaluations, products,
+                     at_solution)
