@@ -71,6 +71,25 @@ def test_cg_on_several_tensors_runs_on_their_concatenation() -> None:
     assert torch.allclose(out.solution[1], torch.full((2,), 0.5, dtype=D), atol=1e-15)
 
 
+def test_cg_per_instance_on_several_tensors_runs_on_one_row_per_instance() -> None:
+    ops = torch.stack([_spd(5, 11), _spd(5, 12, condition=100.0)])
+    b = (torch.randn(2, 3, dtype=D, generator=torch.Generator().manual_seed(0)),
+         torch.randn(2, 2, dtype=D, generator=torch.Generator().manual_seed(1)))
+
+    def matvec(v):
+        flat = torch.einsum("kij,kj->ki", ops, torch.cat(v, dim=1))
+        return flat[:, :3], flat[:, 3:]
+
+    split = cg(matvec, b, maxiter=4, tol=0.0, per_instance=True)
+    whole = cg(lambda v: (torch.einsum("kij,kj->ki", ops, v[0]),), (torch.cat(b, dim=1),), maxiter=4, tol=0.0,
+               per_instance=True)
+    assert torch.equal(torch.cat(split.solution, dim=1), whole.solution[0]) and torch.equal(split.residual, whole.residual)
+    exact = cg(matvec, b, maxiter=10, tol=1e-14, per_instance=True).solution
+    for k in range(2):
+        assert torch.allclose(torch.cat([u[k] for u in exact]), torch.linalg.solve(ops[k], torch.cat([u[k] for u in b])),
+                              atol=1e-11)
+
+
 def test_cg_freezes_once_converged_and_keeps_the_last_update() -> None:
     A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=D))
     b = (torch.tensor([1.0, 1.0, 1.0], dtype=D),)

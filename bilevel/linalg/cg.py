@@ -19,9 +19,9 @@ iterates are the same either way.
 block-diagonal operator (a batch of instances); each gets its own step sizes and stopping test,
 so every instance follows exactly the iterates of its own CG.
 
-A single system of several tensors (weights and biases, say) is solved on their concatenation:
-the operator sees views of one flat vector, and each inner product or update is one kernel
-instead of one per tensor (on a CPU, where small kernels cost their launch, the vector work of
+A system of several tensors (weights and biases, say) is solved on their concatenation (per
+instance: one row of a matrix each): the operator sees views of one flat vector, and each inner
+product or update is one kernel instead of one per tensor (on a CPU, where small kernels cost their launch, the vector work of
 an iteration then costs about a third of a Hessian-vector product less)."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg.result import SolveResult
-from bilevel.linalg.tree import instance_axpy, instance_dot, tree_flatten, tree_sub, tree_unflatten, tree_zeros_like
+from bilevel.linalg.tree import (instance_axpy, instance_dot, instance_flatten, instance_unflatten, tree_flatten, tree_sub,
+                                 tree_unflatten, tree_zeros_like)
 from bilevel.linalg.tree import tree_axpy as _tree_axpy
 from bilevel.linalg.tree import tree_dot as _tree_dot
 
@@ -63,10 +64,11 @@ def cg(
     and the loop ends once every residual is below it; the result is the same as without, whose
     remaining iterations would be frozen."""
     b = tuple(b)
-    if not per_instance and len(b) > 1 and len({(t.dtype, t.device) for t in b}) == 1:
-        solved = cg(lambda v: (tree_flatten(matvec(tree_unflatten(v[0], b))),), (tree_flatten(b),),
-                    None if x0 is None else (tree_flatten(x0),), maxiter, tol, False, exit_every, stop_at_negative_curvature)
-        return SolveResult(tree_unflatten(solved.solution[0], b), solved.residual, solved.matvecs)
+    if len(b) > 1 and len({(t.dtype, t.device) for t in b}) == 1:  # one flat vector (per instance: one row each)
+        join, split = (instance_flatten, instance_unflatten) if per_instance else (tree_flatten, tree_unflatten)
+        solved = cg(lambda v: (join(matvec(split(v[0], b))),), (join(b),), None if x0 is None else (join(x0),),
+                    maxiter, tol, per_instance, exit_every, stop_at_negative_curvature)
+        return SolveResult(split(solved.solution[0], b), solved.residual, solved.matvecs)
     tree_dot, tree_axpy = (instance_dot, instance_axpy) if per_instance else (_tree_dot, _tree_axpy)
     matvecs = 0
     if x0 is None:

@@ -10,6 +10,8 @@ from torch import Tensor
 __all__ = [
     "instance_axpy",
     "instance_dot",
+    "instance_flatten",
+    "instance_unflatten",
     "tree_add",
     "tree_axpy",
     "tree_dot",
@@ -83,10 +85,23 @@ def zeros_for_none(grads: Sequence[Tensor | None], like: Tree) -> tuple[Tensor, 
 # --- batches of independent instances: the leading dimension of every tensor is the instance ---
 def instance_dot(a: Tree, b: Tree) -> Tensor:
     """Per-instance sum_i <a_i[k], b_i[k]> for each k along the leading dimension, shape (N,)."""
-    return sum(((u * v).reshape(u.shape[0], -1).sum(1) for u, v in zip(a, b)),
-               torch.zeros(a[0].shape[0], dtype=a[0].dtype, device=a[0].device))
+    out = (a[0] * b[0]).reshape(a[0].shape[0], -1).sum(1)
+    for u, v in zip(a[1:], b[1:]):
+        out = out + (u * v).reshape(u.shape[0], -1).sum(1)
+    return out
 
 
 def instance_axpy(alpha: Tensor, x: Tree, y: Tree) -> tuple[Tensor, ...]:
     """y + alpha[k] * x for each instance k (alpha of shape (N,))."""
-    return tuple(v + alpha.reshape(-1, *([1] * (u.dim() - 1))) * u for u, v in zip(x, y))
+    return tuple(torch.addcmul(v, u, alpha.reshape(-1, *([1] * (u.dim() - 1)))) for u, v in zip(x, y))
+
+
+def instance_flatten(a: Tree) -> Tensor:
+    """The tensors of ``a`` as one (N, D) matrix, instance k's scalars in row k (one copy)."""
+    return torch.cat([u.reshape(u.shape[0], -1) for u in a], dim=1)
+
+
+def instance_unflatten(flat: Tensor, like: Tree) -> tuple[Tensor, ...]:
+    """``flat`` (N, D) cut into tensors of the shapes of ``like`` (views of it, no copy)."""
+    parts = torch.split(flat, [u[0].numel() for u in like], dim=1)
+    return tuple(part.reshape(u.shape) for part, u in zip(parts, like))
