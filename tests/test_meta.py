@@ -317,8 +317,8 @@ def test_meta_test_command_prints_each_step_count(tmp_path: Path) -> None:
 def test_the_plain_reference_implementation_runs() -> None:
     from problems.meta.plain_reference import train
 
-    for method in ("maml", "fomaml"):
-        result = train(method, seed=0, steps=3, tasks=8)
+    for method, init in (("maml", "torch"), ("fomaml", "torch"), ("fomaml", "finn")):
+        result = train(method, seed=0, steps=3, tasks=8, init=init)
         assert set(result) == {0, 1, 10}
         assert all(math.isfinite(mean) and ci >= 0 for mean, ci in result.values())
         assert result[10][0] < result[0][0]  # adapting to a task's support lowers its query error

@@ -10,6 +10,7 @@ detached). The meta-test adapts on 600 fresh tasks (drawn from seed + 12345) wit
 mean query MSE +- its 95% confidence interval after 0, 1 and 10 steps.
 
     python -m problems.meta.plain_reference --method fomaml --seed 0 --steps 70000
+    python -m problems.meta.plain_reference --method fomaml --seed 0 --steps 70000 --init finn
 
 Its tasks are drawn from its own generator, not from the presets' task stream, so a seed here is
 not the same run as the preset's seed: compare the spread over seeds."""
@@ -31,11 +32,18 @@ __all__ = ["train"]
 Params = dict[str, Tensor]
 
 
-def train(method: str, seed: int, steps: int, tasks: int = 600) -> dict[int, tuple[float, float]]:
+def train(method: str, seed: int, steps: int, tasks: int = 600, init: str = "torch") -> dict[int, tuple[float, float]]:
     """Meta-train with ``method`` (maml or fomaml) for ``steps`` outer steps; returns
-    {adaptation steps: (mean query MSE, 95% CI half-width)} over ``tasks`` meta-test tasks."""
+    {adaptation steps: (mean query MSE, 95% CI half-width)} over ``tasks`` meta-test tasks.
+    ``init``: torch (nn.Linear's default, as the presets) or finn (the initialization of Finn et
+    al.'s code: weights from a normal of std 0.01 truncated at two deviations, zero biases)."""
     torch.manual_seed(seed)
     net = mlp()
+    if init == "finn":
+        for layer in net:
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+                torch.nn.init.zeros_(layer.bias)
     params = {name: p.detach().clone().requires_grad_(True) for name, p in net.named_parameters()}
     optimizer = torch.optim.Adam(params.values(), lr=1e-3)
     first_order = method == "fomaml"
@@ -80,9 +88,10 @@ def main() -> None:
     parser.add_argument("--method", choices=["maml", "fomaml"], default="fomaml")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=70000)
+    parser.add_argument("--init", choices=["torch", "finn"], default="torch")
     args = parser.parse_args()
     started = time.perf_counter()
-    result = train(args.method, args.seed, args.steps)
+    result = train(args.method, args.seed, args.steps, init=args.init)
     cells = "  ".join(f"after {k}: {mean:.3f} +- {ci:.3f}" for k, (mean, ci) in result.items())
     print(f"{args.method} seed {args.seed}, {args.steps} steps: {cells}  ({time.perf_counter() - started:.0f} s)")
 
