@@ -208,6 +208,53 @@ def test_without_tol_the_first_order_loop_is_unchanged() -> None:
     assert out.steps == 30
 
 
+# --- the secant predictor (solver.extrapolate) ----------------------------------------------------------
+def test_the_secant_predictor_starts_on_the_path_and_changes_no_result() -> None:
+    """y*(x) = A^{-1} B x of the quadratic is linear, so along a line of upper variables the
+    prediction 2 y_t - y_{t-1} is the next solution (up to the previous solves' errors, which it
+    doubles): the third and fourth solves take no step. With or without it, every hypergradient and
+    solution is the closed form."""
+    data = quadratic_data()
+    taken = {}
+    for extrapolate in (False, True):
+        solver = {"name": "newton_cg", "steps": 30, "tol": 1e-10, "check_every": 1, "extrapolate": extrapolate}
+        problem = compile_spec(_with_solver(quadratic_spec(), solver))
+        engine = build_engine(DIRECT)
+        x = problem.fresh(problem.upper.init)
+        state = engine.init(problem, x)
+        taken[extrapolate] = []
+        for t in range(5):
+            xt = (x[0] + 0.1 * t,)
+            result = engine.hypergrad(problem, xt, state, problem.upper.batch())
+            state = result.state
+            assert rel_error(result.grad[0], quadratic_hypergrad(xt[0], data)) < 1e-10
+            assert rel_error(state.lower[0], torch.linalg.solve(data["A"], data["B"] @ xt[0])) < 1e-10
+            taken[extrapolate].append(int(result.stats.inner_steps))
+        restored = type(state).from_state_dict(state.state_dict())  # the predictor's point is checkpointed
+        assert (restored.previous is None) == (not extrapolate)
+    assert taken[True][2:4] == [0, 0] and min(taken[False][1:]) > 0 and sum(taken[True]) < sum(taken[False])
+    assert taken[True][:2] == taken[False][:2]  # no prediction from the initial values, nor from one solution
+
+
+@pytest.mark.parametrize("solver, engine, why", [
+    ({"name": "sgd", "lr": 0.09, "extrapolate": True}, None, "residual stop"),
+    ({"name": "newton_cg", "tol": 1e-8, "extrapolate": True, "warm_start": False}, None, "warm_start"),
+    ({"name": "sgd", "lr": 0.09, "tol": 1e-6, "extrapolate": True}, UnrolledConfig(), "implicit")])
+def test_a_predicted_start_is_refused_where_it_would_change_the_result(solver: dict, engine: Any, why: str) -> None:
+    with pytest.raises(SpecError) as err:
+        make_plan(compile_spec(_with_solver(quadratic_spec(), solver)), engine)
+    assert "levels.lower.solver.extrapolate" in str(err.value) and why in str(err.value)
+
+
+def test_auto_predicts_each_start_unless_told_otherwise() -> None:
+    plan = make_plan(compile_spec(_with_solver(quadratic_spec(), {"name": "auto", "steps": 50})))
+    assert plan.inner_solver.extrapolate and any("secant prediction" in r for r in plan.reasons)
+    plan = make_plan(compile_spec(_with_solver(quadratic_spec(), {"name": "auto", "steps": 50, "extrapolate": False})))
+    assert not plan.inner_solver.extrapolate and not any("secant prediction" in r for r in plan.reasons)
+    sgd = make_plan(compile_spec(_with_solver(quadratic_spec(), {"name": "auto", "steps": 50})), UnrolledConfig())
+    assert sgd.inner_solver.name == "sgd" and not sgd.inner_solver.extrapolate
+
+
 # --- the planner ------------------------------------------------------------------------------------
 def _plan(spec: Any) -> Any:
     return make_plan(compile_spec(spec))

@@ -160,7 +160,9 @@ def plan(
         typer.echo(f"config: {json.dumps(the_plan.engine.model_dump(mode='json'))}")
         if the_plan.inner_solver is not None:
             chosen = the_plan.inner_solver
-            typer.echo(f"inner solver: {chosen.name} (steps {chosen.steps}, tol {chosen.tol}, check_every {chosen.check_every})")
+            predicted = ", extrapolate" if chosen.extrapolate else ""
+            typer.echo(f"inner solver: {chosen.name} (steps {chosen.steps}, tol {chosen.tol}, check_every {chosen.check_every}"
+                       f"{predicted})")
         typer.echo("why:")
         for reason in the_plan.reasons:
             typer.echo(f"  - {reason}")

@@ -18,6 +18,8 @@ is the fast path's business (``bilevel.fastpath``); this module is the algorithm
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -25,7 +27,7 @@ from pydantic import Field
 from torch import Tensor
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import fixed_point_map, inner_solve, lower_start
+from bilevel.engines.inner import fixed_point_map, inner_solve, lower_start, predicted_start
 from bilevel.engines.inner_stats import inner_extra, reuse_hypergradient, stops_on_residual
 from bilevel.engines.nested_implicit import nested_hypergrad, solve_below
 from bilevel.engines.registry import register
@@ -84,6 +86,9 @@ class ImplicitState(EngineState):
     v: Params | None = None
     grad: Params | None = None
     """The last hypergradient computed (kept only with ``reuse_hypergradient_below``)."""
+    previous: Params | None = None
+    """The lower solution before ``lower`` (kept only with ``solver.extrapolate``: the secant
+    predictor's second point)."""
 
 
 @register
@@ -116,9 +121,12 @@ class ImplicitEngine(EngineBase):
         solver_spec = lower.solver
         optimizer = InnerOptimizer(solver_spec)
         execution = self.execution
-        y0 = lower_start(problem, state, x)
+        extrapolate = solver_spec.extrapolate and stops_on_residual(solver_spec)
+        y0 = predicted_start(problem, state, x, state.previous) if extrapolate else lower_start(problem, state, x)
         reused = reuse_hypergradient(problem, self.config.reuse_hypergradient_below, x, y0, state, batch)
         if reused is not None:
+            if extrapolate:  # the start it kept is the new last point of the path
+                reused = dataclasses.replace(reused, state=dataclasses.replace(reused.state, previous=_solved(state)))
             return reused
         steps: Tensor | int = solver_spec.steps
         lin = None
@@ -157,7 +165,8 @@ class ImplicitEngine(EngineBase):
         keep = self.config.reuse_hypergradient_below is not None
         new_state = ImplicitState(tuple(p.detach() for p in y), state.inner_state, state.step + 1,
                                   v=tuple(v.detach() for v in result.solution),
-                                  grad=tuple(g.detach() for g in grad) if keep else None)
+                                  grad=tuple(g.detach() for g in grad) if keep else None,
+                                  previous=_solved(state) if extrapolate else None)
         return Hypergrad(grad, upper_loss, new_state, stats)
 
     def lower_solution(self, problem: Problem, x: Params, state: EngineState) -> Params:
@@ -249,6 +258,12 @@ def _nested_refusals(config: ImplicitConfig) -> dict[str, str]:
         out["engine.linear_solver.method"] = ("the direct solve assembles H with batched products, which do not pass through"
                                               " the implicit derivatives of lower levels; use cg or neumann")
     return out
+
+
+def _solved(state: ImplicitState) -> Params | None:
+    """state.lower when it is a lower solution (after a first call), as the secant predictor's
+    second point; None before (the initial values are not on the path of solutions)."""
+    return state.lower if state.step > 0 else None
 
 
 def _refuse_nested(config: ImplicitConfig) -> None:

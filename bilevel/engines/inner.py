@@ -22,6 +22,7 @@ from bilevel.problem import Params, Problem
 from bilevel.spec.optimizer import SECOND_ORDER
 
 __all__ = [
+    "predicted_start",
     "closed_form_solution",
     "inner_residual",
     "inner_solve",
@@ -51,6 +52,18 @@ def lower_start(problem: Problem, state: EngineState, x: Params) -> Params:
     if lower.solver.warm_start and not problem.resamples_tasks:
         return state.lower
     return problem.fresh(lower.init)
+
+
+def predicted_start(problem: Problem, state: EngineState, x: Params, previous: Params | None) -> Params:
+    """``lower_start``, moved by the secant predictor where the level asks for it
+    (``solver.extrapolate``) and the start is the warm start: y_t + (y_t - y_{t-1}), the linear
+    extrapolation of the path of lower solutions y*(x_t) through its last two points (Allgower &
+    Georg 1990, ch. 2). ``previous``: y_{t-1}, the lower solution before state.lower (None: there is
+    none yet, and the solve starts at y_t)."""
+    start = lower_start(problem, state, x)
+    if not problem.lower.solver.extrapolate or previous is None or start is not state.lower:
+        return start
+    return tuple(2.0 * a - b for a, b in zip(start, previous))
 
 
 def inner_step(

@@ -69,6 +69,10 @@ class ProblemFacts:
     """The lower level's inner solver (sgd, momentum, adam, lbfgs, newton_cg, auto)."""
     inner_tol: float | None = None
     """The lower solver's residual stop (solver.tol; None: a fixed number of steps)."""
+    inner_extrapolate: bool = False
+    """The lower solver starts at the secant prediction of the next solution (solver.extrapolate)."""
+    inner_warm_start: bool = True
+    """The lower solver starts at the previous solution (solver.warm_start)."""
     lower_smoothness: str = "unknown"
     """Declared smoothness of the lower objective (bounded: a Lipschitz gradient)."""
     lower_minibatched: bool = False
@@ -161,6 +165,8 @@ class ProblemFacts:
             closed_form=lower.solution is not None,
             lower_solver=lower.solver.name if lower.solver is not None else "sgd",
             inner_tol=lower.solver.tol if lower.solver is not None else None,
+            inner_extrapolate=bool(lower.solver.extrapolate) if lower.solver is not None else False,
+            inner_warm_start=bool(lower.solver.warm_start) if lower.solver is not None else True,
             lower_smoothness=lower.assumptions.smoothness,
             lower_minibatched=lower.data is not None and (lower.data.batch_size is not None
                                                           or bool(getattr(lower.data, "resampled", False))),

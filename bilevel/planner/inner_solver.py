@@ -52,10 +52,11 @@ def _obstacle(facts: ProblemFacts) -> str | None:
 
 
 def inner_solver_refusals(facts: ProblemFacts, kind: str, caps: Capabilities) -> list[tuple[str, str]]:
-    """(dotted path, why) for an explicit lbfgs / newton_cg or tol the problem or engine cannot take."""
+    """(dotted path, why) for an explicit lbfgs / newton_cg, tol or extrapolate the problem or engine cannot take."""
     name, tol = facts.lower_solver, facts.inner_tol
-    if name not in SECOND_ORDER and tol is None:
-        return []
+    refused = _extrapolation_refusals(facts, kind, caps)
+    if refused or (name not in SECOND_ORDER and tol is None):
+        return refused
     solver = f"levels.{facts.lower_level}.solver"
     path = f"{solver}.name" if name in SECOND_ORDER else f"{solver}.tol"
     what = f"the inner solver {name}" if name in SECOND_ORDER else "a residual stop (tol)"
@@ -69,11 +70,29 @@ def inner_solver_refusals(facts: ProblemFacts, kind: str, caps: Capabilities) ->
     return []
 
 
+def _extrapolation_refusals(facts: ProblemFacts, kind: str, caps: Capabilities) -> list[tuple[str, str]]:
+    if not facts.inner_extrapolate:
+        return []
+    path = f"levels.{facts.lower_level}.solver.extrapolate"
+    if not facts.inner_warm_start:
+        return [(path, "the secant prediction starts from the previous solutions, so it needs warm_start: true")]
+    if facts.lower_solver != "auto" and facts.inner_tol is None:
+        return [(path, "a predicted start would change the result of a fixed number of steps; it needs a residual stop"
+                       f" (levels.{facts.lower_level}.solver.tol), whose solution it does not change")]
+    if not caps.solution_only:
+        return [(path, f"the {kind} engine differentiates or runs the inner optimizer's own steps from their start;"
+                       " only an engine that uses the lower solution alone (implicit) takes a predicted start")]
+    if facts.depth > 2 or facts.init_from or facts.instances:
+        return [(path, "a predicted start is for a two-level problem warm-started from its own previous solutions"
+                       " (not a chain of levels, a start at upper variables, or a batch of instances)")]
+    return []
+
+
 def choose_inner_solver(facts: ProblemFacts, kind: str, caps: Capabilities, spec: OptimizerSpec
                         ) -> tuple[OptimizerSpec, list[str]]:
     """What ``solver: {name: auto}`` is for this problem and engine, and why."""
     where = f"levels.{facts.lower_level}.solver.name = auto"
-    first_order = spec.model_copy(update={"name": "sgd"})
+    first_order = spec.model_copy(update={"name": "sgd", "extrapolate": False})  # a predicted start needs a residual stop
     if not caps.solution_only:
         return first_order, [f"{where}: the {kind} engine goes through the optimizer's steps, so the inner solver is sgd"
                              f" (lr {spec.lr}, {spec.steps} steps)"]
@@ -89,7 +108,8 @@ def choose_inner_solver(facts: ProblemFacts, kind: str, caps: Capabilities, spec
     small = facts.n_lower <= NEWTON_CG_SIZE
     name = "newton_cg" if small else "lbfgs"
     check_every = 0 if on_cuda else (1 if small else spec.check_every)
-    chosen = spec.model_copy(update={"name": name, "tol": tol, "check_every": check_every})
+    extrapolate = spec.extrapolate if "extrapolate" in spec.model_fields_set else spec.warm_start
+    chosen = spec.model_copy(update={"name": name, "tol": tol, "check_every": check_every, "extrapolate": extrapolate})
     basis = (f"{where}: the lower level is declared strongly_convex with a bounded smoothness (a Lipschitz gradient), and"
              f" the {kind} engine uses only its solution, so it is minimized to the residual ||grad_y G|| <= {tol:g} ({told})"
              f" instead of taking {spec.steps} fixed steps (at most {spec.steps} iterations)")
@@ -101,4 +121,8 @@ def choose_inner_solver(facts: ProblemFacts, kind: str, caps: Capabilities, spec
                 " gradient per iteration, no Hessian-vector products")
     reading = ("on CUDA the stop is never read on the host (check_every 0: a static shape the fast path can capture)"
                if on_cuda else f"the stop is read on the host every {check_every} iteration{'s' if check_every != 1 else ''}")
-    return chosen, [basis, f"{size}; {reading}"]
+    why = [basis, f"{size}; {reading}"]
+    if extrapolate:
+        why.append("each solve starts at the secant prediction y_t + (y_t - y_{t-1}) of the next lower solution"
+                   " (solver.extrapolate): it ends at the same tolerance, in fewer iterations along a smooth path")
+    return chosen, why

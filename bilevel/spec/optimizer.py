@@ -63,6 +63,14 @@ class OptimizerSpec(SpecModel):
     the update smooth in the gradient everywhere, a slightly different optimizer."""
     warm_start: bool = True
     """Inner solver: start each lower solve from the previous solution (else from the initial value)."""
+    extrapolate: bool = False
+    """Inner solver with ``warm_start`` and ``tol``: start the next solve at y_t + (y_t - y_{t-1}),
+    the secant predictor along the path of lower solutions y*(x_t) (Allgower & Georg 1990,
+    "Numerical Continuation Methods", ch. 2), instead of at y_t. A solve stopped on its residual
+    ends at the same tolerance from either start, usually in fewer iterations; a fixed-step solve
+    would change its result, so it is refused without ``tol``, as it is for engines that go
+    through the optimizer's steps. ``solver: {name: auto}`` turns it on where it picks L-BFGS or
+    Newton-CG (docs/inner-solvers.md)."""
     schedule: Literal["constant", "cosine", "linear", "cosine_power"] = "constant"
     """Learning-rate schedule from lr down to lr * final_lr_ratio (``bilevel.schedules``): over
     run.steps for the outer optimizer, over ``schedule_steps`` weight steps for the lower solver of
