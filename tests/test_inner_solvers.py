@@ -345,18 +345,23 @@ def test_second_order_solvers_are_refused_on_minibatched_lower_data() -> None:
 
 
 # --- the fast path (the conformance suite's replay and compiled modes) ----------------------------
-STATIC = [s for s in SOLVERS if s.get("check_every") == 0] + [{"name": "sgd", "lr": 0.09, "steps": 2000, "tol": 1e-12, "check_every": 0}]
+STATIC = [s for s in SOLVERS if s.get("check_every") == 0] + [{"name": "sgd", "lr": 0.09, "steps": 2000, "tol": 1e-12, "check_every": 0},
+                                                           {"name": "newton_cg", "steps": 30, "check_every": 0, "tol": 1e-12,
+                                                            "extrapolate": True}]
 
 
-@pytest.mark.parametrize("solver", STATIC, ids=lambda s: s["name"])
+@pytest.mark.parametrize("solver", STATIC, ids=lambda s: s["name"] + ("-extrapolate" if s.get("extrapolate") else ""))
 def test_static_shape_solvers_match_the_closed_form_replayed_from_a_captured_graph(solver: dict[str, Any]) -> None:
     """check_every: 0 keeps the solve free of host reads: the whole hypergradient is captured and
-    every call replays it, and the replayed result is the closed form to 1e-10."""
+    every call replays it, and the replayed result is the closed form to 1e-10 (with a predicted
+    start too, whose state gains the previous solution from the third call on)."""
     problem = compile_spec(_with_solver(quadratic_spec(), solver))
     config = DIRECT.model_copy(update={"fast_path": "cuda_graph"})
     with replayed():
         engine = build_engine(config)
-        results = hypergrad_calls(engine, problem, 3)
+        results = hypergrad_calls(engine, problem, 5 if solver.get("extrapolate") else 3)
+    if solver.get("extrapolate"):
+        assert results[0].state.previous is None and results[-1].state.previous is not None
     report = engine.execution_report()
     assert report["hypergradient"] == "cuda_graph", report
     x = problem.fresh(problem.upper.init)
