@@ -19,7 +19,6 @@ is the fast path's business (``bilevel.fastpath``); this module is the algorithm
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
@@ -27,17 +26,16 @@ from pydantic import Field
 from torch import Tensor
 
 from bilevel.engines.base import Capabilities, EngineBase, Proposal
-from bilevel.engines.inner import fixed_point_map, inner_solve, lower_start, predicted_start
+from bilevel.engines.implicit_fixed_point import fixed_point_hypergrad, fixed_point_reasons
+from bilevel.engines.inner import inner_solve, lower_start, predicted_start
 from bilevel.engines.inner_stats import inner_extra, reuse_hypergradient, stops_on_residual
 from bilevel.engines.nested_implicit import nested_hypergrad, solve_below
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
-from bilevel.linalg.fixed_point import FixedPointLinearization
 from bilevel.linalg.hvp import Linearization, joint_grad
-from bilevel.linalg.result import SolveResult
-from bilevel.linalg.solve import make_fixed_point_solver, make_linear_solver
-from bilevel.linalg.tree import tree_add, tree_norm, tree_sub
+from bilevel.linalg.solve import make_linear_solver
+from bilevel.linalg.tree import tree_norm, tree_sub
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig, LinearSolverSpec
@@ -146,7 +144,7 @@ class ImplicitEngine(EngineBase):
         grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
         if lower.nonsmooth:  # sets or proximal terms: differentiate the fixed point y = P(y - eta grad_y G)
             with execution.reduced_precision(problem):
-                grad, result, residual = _fixed_point_hypergrad(problem, self.config.linear_solver, lin, grad_x, grad_y, state.v)
+                grad, result, residual = fixed_point_hypergrad(problem, self.config.linear_solver, lin, grad_x, grad_y, state.v)
         else:
             solve = make_linear_solver(self.config.linear_solver, solver_spec.lr, problem.instances)
             with execution.reduced_precision(problem):
@@ -202,11 +200,11 @@ class ImplicitEngine(EngineBase):
                 f"the lower level has {facts.n_lower} scalars: H v = grad_y F is solved by conjugate gradient"
                 f" ({solver.maxiter} iterations on Hessian-vector products, no dense Hessian)"
             )
-        return Proposal(ImplicitConfig(linear_solver=solver), [*reasons, *_fixed_point_reasons(facts)])
+        return Proposal(ImplicitConfig(linear_solver=solver), [*reasons, *fixed_point_reasons(facts)])
 
     @classmethod
     def explain(cls, config: ImplicitConfig, facts: ProblemFacts) -> Proposal:
-        return Proposal(config, _fixed_point_reasons(facts))
+        return Proposal(config, fixed_point_reasons(facts))
 
     @classmethod
     def refusals(cls, config: ImplicitConfig, facts: ProblemFacts) -> list[tuple[str, str]]:
@@ -223,30 +221,6 @@ class ImplicitEngine(EngineBase):
         if facts.instances and config.linear_solver.method == "direct":
             out.append(("engine.linear_solver.method", "the direct solve does not support a batch of instances; use cg"))
         return out
-
-
-def _fixed_point_reasons(facts: ProblemFacts) -> list[str]:
-    """Why a lower level with sets or proximal terms is differentiated as a fixed point."""
-    declared = [*facts.lower_sets, *facts.prox_operators]
-    if not declared or facts.depth > 2:
-        return []
-    return [f"{', '.join(declared)}: the lower solution is the fixed point y = P(y - eta grad_y G) of the projected /"
-            " proximal gradient step, not a zero of grad_y G; the implicit engine differentiates that fixed point"
-            " ((I - d_yT)^T w = grad_y F, active-set aware: entries held at a bound or at zero do not move)"]
-
-
-def _fixed_point_hypergrad(
-    problem: Problem, spec: LinearSolverSpec, lin: Linearization, grad_x: Params, grad_y: Params, v0: Params | None
-) -> tuple[Params, SolveResult, Tensor]:
-    """dF/dx = grad_x F + (d_xT)^T w with (I - d_yT)^T w = grad_y F, for the fixed-point map
-    T(x, y) = P(x, y - eta grad_y G) of a lower level with sets or proximal terms
-    (``bilevel.linalg.fixed_point``); also the solve's result and the fixed-point residual.
-    eta: the Neumann step when one is set (the series needs eta < 2/L), else the inner lr; the
-    derivative of the fixed point does not depend on it."""
-    eta = spec.neumann_lr if spec.method == "neumann" and spec.neumann_lr is not None else problem.lower.solver.lr
-    fp = FixedPointLinearization(lin, lambda xx, zz: fixed_point_map(problem, xx, zz, eta), eta, spec.ridge)
-    result = make_fixed_point_solver(spec, problem.instances)(fp, grad_y, v0)
-    return tree_add(grad_x, fp.vjp_x(result.solution)), result, fp.residual
 
 
 def _nested_refusals(config: ImplicitConfig) -> dict[str, str]:
