@@ -22,13 +22,13 @@ from bilevel.problem import Params, Problem
 from bilevel.spec.optimizer import SECOND_ORDER
 
 __all__ = [
-    "predicted_start",
     "closed_form_solution",
     "inner_residual",
     "inner_solve",
     "inner_step",
     "lower_start",
     "lower_steps",
+    "predicted_start",
     "proximal_step",
     "solve_lower",
     "start_state",
@@ -55,13 +55,13 @@ def lower_start(problem: Problem, state: EngineState, x: Params) -> Params:
 
 
 def predicted_start(problem: Problem, state: EngineState, x: Params, previous: Params | None) -> Params:
-    """``lower_start``, moved by the secant predictor where the level asks for it
-    (``solver.extrapolate``) and the start is the warm start: y_t + (y_t - y_{t-1}), the linear
-    extrapolation of the path of lower solutions y*(x_t) through its last two points (Allgower &
-    Georg 1990, ch. 2). ``previous``: y_{t-1}, the lower solution before state.lower (None: there is
+    """``lower_start``, moved by the secant predictor where that start is the warm start: y_t +
+    (y_t - y_{t-1}), the linear extrapolation of the path of lower solutions y*(x_t) through its
+    last two points (Allgower & Georg 1990, ch. 2). For a level with ``solver.extrapolate``, whose
+    engine checks it. ``previous``: y_{t-1}, the lower solution before state.lower (None: there is
     none yet, and the solve starts at y_t)."""
     start = lower_start(problem, state, x)
-    if not problem.lower.solver.extrapolate or previous is None or start is not state.lower:
+    if previous is None or start is not state.lower:
         return start
     return tuple(2.0 * a - b for a, b in zip(start, previous))
 

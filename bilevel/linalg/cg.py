@@ -21,8 +21,9 @@ so every instance follows exactly the iterates of its own CG.
 
 A system of several tensors (weights and biases, say) is solved on their concatenation (per
 instance: one row of a matrix each): the operator sees views of one flat vector, and each inner
-product or update is one kernel instead of one per tensor (on a CPU, where small kernels cost their launch, the vector work of
-an iteration then costs about a third of a Hessian-vector product less)."""
+product or update is one kernel instead of one per tensor (on a CPU, where small kernels cost
+their launch, the vector work of an iteration then costs about a third of a Hessian-vector
+product less)."""
 
 from __future__ import annotations
 
@@ -101,4 +102,3 @@ def cg(
     bnorm = torch.sqrt(tree_dot(b, b))
     residual = torch.sqrt(rs) / torch.clamp(bnorm, min=torch.finfo(bnorm.dtype).tiny)
     return SolveResult(x, residual, matvecs)
-

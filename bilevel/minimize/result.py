@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from bilevel.linalg.hvp import Linearization
 
 __all__ = ["Minimized"]
 
@@ -29,6 +32,6 @@ class Minimized:
     """Gradient evaluations run (frozen iterations included), counted on the host."""
     products: int = 0
     """Hessian-vector products run (Newton-CG), counted on the host."""
-    linearization: Any = None
-    """The ``bilevel.linalg.hvp.Linearization`` of G at the solution, where the solver built one
+    linearization: Linearization | None = None
+    """The Linearization of G at the solution, where the solver built one
     there (an eager Newton-CG that stopped on its residual); None otherwise."""
