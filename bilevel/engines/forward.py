@@ -39,7 +39,7 @@ from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
 from bilevel.linalg.hvp import joint_grad
-from bilevel.linalg.tree import tree_norm
+from bilevel.linalg.tree import tree_flatten, tree_norm, tree_unflatten
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
@@ -132,8 +132,7 @@ class ForwardEngine(EngineBase):
 
         grad_x, grad_y, upper_loss = joint_grad(lambda xx, yy: problem.upper_objective(xx, yy, batch), x, y)
         through = sum((g.unsqueeze(0) * z).reshape(n, -1).sum(1) for g, z in zip(grad_y, tangent))
-        total = torch.cat([g.reshape(-1) for g in grad_x]) + through
-        hypergradient = tuple(part.reshape(p.shape) for part, p in zip(total.split([p.numel() for p in x]), x))
+        hypergradient = tree_unflatten(tree_flatten(grad_x) + through, x)
 
         stats = Stats(
             # the last gradient the inner loop evaluated (at y_{T-1}), as the unrolled engine reports it

@@ -41,7 +41,7 @@ from bilevel.engines.inner import inner_residual, lower_start, lower_steps
 from bilevel.engines.registry import register
 from bilevel.engines.results import Hypergrad, Stats
 from bilevel.engines.state import EngineState
-from bilevel.linalg.tree import tree_norm, tree_unflatten
+from bilevel.linalg.tree import tree_flatten, tree_norm, tree_unflatten
 from bilevel.optim import InnerOptimizer
 from bilevel.problem import Params, Problem
 from bilevel.spec.engine import EngineConfig
@@ -128,7 +128,7 @@ class ZeroOrderEngine(EngineBase):
         require_one_process(self.kind)
         config = self.config
         x = tuple(p.detach() for p in x)
-        flat = torch.cat([p.reshape(-1) for p in x])
+        flat = tree_flatten(x)
         u = directions(config.samples, flat.numel(), config.distribution, flat)
         lower = problem.lower
         optimizer = InnerOptimizer(lower.solver)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg.result import SolveResult
+from bilevel.linalg.tree import tree_flatten, tree_unflatten
 
 __all__ = ["direct"]
 
@@ -23,7 +24,7 @@ def direct(
     (as rows). ``symmetric``: H is symmetric and its assembly is symmetrized; False: a general
     square operator A (a fixed point's adjoint system), assembled as the transpose of its rows."""
     b = tuple(b)
-    flat_b = torch.cat([u.reshape(-1) for u in b])
+    flat_b = tree_flatten(b)
     n = flat_b.numel()
     eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
     hessian = hvp_batched(eye)
@@ -32,6 +33,4 @@ def direct(
     residual = torch.linalg.vector_norm(hessian @ flat_v - flat_b) / torch.clamp(
         torch.linalg.vector_norm(flat_b), min=torch.finfo(flat_b.dtype).tiny
     )
-    parts = torch.split(flat_v, [u.numel() for u in b])
-    solution = tuple(part.reshape(u.shape) for part, u in zip(parts, b))
-    return SolveResult(solution, residual, n)
+    return SolveResult(tree_unflatten(flat_v, b), residual, n)

@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from bilevel.linalg.tree import tree_flatten, tree_unflatten
+
 __all__ = ["project_affine", "project_simplex"]
 
 Tree = tuple[Tensor, ...]
@@ -35,15 +37,14 @@ def project_affine(
     """Project ``w`` onto {fn(w) == 0} (equality) or {fn(w) <= 0}; fn must be affine in w."""
     w = tuple(p.detach() for p in w)
     value, jac = _jacobian(fn, w)
-    flat = torch.cat([p.reshape(-1) for p in w])
+    flat = tree_flatten(w)
     for _ in range(1 if equality else sweeps):
         residual = value if equality else torch.clamp(value, min=0)
         rows = jac if equality else jac * (value > 0).to(jac.dtype).unsqueeze(1)
         step = rows.T @ (torch.linalg.pinv(rows @ rows.T) @ residual)
         flat = flat - step
         value = value - jac @ step
-    parts = torch.split(flat, [p.numel() for p in w])
-    return tuple(part.reshape(p.shape) for part, p in zip(parts, w))
+    return tree_unflatten(flat, w)
 
 
 def project_simplex(v: Tensor, radius: float = 1.0) -> Tensor:
